@@ -1,0 +1,6 @@
+# One image for the coordinator and the nodes.
+FROM python:3.11-slim
+ENV PIP_NO_CACHE_DIR=1 FLWR_TELEMETRY_ENABLED=0 HF_HUB_OFFLINE=1
+WORKDIR /app
+COPY . /app
+RUN pip install ".[postgres]"

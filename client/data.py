@@ -1,0 +1,131 @@
+"""A node's local data: CSV/JSONL examples, a seeded train/eval split, and tokenised batches.
+
+Classification examples carry ``text`` and an integer ``label``; causal-LM examples carry
+``instruction`` and ``response`` (the loss is on the response tokens only). Data is read
+from the node's disk and never leaves it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from proto.run_config import DataConfig, ModelConfig
+
+PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
+
+
+class DataError(ValueError):
+    """The node's data is missing or malformed; the message names the file, row and fix."""
+
+
+@dataclass(frozen=True)
+class Example:
+    text: str  # classification text, or the formatted prompt for causal-LM
+    label: int = -1  # classification label
+    response: str = ""  # causal-LM target
+
+
+def read_examples(path: str | Path, data: DataConfig, model: ModelConfig) -> list[Example]:
+    """Examples from a .csv or .jsonl file, validated against the task."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist on this node; pass --data PATH "
+                        f"(CSV or JSONL with {_fields(data, model)})")
+    if path.suffix == ".csv":
+        with path.open(newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    elif path.suffix in (".jsonl", ".json"):
+        with path.open(encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    else:
+        raise DataError(f"data file {path} must end in .csv or .jsonl")
+    if not rows:
+        raise DataError(f"data file {path} holds no examples")
+    return [_example(row, i, path, data, model) for i, row in enumerate(rows, start=1)]
+
+
+def split(examples: list[Example], eval_fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """A seeded (train, eval) split; both sides get at least one example."""
+    if len(examples) < 2:
+        raise DataError(f"a node needs at least 2 examples to train and evaluate, it has {len(examples)}")
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_eval = min(len(examples) - 1, max(1, round(eval_fraction * len(examples))))
+    return [examples[i] for i in order[n_eval:]], [examples[i] for i in order[:n_eval]]
+
+
+def batches(examples: list[Example], tokenizer: PreTrainedTokenizerBase, model: ModelConfig, batch_size: int,
+            seed: int | None) -> Iterator[dict[str, torch.Tensor]]:
+    """Tokenised batches padded to the longest example; shuffled when ``seed`` is given, one pass."""
+    order = list(range(len(examples)))
+    if seed is not None:
+        random.Random(seed).shuffle(order)
+    for start in range(0, len(order), batch_size):
+        chunk = [examples[i] for i in order[start:start + batch_size]]
+        yield _collate(chunk, tokenizer, model)
+
+
+def endless_batches(examples: list[Example], tokenizer: PreTrainedTokenizerBase, model: ModelConfig,
+                    batch_size: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Reshuffled passes over the data, forever (training takes a fixed number of steps)."""
+    epoch = 0
+    while True:
+        yield from batches(examples, tokenizer, model, batch_size, seed * 1_000_003 + epoch)
+        epoch += 1
+
+
+def _collate(chunk: list[Example], tokenizer: PreTrainedTokenizerBase, model: ModelConfig) -> dict[str, torch.Tensor]:
+    if model.task == "classification":
+        enc = tokenizer([e.text for e in chunk], padding=True, truncation=True, max_length=model.max_length,
+                        return_tensors="pt")
+        enc["labels"] = torch.tensor([e.label for e in chunk], dtype=torch.long)
+        return dict(enc)
+    # Causal LM: prompt + response + EOS, loss only on the response (labels -100 elsewhere).
+    ids, labels = [], []
+    for e in chunk:
+        prompt = tokenizer(e.text, add_special_tokens=False)["input_ids"]
+        target = tokenizer(e.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        seq = (prompt + target)[: model.max_length]
+        ids.append(seq)
+        labels.append(([-100] * len(prompt) + target)[: model.max_length])
+    width = max(len(s) for s in ids)
+    pad = tokenizer.pad_token_id
+    return {
+        "input_ids": torch.tensor([s + [pad] * (width - len(s)) for s in ids]),
+        "attention_mask": torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in ids]),
+        "labels": torch.tensor([s + [-100] * (width - len(s)) for s in labels]),
+    }
+
+
+def _fields(data: DataConfig, model: ModelConfig) -> str:
+    if model.task == "classification":
+        return f"fields {data.text_field!r} and {data.label_field!r}"
+    return "fields 'instruction' and 'response'"
+
+
+def _example(row: dict[str, object], i: int, path: Path, data: DataConfig, model: ModelConfig) -> Example:
+    where = f"{path} row {i}"
+    if model.task == "causal-lm":
+        if not row.get("instruction") or not row.get("response"):
+            raise DataError(f"{where} lacks 'instruction' or 'response' (causal-lm examples need both)")
+        return Example(text=PROMPT.format(instruction=row["instruction"]), response=str(row["response"]))
+    text, label = row.get(data.text_field), row.get(data.label_field)
+    if text is None or label is None:
+        raise DataError(f"{where} lacks {_fields(data, model)}; set data.text-field / data.label-field "
+                        f"to your column names")
+    try:
+        value = int(label)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        value = -1
+    if not 0 <= value < model.num_labels:
+        raise DataError(f"{where}: label {label!r} is not an integer in [0, {model.num_labels}); map your labels "
+                        f"to 0..{model.num_labels - 1} or set model.num-labels")
+    return Example(text=str(text), label=value)

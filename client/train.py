@@ -1,0 +1,89 @@
+"""Local training and evaluation of the adapter: a plain PyTorch loop over a fixed number of steps.
+
+CUDA when present (autocast: bf16 where supported, else fp16 with a grad scaler), CPU otherwise.
+Only adapter parameters have ``requires_grad``; the base stays frozen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+from peft import PeftModel
+
+from proto.run_config import TrainConfig
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    loss: float  # mean per example (classification) or per target token (causal LM)
+    accuracy: float  # per example (classification) or per target token (causal LM)
+    num_examples: int
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"train.device = {device!r} but this node has no CUDA device; use cpu or auto")
+    return torch.device(device)
+
+
+def _autocast(device: torch.device) -> contextlib.AbstractContextManager[None]:
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def train(model: PeftModel, batches: Iterator[dict[str, torch.Tensor]], cfg: TrainConfig,
+          device: torch.device) -> float:
+    """``cfg.local_steps`` AdamW steps on the adapter; returns the mean training loss."""
+    model.to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimiser = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    use_scaler = device.type == "cuda" and not torch.cuda.is_bf16_supported()
+    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+    total = 0.0
+    for _ in range(cfg.local_steps):
+        batch = {k: v.to(device) for k, v in next(batches).items()}
+        with _autocast(device):
+            loss = model(**batch).loss
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training loss became {loss.item()}; lower train.lr (now {cfg.lr})")
+        scaler.scale(loss).backward()
+        scaler.step(optimiser)
+        scaler.update()
+        optimiser.zero_grad(set_to_none=True)
+        total += loss.item()
+    model.eval()
+    return total / cfg.local_steps
+
+
+@torch.no_grad()
+def evaluate(model: PeftModel, batches: Iterable[dict[str, torch.Tensor]], device: torch.device) -> EvalResult:
+    """Loss and accuracy summed exactly over the evaluation set (weighted means across nodes stay exact)."""
+    model.to(device).eval()
+    loss_sum, correct, count, examples = 0.0, 0, 0, 0
+    for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        labels = batch.pop("labels")
+        with _autocast(device):
+            logits = model(**batch).logits.float()
+        examples += labels.shape[0]
+        if logits.dim() == 2:  # classification: one label per example
+            loss_sum += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+            correct += int((logits.argmax(-1) == labels).sum())
+            count += labels.shape[0]
+        else:  # causal LM: predict token t+1 from the prefix, on target tokens only
+            logits, labels = logits[:, :-1], labels[:, 1:]
+            mask = labels != -100
+            loss_sum += torch.nn.functional.cross_entropy(logits[mask], labels[mask], reduction="sum").item()
+            correct += int((logits.argmax(-1)[mask] == labels[mask]).sum())
+            count += int(mask.sum())
+    if count == 0:
+        return EvalResult(loss=math.nan, accuracy=math.nan, num_examples=0)
+    return EvalResult(loss=loss_sum / count, accuracy=correct / count, num_examples=examples)

@@ -1,0 +1,95 @@
+"""PEFT wiring: any PEFT method named in the run config, its trainable state as named arrays, export.
+
+Named arrays are keyed exactly as PEFT saves them (``get_peft_model_state_dict``), so the
+same names are the wire keys, the round-store keys and the keys of the exported
+``adapter_model.safetensors``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import torch
+from peft import PeftConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+from models.base import BASE_MODELS, BaseModel, load_base_model
+from proto.run_config import AdapterConfig, ConfigError, RunConfig
+
+NamedArrays = dict[str, np.ndarray]
+
+# Our common fields and the names PEFT config classes give them.
+_ALIASES = {"r": ("r",), "alpha": ("lora_alpha", "alpha"), "dropout": ("lora_dropout", "module_dropout")}
+
+
+def peft_config(adapter: AdapterConfig, task: str) -> PeftConfig:
+    """The PEFT config class for ``adapter.method`` (``dora`` = LoRA with ``use_dora``), filled from our fields."""
+    method = adapter.method.lower()
+    extra = adapter.option_dict
+    if method == "dora":
+        method, extra = "lora", {"use_dora": True, **extra}
+    config_cls = PEFT_TYPE_TO_CONFIG_MAPPING.get(method.upper())
+    if config_cls is None:
+        known = sorted(str(k).lower().removeprefix("pefttype.") for k in PEFT_TYPE_TO_CONFIG_MAPPING)
+        raise ConfigError(f"adapter.method = {adapter.method!r} is not a PEFT method; use one of dora, {known}")
+    field_names = {f.name for f in dataclasses.fields(config_cls)}
+    kwargs: dict[str, object] = {"task_type": "SEQ_CLS" if task == "classification" else "CAUSAL_LM",
+                                 "target_modules": adapter.target_module_list}
+    for ours, theirs in _ALIASES.items():
+        for name in theirs:
+            if name in field_names:
+                kwargs[name] = getattr(adapter, ours)
+                break
+    unknown = sorted(set(extra) - field_names)
+    if unknown:
+        raise ConfigError(f"adapter.options {unknown} are not fields of PEFT's {config_cls.__name__}")
+    kwargs.update(extra)
+    try:
+        return config_cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"PEFT rejected the adapter config for {adapter.method!r}: {e}") from e
+
+
+def build_peft_model(cfg: RunConfig) -> tuple[PeftModel, BaseModel]:
+    """The base model (frozen) wrapped with a fresh adapter; adapter init is seeded by ``cfg.seed``."""
+    base = load_base_model(cfg.model, cfg.seed)
+    config = peft_config(cfg.adapter, cfg.model.task)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed + 1)
+        try:
+            model = get_peft_model(base.model, config)
+        except ValueError as e:
+            hint = BASE_MODELS.get(cfg.model.name, (None, "the model's module names"))[1]
+            raise ConfigError(f"adapter.target-modules = {cfg.adapter.target_modules!r} does not fit "
+                              f"{cfg.model.name}: {e}. Try {hint!r}") from e
+    return model, base
+
+
+def adapter_state(model: PeftModel) -> NamedArrays:
+    """The adapter's trainable state as float32 numpy arrays, keyed as PEFT saves it."""
+    return {name: t.detach().to("cpu", torch.float32).numpy().copy()
+            for name, t in get_peft_model_state_dict(model).items()}
+
+
+def load_adapter_state(model: PeftModel, tensors: NamedArrays) -> None:
+    """Set the adapter to ``tensors``; every adapter key must be present (nothing is left stale)."""
+    expected = set(get_peft_model_state_dict(model))
+    missing, unknown = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+    if missing or unknown:
+        raise ValueError(f"adapter tensors do not match the model: missing {missing[:3]}, unknown {unknown[:3]}")
+    device = next(model.parameters()).device
+    state = {name: torch.from_numpy(np.asarray(t, dtype=np.float32)).to(device) for name, t in tensors.items()}
+    result = set_peft_model_state_dict(model, state)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise ValueError(f"PEFT did not place adapter tensors {unexpected[:3]}")
+
+
+def export_adapter(model: PeftModel, tensors: NamedArrays, directory: str | Path) -> Path:
+    """Write ``tensors`` in PEFT's format (adapter_config.json + adapter_model.safetensors)."""
+    load_adapter_state(model, tensors)
+    directory = Path(directory)
+    model.save_pretrained(str(directory))
+    return directory

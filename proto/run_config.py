@@ -1,0 +1,245 @@
+"""The run configuration: one typed schema shared by the ServerApp and every ClientApp.
+
+Flower carries a run's configuration to both sides as a flat mapping of scalars
+(``context.run_config``, keys such as ``"adapter.r"``). This module is the single
+definition of those keys: frozen dataclasses with defaults, parsed and validated once
+at the edge (``RunConfig.from_flat`` / ``RunConfig.from_toml``) so the rest of the code
+takes typed values. ``pyproject.toml``'s ``[tool.flwr.app.config]`` mirrors the
+defaults; a test keeps the two equal.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+Scalar = bool | int | float | str
+
+
+class ConfigError(ValueError):
+    """A run configuration value is missing, unknown or out of range; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "minilm"  # a name from models.BASE_MODELS, or a local HF model directory
+    task: str = "classification"  # classification | causal-lm
+    num_labels: int = 2  # classification only
+    max_length: int = 64  # tokens per example (longer text is truncated)
+
+    def validate(self) -> None:
+        _require(self.task in ("classification", "causal-lm"), "model.task", self.task,
+                 "use 'classification' or 'causal-lm'")
+        _require(self.num_labels >= 2, "model.num-labels", self.num_labels, "use 2 or more")
+        _require(self.max_length >= 8, "model.max-length", self.max_length, "use at least 8 tokens")
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    method: str = "lora"  # any PEFT method: lora, dora, ia3, lokr, loha, bone, ...
+    r: int = 8  # rank (ignored by methods without one, such as ia3)
+    alpha: float = 16.0  # scaling numerator (lora_alpha, alpha); ignored where PEFT has none
+    dropout: float = 0.05
+    target_modules: str = "query,value"  # comma-separated module names
+    options: str = ""  # JSON object of extra fields for the PEFT config class
+
+    def validate(self) -> None:
+        _require(self.r > 0, "adapter.r", self.r, "the LoRA rank must be a positive integer, e.g. 8")
+        _require(0.0 <= self.dropout < 1.0, "adapter.dropout", self.dropout, "use a value in [0, 1)")
+        _require(bool(self.target_module_list), "adapter.target-modules", self.target_modules,
+                 "name at least one module, e.g. 'query,value'")
+        self.option_dict  # parses, or raises ConfigError
+
+    @property
+    def target_module_list(self) -> list[str]:
+        return [m.strip() for m in self.target_modules.split(",") if m.strip()]
+
+    @property
+    def option_dict(self) -> dict[str, Any]:
+        if not self.options:
+            return {}
+        try:
+            parsed = json.loads(self.options)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"adapter.options must be a JSON object, got {self.options!r} ({e})") from e
+        if not isinstance(parsed, dict):
+            raise ConfigError(f"adapter.options must be a JSON object such as '{{\"use_rslora\": true}}', "
+                              f"got {self.options!r}")
+        return parsed
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    lr: float = 3e-3
+    batch_size: int = 16
+    local_steps: int = 40  # optimiser steps per round on each client
+    eval_max_examples: int = 256  # cap on each client's evaluation set
+    weight_decay: float = 0.0
+    device: str = "auto"  # auto (CUDA when present), cpu, cuda, cuda:N
+
+    def validate(self) -> None:
+        _require(self.lr > 0, "train.lr", self.lr, "use a positive learning rate, e.g. 1e-3")
+        _require(self.batch_size > 0, "train.batch-size", self.batch_size, "use a positive batch size")
+        _require(self.local_steps > 0, "train.local-steps", self.local_steps, "use at least 1 step")
+        _require(self.eval_max_examples > 0, "train.eval-max-examples", self.eval_max_examples, "use at least 1")
+        _require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+                 "train.device", self.device, "use auto, cpu, cuda or cuda:N")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "rotten-tomatoes"  # a bundled corpus name, or a CSV/JSONL path (simulation)
+    partitioning: str = "iid"  # iid | dirichlet | natural (simulation only)
+    dirichlet_alpha: float = 0.5
+    partition_dir: str = ""  # where the simulation wrote one JSONL file per partition
+    eval_fraction: float = 0.2  # share of each client's local data held out for evaluation
+    text_field: str = "text"
+    label_field: str = "label"
+
+    def validate(self) -> None:
+        _require(self.partitioning in ("iid", "dirichlet", "natural"), "data.partitioning",
+                 self.partitioning, "use iid, dirichlet or natural")
+        _require(self.dirichlet_alpha > 0, "data.dirichlet-alpha", self.dirichlet_alpha, "use a positive alpha")
+        _require(0.0 < self.eval_fraction < 1.0, "data.eval-fraction", self.eval_fraction, "use a value in (0, 1)")
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    rounds: int = 3
+    strategy: str = "fedavg"  # a name from `pollinate strategies`
+    min_nodes: int = 2  # a round needs at least this many connected nodes (and accepted updates)
+    fraction_train: float = 1.0  # share of connected nodes sampled per round
+    wait_for_nodes: float = 120.0  # seconds to wait for min-nodes before failing the round
+    round_timeout: float = 900.0  # seconds to wait for replies in one exchange
+    wire_dtype: str = "float32"  # float32 | float16: adapter tensors on the wire
+
+    def validate(self) -> None:
+        _require(self.rounds > 0, "federation.rounds", self.rounds, "use at least 1 round")
+        _require(self.min_nodes > 0, "federation.min-nodes", self.min_nodes, "use at least 1 node")
+        _require(0.0 < self.fraction_train <= 1.0, "federation.fraction-train", self.fraction_train,
+                 "use a value in (0, 1]")
+        _require(self.wait_for_nodes > 0, "federation.wait-for-nodes", self.wait_for_nodes, "use seconds > 0")
+        _require(self.round_timeout > 0, "federation.round-timeout", self.round_timeout, "use seconds > 0")
+        _require(self.wire_dtype in ("float32", "float16"), "federation.wire-dtype", self.wire_dtype,
+                 "use float32 or float16 (bfloat16 does not travel in a Flower ArrayRecord)")
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    db: str = "sqlite:///pollinate.db"  # any SQLAlchemy URL
+    output_dir: str = "runs"  # the final adapter is exported to <output-dir>/run-<id>/adapter
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+
+    def validate(self) -> RunConfig:
+        for name, _ in _sections():
+            validate = getattr(getattr(self, name), "validate", None)
+            if validate is not None:
+                validate()
+        return self
+
+    @classmethod
+    def from_flat(cls, flat: Mapping[str, Scalar]) -> RunConfig:
+        """Parse Flower's flat run config (``{"adapter.r": 8, ...}``); missing keys take defaults."""
+        known = _flat_fields()
+        unknown = sorted(set(flat) - set(known))
+        if unknown:
+            raise ConfigError(f"unknown run config key(s) {unknown}; known keys: {sorted(known)}")
+        values: dict[str, dict[str, Any]] = {}
+        top: dict[str, Any] = {}
+        for key, value in flat.items():
+            section, name, typ = known[key]
+            coerced = _coerce(key, value, typ)
+            (values.setdefault(section, {}) if section else top)[name] = coerced
+        for name, section_type in _sections():
+            top[name] = section_type(**values.get(name, {}))
+        return cls(**top).validate()
+
+    @classmethod
+    def from_toml(cls, path: str | Path, overrides: Mapping[str, Scalar] | None = None) -> RunConfig:
+        return cls.from_flat({**flatten(load_toml(path)), **(overrides or {})})
+
+    def to_flat(self) -> dict[str, Scalar]:
+        flat: dict[str, Scalar] = {}
+        for key, (section, name, _) in _flat_fields().items():
+            flat[key] = getattr(getattr(self, section), name) if section else getattr(self, name)
+        return flat
+
+    def replace(self, **flat_overrides: Scalar) -> RunConfig:
+        """A copy with some flat keys changed, e.g. ``cfg.replace(**{"federation.rounds": 5})``."""
+        return RunConfig.from_flat({**self.to_flat(), **flat_overrides})
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"scenario file {path} does not exist; pass a path to a TOML scenario "
+                          f"(see simulations/scenarios/)")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"scenario file {path} is not valid TOML: {e}") from e
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Scalar]:
+    """Nested TOML tables to Flower's dotted keys, as Flower flattens [tool.flwr.app.config]."""
+    flat: dict[str, Scalar] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}.{key}" if prefix else key
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, dotted))
+        elif isinstance(value, list):
+            flat[dotted] = ",".join(str(v) for v in value)  # lists travel as comma-separated strings
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def _require(ok: bool, key: str, value: Any, how: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key} = {value!r} is invalid: {how}")
+
+
+def _sections() -> list[tuple[str, type]]:
+    """(name, dataclass) of every section of RunConfig, in order."""
+    hints = get_type_hints(RunConfig)
+    return [(f.name, hints[f.name]) for f in fields(RunConfig) if dataclasses.is_dataclass(hints[f.name])]
+
+
+def _flat_fields() -> dict[str, tuple[str, str, type]]:
+    """``"adapter.target-modules" -> ("adapter", "target_modules", str)`` for every field."""
+    out: dict[str, tuple[str, str, type]] = {"seed": ("", "seed", int)}
+    for name, section_type in _sections():
+        section_hints = get_type_hints(section_type)
+        for f in fields(section_type):
+            out[f"{name}.{f.name.replace('_', '-')}"] = (name, f.name, section_hints[f.name])
+    return out
+
+
+def _coerce(key: str, value: Scalar, typ: type) -> Scalar:
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ is bool and isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    if typ in (int, float) and isinstance(value, str):
+        try:
+            return typ(value)
+        except ValueError:
+            pass
+    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+        raise ConfigError(f"{key} must be {typ.__name__}, got {type(value).__name__} {value!r}")
+    return value

@@ -1,0 +1,100 @@
+"""The ServerApp: the coordinator's round loop, the same in simulation and deployment.
+
+Per round: wait for nodes (bounded), sample, let the strategy run its exchanges through
+``GridExchange``, evaluate the new global adapter on the nodes, and store the round in
+one transaction. At the end the global adapter is exported in PEFT's format.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+from rich.console import Console
+
+import strategies
+from models import adapter_state, build_peft_model, export_adapter
+from proto.run_config import RunConfig
+from server.rounds import (Evaluation, GridExchange, RoundFailed, RoundLedger, evaluate_global, mean_metric,
+                           sample_nodes, wait_for_nodes)
+from server.store import RoundRecord, RoundStore
+from strategies import ClientUpdate, Request
+
+app = ServerApp()
+console = Console(highlight=False, width=max(120, Console().width))
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    run_federation(grid, RunConfig.from_flat(context.run_config))
+
+
+def run_federation(grid: Grid, cfg: RunConfig) -> int:
+    """Run every round of ``cfg`` over ``grid``; returns the run id in the round store."""
+    strategy = strategies.get(cfg.federation.strategy)()
+    store = RoundStore(cfg.store.db)
+    model, _ = build_peft_model(cfg)
+    global_adapter = adapter_state(model)
+    run_id = store.start_run(cfg.to_flat(), strategy.name, cfg.model.name)
+    console.print(f"[bold]pollinate[/] run {run_id}: {strategy.name} on {cfg.model.name} + {cfg.adapter.method} "
+                  f"(r={cfg.adapter.r}), {cfg.federation.rounds} rounds, store {store.url}")
+    try:
+        nodes = wait_for_nodes(grid, cfg.federation.min_nodes, cfg.federation.wait_for_nodes)
+        initial = evaluate_global(grid, cfg, nodes, global_adapter, 0, RoundLedger())
+        if initial is not None:
+            store.set_initial_metrics(run_id, {"eval-loss": initial.loss, "eval-accuracy": initial.accuracy})
+            console.print(f"round 0: eval loss {initial.loss:.4f}, accuracy {initial.accuracy:.4f}")
+        for number in range(1, cfg.federation.rounds + 1):
+            global_adapter = _run_round(grid, cfg, strategy, store, run_id, number, global_adapter)
+        adapter_dir = export_adapter(model, global_adapter, Path(cfg.store.output_dir) / f"run-{run_id}" / "adapter")
+        store.finish_run(run_id, "completed", adapter_dir=str(adapter_dir.resolve()))
+        console.print(f"run {run_id} completed; adapter exported to {adapter_dir}")
+    except BaseException as e:
+        store.finish_run(run_id, "failed", error=f"{type(e).__name__}: {e}")
+        raise
+    return run_id
+
+
+def _run_round(grid: Grid, cfg: RunConfig, strategy: strategies.Strategy, store: RoundStore, run_id: int,
+               number: int, global_adapter: strategies.NamedArrays) -> strategies.NamedArrays:
+    started = time.monotonic()
+    ledger = RoundLedger()
+    connected = wait_for_nodes(grid, cfg.federation.min_nodes, cfg.federation.wait_for_nodes)
+    sampled = sample_nodes(connected, cfg, number)
+    grid_exchange = GridExchange(grid, cfg, number, ledger)
+    accepted: list[ClientUpdate] = []
+
+    def exchange(requests: dict[int, Request]) -> list[ClientUpdate]:
+        updates = grid_exchange(requests)
+        if len(updates) < cfg.federation.min_nodes:
+            reasons = "; ".join(f"node {c.node_id}: {c.reason}" for c in ledger.failures())
+            raise RoundFailed(f"round {number}: only {len(updates)} of {len(requests)} updates were accepted, "
+                              f"federation.min-nodes = {cfg.federation.min_nodes}. {reasons}")
+        accepted.extend(updates)
+        return updates
+
+    global_adapter = strategy.run_round(global_adapter, sampled, exchange)
+    evaluation = evaluate_global(grid, cfg, connected, global_adapter, number, ledger)
+    record = RoundRecord(
+        number=number, participants=len(sampled), accepted=len({u.node_id for u in accepted}),
+        train_loss=mean_metric(accepted, "train-loss"),
+        eval_loss=evaluation.loss if evaluation else None,
+        eval_accuracy=evaluation.accuracy if evaluation else None,
+        bytes_up=ledger.bytes("up"), bytes_down=ledger.bytes("down"),
+        duration_s=time.monotonic() - started, clients=ledger.clients)
+    store.record_round(run_id, record, global_adapter)
+    _print_round(cfg, record, evaluation, ledger)
+    return global_adapter
+
+
+def _print_round(cfg: RunConfig, record: RoundRecord, evaluation: Evaluation | None, ledger: RoundLedger) -> None:
+    per_client = record.bytes_up / max(1, record.accepted) / 1024
+    line = (f"round {record.number}/{cfg.federation.rounds}: {record.accepted}/{record.participants} updates "
+            f"accepted, train loss {record.train_loss or float('nan'):.4f}")
+    if evaluation is not None:
+        line += f", eval loss {evaluation.loss:.4f}, accuracy {evaluation.accuracy:.4f}"
+    console.print(line + f", {per_client:.1f} KiB up per client, {record.duration_s:.1f} s")
+    for c in ledger.failures():
+        console.print(f"  [yellow]node {c.node_id} {c.phase} {c.status}[/]: {c.reason}")

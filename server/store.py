@@ -1,0 +1,265 @@
+"""The round store: every run, round, client update and global adapter, in any SQLAlchemy database.
+
+SQLite by default (a file, zero set-up), PostgreSQL for production. Callers use the
+narrow API of ``RoundStore`` and never build SQL; ``record_round`` writes a whole round
+(its row, every client's row and the global adapter) in one transaction, so a round is
+either fully stored or not at all. Adapters are stored as safetensors bytes with their
+sha256, checked again on load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import load as load_safetensors
+from safetensors.numpy import save as save_safetensors
+from sqlalchemy import (JSON, BigInteger, DateTime, Float, ForeignKey, Integer, LargeBinary, String, Text, UniqueConstraint,
+                        create_engine, select)
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+NamedArrays = dict[str, np.ndarray]
+
+
+class StoreError(RuntimeError):
+    """The round store cannot be reached or holds something inconsistent; says what to check."""
+
+
+class _Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON}
+
+
+class RunRow(_Base):
+    __tablename__ = "runs"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    status: Mapped[str] = mapped_column(String(16))  # running | completed | failed
+    strategy: Mapped[str] = mapped_column(String(64))
+    model: Mapped[str] = mapped_column(String(256))
+    config: Mapped[dict[str, Any]] = mapped_column(JSON)
+    initial_metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    adapter_dir: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class RoundRow(_Base):
+    __tablename__ = "rounds"
+    __table_args__ = (UniqueConstraint("run_id", "number"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"), index=True)
+    number: Mapped[int] = mapped_column(Integer)
+    participants: Mapped[int] = mapped_column(Integer)  # clients sent work this round
+    accepted: Mapped[int] = mapped_column(Integer)  # training updates aggregated
+    train_loss: Mapped[float | None] = mapped_column(Float, nullable=True)
+    eval_loss: Mapped[float | None] = mapped_column(Float, nullable=True)
+    eval_accuracy: Mapped[float | None] = mapped_column(Float, nullable=True)
+    bytes_up: Mapped[int] = mapped_column(BigInteger)
+    bytes_down: Mapped[int] = mapped_column(BigInteger)
+    duration_s: Mapped[float] = mapped_column(Float)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class ClientUpdateRow(_Base):
+    __tablename__ = "client_updates"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id"), index=True)
+    node_id: Mapped[str] = mapped_column(String(32))  # Flower node ids are unsigned 64-bit
+    phase: Mapped[str] = mapped_column(String(32))  # train | evaluate | a strategy's own exchange
+    status: Mapped[str] = mapped_column(String(16))  # accepted | rejected | failed
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    rank: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    num_examples: Mapped[int] = mapped_column(Integer, default=0)
+    bytes_up: Mapped[int] = mapped_column(BigInteger, default=0)
+    bytes_down: Mapped[int] = mapped_column(BigInteger, default=0)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class AdapterRow(_Base):
+    __tablename__ = "adapters"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id"), unique=True)
+    sha256: Mapped[str] = mapped_column(String(64))
+    nbytes: Mapped[int] = mapped_column(BigInteger)
+    data: Mapped[bytes] = mapped_column(LargeBinary)  # safetensors
+
+
+@dataclass(frozen=True)
+class ClientRecord:
+    """One node's part in one exchange of a round."""
+
+    node_id: int
+    phase: str
+    status: str
+    reason: str | None = None
+    rank: int | None = None
+    num_examples: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    """Everything stored about one completed round."""
+
+    number: int
+    participants: int
+    accepted: int
+    train_loss: float | None
+    eval_loss: float | None
+    eval_accuracy: float | None
+    bytes_up: int
+    bytes_down: int
+    duration_s: float
+    clients: Sequence[ClientRecord]
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    id: int
+    status: str
+    strategy: str
+    model: str
+    started_at: datetime
+    ended_at: datetime | None
+    error: str | None
+    adapter_dir: str | None
+    initial_metrics: Mapping[str, float]
+    config: Mapping[str, Any]
+
+
+def adapter_bytes(tensors: NamedArrays) -> bytes:
+    return save_safetensors({k: np.ascontiguousarray(v) for k, v in tensors.items()})
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _finite(value: float | None) -> float | None:
+    return None if value is None or not np.isfinite(value) else float(value)
+
+
+class RoundStore:
+    """Open (and create if needed) the store at ``url``; fails fast when the database is unreachable."""
+
+    def __init__(self, url: str, connect_timeout_s: int = 5) -> None:
+        try:
+            parsed = make_url(url)
+        except ArgumentError as e:
+            raise StoreError(f"--db {url!r} is not a database URL; use e.g. sqlite:///pollinate.db or "
+                             f"postgresql+psycopg://user@host:5432/dbname") from e
+        connect_args: dict[str, Any] = {}
+        if parsed.get_backend_name() == "postgresql":
+            connect_args["connect_timeout"] = connect_timeout_s
+        elif parsed.get_backend_name() == "sqlite":
+            connect_args["timeout"] = 30  # several processes may write one file; wait for the lock
+        try:
+            self.engine: Engine = create_engine(url, connect_args=connect_args)
+            with self.engine.connect():
+                pass
+            _Base.metadata.create_all(self.engine)
+        except (OperationalError, ModuleNotFoundError) as e:
+            raise StoreError(f"cannot open the round store at {parsed.render_as_string(hide_password=True)}: "
+                             f"{str(e).splitlines()[0]}. Check the URL (--db) and that the database is running "
+                             f"and reachable") from e
+        self.url = parsed.render_as_string(hide_password=True)
+
+    def start_run(self, config: Mapping[str, Any], strategy: str, model: str,
+                  initial_metrics: Mapping[str, float] | None = None) -> int:
+        with Session(self.engine) as s, s.begin():
+            row = RunRow(status="running", strategy=strategy, model=model, config=dict(config),
+                         initial_metrics=dict(initial_metrics or {}), started_at=_now())
+            s.add(row)
+            s.flush()
+            return row.id
+
+    def set_initial_metrics(self, run_id: int, metrics: Mapping[str, float]) -> None:
+        with Session(self.engine) as s, s.begin():
+            s.get_one(RunRow, run_id).initial_metrics = {k: _finite(v) for k, v in metrics.items()}
+
+    def record_round(self, run_id: int, record: RoundRecord, global_adapter: NamedArrays) -> str:
+        """Store a round, its client records and its global adapter atomically; returns the adapter's sha256."""
+        blob = adapter_bytes(global_adapter)
+        digest = sha256(blob)
+        with Session(self.engine) as s, s.begin():
+            row = RoundRow(run_id=run_id, number=record.number, participants=record.participants,
+                           accepted=record.accepted, train_loss=_finite(record.train_loss),
+                           eval_loss=_finite(record.eval_loss), eval_accuracy=_finite(record.eval_accuracy),
+                           bytes_up=record.bytes_up, bytes_down=record.bytes_down, duration_s=record.duration_s,
+                           metrics={k: _finite(v) for k, v in record.metrics.items()})
+            s.add(row)
+            s.flush()
+            for c in record.clients:
+                s.add(ClientUpdateRow(round_id=row.id, node_id=str(c.node_id), phase=c.phase, status=c.status,
+                                      reason=c.reason, rank=c.rank, num_examples=c.num_examples,
+                                      bytes_up=c.bytes_up, bytes_down=c.bytes_down,
+                                      metrics={k: _finite(v) for k, v in c.metrics.items()}))
+            s.add(AdapterRow(round_id=row.id, sha256=digest, nbytes=len(blob), data=blob))
+        return digest
+
+    def finish_run(self, run_id: int, status: str, error: str | None = None, adapter_dir: str | None = None) -> None:
+        with Session(self.engine) as s, s.begin():
+            row = s.get_one(RunRow, run_id)
+            row.status, row.error, row.ended_at = status, error, _now()
+            if adapter_dir is not None:
+                row.adapter_dir = adapter_dir
+
+    def runs(self) -> list[RunSummary]:
+        with Session(self.engine) as s:
+            return [_summary(r) for r in s.scalars(select(RunRow).order_by(RunRow.id))]
+
+    def run(self, run_id: int) -> RunSummary:
+        with Session(self.engine) as s:
+            row = s.get(RunRow, run_id)
+            if row is None:
+                raise StoreError(f"run {run_id} is not in the store at {self.url}; `pollinate runs` lists runs")
+            return _summary(row)
+
+    def rounds(self, run_id: int) -> list[RoundRow]:
+        with Session(self.engine, expire_on_commit=False) as s:
+            return list(s.scalars(select(RoundRow).where(RoundRow.run_id == run_id).order_by(RoundRow.number)))
+
+    def client_updates(self, run_id: int, number: int | None = None) -> list[ClientUpdateRow]:
+        query = select(ClientUpdateRow).join(RoundRow).where(RoundRow.run_id == run_id)
+        if number is not None:
+            query = query.where(RoundRow.number == number)
+        with Session(self.engine, expire_on_commit=False) as s:
+            return list(s.scalars(query.order_by(RoundRow.number, ClientUpdateRow.id)))
+
+    def load_adapter(self, run_id: int, number: int) -> NamedArrays:
+        """A round's global adapter, after checking its bytes against the stored sha256."""
+        with Session(self.engine) as s:
+            row = s.scalars(select(AdapterRow).join(RoundRow)
+                            .where(RoundRow.run_id == run_id, RoundRow.number == number)).first()
+            if row is None:
+                raise StoreError(f"run {run_id} has no stored adapter for round {number}")
+            if sha256(row.data) != row.sha256:
+                raise StoreError(f"the stored adapter of run {run_id} round {number} fails its sha256 check")
+            return dict(load_safetensors(row.data))
+
+    def adapter_digests(self, run_id: int) -> dict[int, tuple[str, bytes]]:
+        """Round number -> (stored sha256, stored bytes), for audits."""
+        with Session(self.engine) as s:
+            rows = s.execute(select(RoundRow.number, AdapterRow.sha256, AdapterRow.data).join(AdapterRow)
+                             .where(RoundRow.run_id == run_id))
+            return {n: (d, b) for n, d, b in rows}
+
+
+def _summary(r: RunRow) -> RunSummary:
+    return RunSummary(id=r.id, status=r.status, strategy=r.strategy, model=r.model, started_at=r.started_at,
+                      ended_at=r.ended_at, error=r.error, adapter_dir=r.adapter_dir,
+                      initial_metrics=r.initial_metrics or {}, config=json.loads(json.dumps(r.config)))

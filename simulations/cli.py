@@ -1,0 +1,116 @@
+"""``pollinate simulate``: run a scenario on Flower's Simulation Engine and summarise it from the store."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+from rich.console import Console
+
+import strategies
+from models import check_model_config
+from proto.run_config import ConfigError, RunConfig, Scalar, flatten, load_toml
+from server.report import rounds_table
+from server.store import RoundStore
+from simulations import engine
+from simulations.datasets import load_corpus
+from simulations.partition import write_partitions
+
+SCENARIOS = Path(__file__).parent / "scenarios"
+DEFAULT_SCENARIO = SCENARIOS / "default.toml"
+console = Console(highlight=False, width=max(100, Console().width))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("scenario", nargs="?", default=str(DEFAULT_SCENARIO),
+                        help="scenario TOML (a path, or a name in simulations/scenarios/); default: the default scenario")
+    parser.add_argument("--clients", type=int, help="number of simulated nodes (scenario [simulation] clients)")
+    parser.add_argument("--rounds", type=int, help="federation.rounds")
+    parser.add_argument("--strategy", help="federation.strategy (see `pollinate strategies`)")
+    parser.add_argument("--rank", type=int, help="adapter.r")
+    parser.add_argument("--db", help="round store URL (store.db), e.g. sqlite:///pollinate.db")
+    parser.add_argument("--output", help="where the adapter and partitions go (store.output-dir)")
+    parser.add_argument("--data", help="your own CSV/JSONL corpus instead of the scenario's (data.dataset)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override any run config key, e.g. --set train.lr=5e-4 (repeatable)")
+
+
+def resolve_scenario(name: str) -> Path:
+    path = Path(name)
+    if not path.is_file() and (SCENARIOS / f"{name}.toml").is_file():
+        return SCENARIOS / f"{name}.toml"
+    return path
+
+
+@dataclass(frozen=True)
+class SimulationSettings:
+    """The scenario's [simulation] table: how many nodes to simulate and with what."""
+
+    clients: int = 4
+    cpus_per_client: float = 1.0
+    gpus_per_client: float = 0.0
+    client_app: str = engine.CLIENT_APP  # researchers may simulate their own (e.g. adversarial) ClientApp
+
+
+def load_scenario(path: str | Path, overrides: Mapping[str, Scalar] | None = None,
+                  clients: int | None = None) -> tuple[RunConfig, SimulationSettings]:
+    """The run config and simulation settings of a scenario file, with flat-key overrides applied."""
+    tree = load_toml(resolve_scenario(str(path)))
+    sim = tree.pop("simulation", {})
+    cfg = RunConfig.from_flat({**flatten(tree), **(overrides or {})})
+    known = {f.name.replace("_", "-") for f in fields(SimulationSettings)}
+    if set(sim) - known:
+        raise ConfigError(f"unknown [simulation] key(s) {sorted(set(sim) - known)}; known: {sorted(known)}")
+    settings = SimulationSettings(**{k.replace("-", "_"): v for k, v in sim.items()})
+    if clients is not None:
+        settings = replace(settings, clients=clients)
+    if settings.clients < cfg.federation.min_nodes:
+        raise ConfigError(f"{settings.clients} clients cannot satisfy federation.min-nodes = "
+                          f"{cfg.federation.min_nodes}; use --clients {cfg.federation.min_nodes} or more")
+    return cfg, settings
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict[str, Scalar]:
+    """Flat run-config keys from --set KEY=VALUE and the named flags (named flags win)."""
+    flat: dict[str, Scalar] = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r} must look like KEY=VALUE, e.g. --set train.lr=5e-4")
+        flat[key.strip()] = value.strip()
+    for key, value in (("federation.rounds", args.rounds), ("federation.strategy", args.strategy),
+                       ("adapter.r", args.rank), ("store.db", args.db), ("store.output-dir", args.output),
+                       ("data.dataset", args.data)):
+        if value is not None:
+            flat[key] = value
+    return flat
+
+
+def simulate(args: argparse.Namespace) -> int:
+    cfg, sim = load_scenario(args.scenario, overrides_from_args(args), args.clients)
+    strategies.get(cfg.federation.strategy)  # fail fast on an unknown strategy or model
+    check_model_config(cfg.model)
+    store = RoundStore(cfg.store.db)  # fail fast on an unreachable database
+    before = {r.id for r in store.runs()}
+    work = Path(cfg.store.output_dir) / f"simulation-{time.strftime('%Y%m%d-%H%M%S')}"
+    sizes = write_partitions(load_corpus(cfg.data.dataset), cfg.data, sim.clients, cfg.seed, work / "partitions")
+    cfg = cfg.replace(**{"data.partition-dir": str((work / "partitions").resolve())})
+    console.print(f"simulating {sim.clients} clients ({cfg.data.partitioning} split of {cfg.data.dataset}: "
+                  f"{sizes} examples), {cfg.federation.rounds} rounds of {cfg.federation.strategy}")
+    engine.run(cfg, sim.clients, work / "app", cpus_per_client=sim.cpus_per_client,
+               gpus_per_client=sim.gpus_per_client, client_app=sim.client_app)
+    new = [r for r in store.runs() if r.id not in before]
+    if not new:
+        console.print("[red]the simulation ended without recording a run; see the log above[/]")
+        return 1
+    run = new[-1]
+    console.print(rounds_table(store, run.id))
+    console.print(f"round store: {store.url} (run {run.id}, status {run.status})")
+    if run.status != "completed":
+        console.print(f"[red]run {run.id} failed: {run.error}[/]")
+        return 1
+    console.print(f"PEFT adapter: {run.adapter_dir}  (PeftModel.from_pretrained(base, that directory))")
+    return 0
