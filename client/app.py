@@ -1,14 +1,16 @@
 """The ClientApp: train the received adapter on local data and reply with adapter tensors only.
 
-The same code runs on a hospital/edge node (Deployment Engine; ``data-path`` in the node
-config) and in ``pollinate simulate`` (Simulation Engine; the node reads the partition
-file the simulation wrote for its ``partition-id``).
+The same code runs on a hospital/edge node (Deployment Engine; ``data-path`` and ``max-rank``
+in the node config) and in ``pollinate simulate`` (Simulation Engine; the node reads the
+partition file, and the node settings file, the simulation wrote for its ``partition-id``).
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import zlib
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -19,13 +21,15 @@ from peft import PeftModel
 from client.data import Example, batches, endless_batches, read_examples, split
 from client.train import evaluate, resolve_device, train
 from models import BaseModel, adapter_state, build_peft_model, load_adapter_state
-from proto.adapter_record import ADAPTER, REPORT, from_record, specs_of, to_record
+from proto.adapter_record import ADAPTER, INSTRUCTIONS, REPORT, from_record, specs_of, to_record
+from proto.instructions import Instructions
 from proto.run_config import RunConfig
 
-# Node config keys (set by `pollinate client` or by the Simulation Engine).
+# Node config keys (set by `pollinate client` or, in a simulation, by the node settings file).
 DATA_PATH = "data-path"
-PARTITION_ID = "partition-id"
+MAX_RANK = "max-rank"  # the largest LoRA rank this node can train (0: no limit)
 DEVICE = "device"
+PARTITION_ID = "partition-id"  # set by the Simulation Engine
 
 app = ClientApp()
 
@@ -35,56 +39,94 @@ def partition_file(partition_dir: str | Path, partition_id: int) -> Path:
     return Path(partition_dir) / f"partition-{partition_id}.jsonl"
 
 
-@functools.lru_cache(maxsize=1)
+def node_settings_file(partition_dir: str | Path, partition_id: int) -> Path:
+    """Where ``pollinate simulate`` writes the node config of one simulated node (e.g. its max-rank)."""
+    return Path(partition_dir) / f"partition-{partition_id}.node.json"
+
+
+def node_config(context: Context, cfg: RunConfig) -> dict[str, object]:
+    """This node's config: Flower's node config, plus the simulation's per-node settings when simulated."""
+    config: dict[str, object] = dict(context.node_config)
+    if DATA_PATH not in config and PARTITION_ID in config and cfg.data.partition_dir:
+        pid = int(str(config[PARTITION_ID]))
+        config[DATA_PATH] = str(partition_file(cfg.data.partition_dir, pid))
+        settings = node_settings_file(cfg.data.partition_dir, pid)
+        if settings.is_file():
+            config.update(json.loads(settings.read_text()))
+    if DATA_PATH not in config:
+        raise ValueError("this node has no data: start it with --data PATH (node config 'data-path')")
+    return config
+
+
+@functools.lru_cache(maxsize=2)
 def _model(cfg: RunConfig) -> tuple[PeftModel, BaseModel]:
-    # One PeftModel per process, reused across rounds: every call overwrites the whole adapter state.
+    # One PeftModel per (config, rank), reused across rounds: every call overwrites the whole adapter state.
     return build_peft_model(cfg)
 
 
 @functools.lru_cache(maxsize=4)
-def _local_split(path: Path, cfg: RunConfig) -> tuple[list[Example], list[Example]]:
+def _local_split(path: str, cfg: RunConfig) -> tuple[list[Example], list[Example]]:
     examples = read_examples(path, cfg.data, cfg.model)
     return split(examples, cfg.data.eval_fraction, cfg.seed)
 
 
-def _setup(msg: Message, context: Context) -> tuple[RunConfig, tuple[PeftModel, BaseModel], list[Example],
-                                                   list[Example], set[str]]:
-    cfg = RunConfig.from_flat(context.run_config)
-    node = context.node_config
-    if DATA_PATH in node:
-        path = Path(str(node[DATA_PATH]))
-    elif PARTITION_ID in node and cfg.data.partition_dir:
-        path = partition_file(cfg.data.partition_dir, int(node[PARTITION_ID]))
-    else:
-        raise ValueError("this node has no data: start it with --data PATH (node config 'data-path')")
-    train_set, eval_set = _local_split(path, cfg)
-    model, base = _model(cfg)
-    received = msg.content[ADAPTER]  # type: ignore[index]
+def _instructions(msg: Message) -> Instructions:
+    record = msg.content.config_records.get(INSTRUCTIONS)
+    return Instructions.from_record_values(record) if record is not None else Instructions()
+
+
+def _prepare(msg: Message, cfg: RunConfig, instructions: Instructions, config: Mapping[str, object],
+             training: bool) -> tuple[PeftModel, BaseModel]:
+    """The model at the instructed rank with the received adapter loaded (validated against its shapes)."""
+    rank = instructions.rank or cfg.adapter.r
+    capacity = int(str(config.get(MAX_RANK, 0)))
+    if training and capacity and rank > capacity:
+        raise ValueError(f"the server sent a rank-{rank} adapter, but this node's max-rank is {capacity}")
+    model, base = _model(cfg.replace(**{"adapter.r": rank}) if rank != cfg.adapter.r else cfg)
+    received = msg.content.array_records[ADAPTER]
     load_adapter_state(model, from_record(received, expected=specs_of(adapter_state(model))))
-    return cfg, (model, base), train_set, eval_set, set(received.keys())
+    return model, base
 
 
-def _device(cfg: RunConfig, context: Context) -> torch.device:
-    return resolve_device(str(context.node_config.get(DEVICE, cfg.train.device)))
+def _device(cfg: RunConfig, config: Mapping[str, object]) -> torch.device:
+    return resolve_device(str(config.get(DEVICE, cfg.train.device)))
+
+
+@app.query()
+def describe_node(msg: Message, context: Context) -> Message:
+    """The node's capacity (max-rank) and how many training examples it holds; no tensors."""
+    cfg = RunConfig.from_flat(context.run_config)
+    config = node_config(context, cfg)
+    train_set, _ = _local_split(str(config[DATA_PATH]), cfg)
+    report = MetricRecord({"num-examples": len(train_set), MAX_RANK: int(str(config.get(MAX_RANK, 0)))})
+    return Message(RecordDict({REPORT: report}), reply_to=msg)
 
 
 @app.train()
 def train_adapter(msg: Message, context: Context) -> Message:
-    cfg, (model, base), train_set, _, adapter_keys = _setup(msg, context)
-    round_seed = zlib.crc32(f"{cfg.seed}/{context.node_id}/{msg.metadata.group_id}".encode())
+    cfg = RunConfig.from_flat(context.run_config)
+    config = node_config(context, cfg)
+    instructions = _instructions(msg)
+    model, base = _prepare(msg, cfg, instructions, config, training=True)
+    train_set, _ = _local_split(str(config[DATA_PATH]), cfg)
+    round_seed = zlib.crc32(f"{cfg.seed}/{context.node_id}/{instructions.round}".encode())
     stream = endless_batches(train_set, base.tokenizer, cfg.model, cfg.train.batch_size, round_seed)
-    loss = train(model, stream, cfg.train, _device(cfg, context))
-    tensors = adapter_state(model)
+    loss = train(model, stream, cfg.train, _device(cfg, config), instructions.train_factors,
+                 instructions.proximal_mu)
     # Only names the server sent as the adapter may go back: no base-model tensor can leave the node.
-    reply = to_record(tensors, cfg.federation.wire_dtype, allowed=adapter_keys)
+    reply = to_record(adapter_state(model), cfg.federation.wire_dtype,
+                      allowed=msg.content.array_records[ADAPTER].keys())
     report = MetricRecord({"num-examples": len(train_set), "train-loss": loss})
     return Message(RecordDict({ADAPTER: reply, REPORT: report}), reply_to=msg)
 
 
 @app.evaluate()
 def evaluate_adapter(msg: Message, context: Context) -> Message:
-    cfg, (model, base), _, eval_set, _ = _setup(msg, context)
+    cfg = RunConfig.from_flat(context.run_config)
+    config = node_config(context, cfg)
+    model, base = _prepare(msg, cfg, _instructions(msg), config, training=False)
+    _, eval_set = _local_split(str(config[DATA_PATH]), cfg)
     eval_set = eval_set[: cfg.train.eval_max_examples]
-    result = evaluate(model, batches(eval_set, base.tokenizer, cfg.model, 64, seed=None), _device(cfg, context))
+    result = evaluate(model, batches(eval_set, base.tokenizer, cfg.model, 64, seed=None), _device(cfg, config))
     report = MetricRecord({"num-examples": result.num_examples, "loss": result.loss, "accuracy": result.accuracy})
     return Message(RecordDict({REPORT: report}), reply_to=msg)

@@ -39,11 +39,30 @@ def _autocast(device: torch.device) -> contextlib.AbstractContextManager[None]:
     return torch.autocast("cuda", dtype=dtype)
 
 
+def _trainable(model: PeftModel, train_factors: str) -> list[torch.nn.Parameter]:
+    """The adapter parameters to train: all, or with LoRA's A or B held frozen (others stay as received)."""
+    tag = f".{model.active_adapter}"  # PEFT keeps every adapter parameter under its adapter name
+    frozen = {"all": None, "A": ".lora_B.", "B": ".lora_A."}[train_factors]
+    params = []
+    for name, p in model.named_parameters():
+        if f"{tag}." not in name and not name.endswith(tag):
+            continue  # the frozen base model
+        p.requires_grad_(frozen is None or frozen not in name)
+        if p.requires_grad:
+            params.append(p)
+    return params
+
+
 def train(model: PeftModel, batches: Iterator[dict[str, torch.Tensor]], cfg: TrainConfig,
-          device: torch.device) -> float:
-    """``cfg.local_steps`` AdamW steps on the adapter; returns the mean training loss."""
+          device: torch.device, train_factors: str = "all", proximal_mu: float = 0.0) -> float:
+    """``cfg.local_steps`` AdamW steps on the adapter; returns the mean training loss.
+
+    ``train_factors`` = "A" or "B" trains only that LoRA factor; ``proximal_mu`` > 0 adds FedProx's
+    mu/2 ||w - w_received||^2 over the trained tensors (Li et al. 2020, Eq. 2).
+    """
     model.to(device).train()
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = _trainable(model, train_factors)
+    anchors = [p.detach().clone() for p in params] if proximal_mu > 0 else []
     optimiser = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     use_scaler = device.type == "cuda" and not torch.cuda.is_bf16_supported()
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
@@ -52,6 +71,8 @@ def train(model: PeftModel, batches: Iterator[dict[str, torch.Tensor]], cfg: Tra
         batch = {k: v.to(device) for k, v in next(batches).items()}
         with _autocast(device):
             loss = model(**batch).loss
+        if anchors:
+            loss = loss + proximal_mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(params, anchors, strict=True))
         if not torch.isfinite(loss):
             raise FloatingPointError(f"training loss became {loss.item()}; lower train.lr (now {cfg.lr})")
         scaler.scale(loss).backward()

@@ -130,6 +130,28 @@ class FederationConfig:
 
 
 @dataclass(frozen=True)
+class StrategyConfig:
+    """Options of individual strategies (each names the strategies that read it)."""
+
+    proximal_mu: float = 0.01  # fedprox: weight of the proximal term
+    server_lr: float = 0.01  # fedadam, fedyogi: server learning rate (Reddi et al. 2021)
+    beta1: float = 0.9  # fedadam, fedyogi
+    beta2: float = 0.99  # fedadam, fedyogi
+    tau: float = 1e-3  # fedadam, fedyogi: adaptivity
+    hetlora_prune: float = 0.0  # hetlora: client self-pruning threshold gamma (0: off)
+    sketch_oversample: int = 8  # sketch: sketch size = sum of ranks + this
+
+    def validate(self) -> None:
+        _require(self.proximal_mu >= 0, "strategy.proximal-mu", self.proximal_mu, "use a value >= 0")
+        _require(self.server_lr > 0, "strategy.server-lr", self.server_lr, "use a positive learning rate")
+        _require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "strategy.beta1/beta2", (self.beta1, self.beta2),
+                 "use values in [0, 1)")
+        _require(self.tau > 0, "strategy.tau", self.tau, "use a positive value, e.g. 1e-3")
+        _require(0 <= self.hetlora_prune < 1, "strategy.hetlora-prune", self.hetlora_prune, "use a value in [0, 1)")
+        _require(self.sketch_oversample >= 0, "strategy.sketch-oversample", self.sketch_oversample, "use >= 0")
+
+
+@dataclass(frozen=True)
 class StoreConfig:
     db: str = "sqlite:///pollinate.db"  # any SQLAlchemy URL
     output_dir: str = "runs"  # the final adapter is exported to <output-dir>/run-<id>/adapter
@@ -143,6 +165,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
 
     def validate(self) -> RunConfig:

@@ -16,10 +16,10 @@ from rich.console import Console
 
 import strategies
 from models import adapter_state, build_peft_model, export_adapter
-from proto.run_config import RunConfig
+from proto.run_config import ConfigError, RunConfig
 from server.rounds import (Evaluation, GridExchange, RoundFailed, RoundLedger, evaluate_global, mean_metric,
-                           sample_nodes, wait_for_nodes)
-from server.store import RoundRecord, RoundStore
+                           query_capacities, sample_nodes, wait_for_nodes)
+from server.store import ClientRecord, RoundRecord, RoundStore
 from strategies import ClientUpdate, Request
 
 app = ServerApp()
@@ -33,22 +33,24 @@ def main(grid: Grid, context: Context) -> None:
 
 def run_federation(grid: Grid, cfg: RunConfig) -> int:
     """Run every round of ``cfg`` over ``grid``; returns the run id in the round store."""
-    strategy = strategies.get(cfg.federation.strategy)()
+    strategy = strategies.build(cfg)
     store = RoundStore(cfg.store.db)
     model, _ = build_peft_model(cfg)
-    global_adapter = adapter_state(model)
+    state = adapter_state(model)
+    capacities: dict[int, int] = {}
     run_id = store.start_run(cfg.to_flat(), strategy.name, cfg.model.name)
     console.print(f"[bold]pollinate[/] run {run_id}: {strategy.name} on {cfg.model.name} + {cfg.adapter.method} "
                   f"(r={cfg.adapter.r}), {cfg.federation.rounds} rounds, store {store.url}")
     try:
         nodes = wait_for_nodes(grid, cfg.federation.min_nodes, cfg.federation.wait_for_nodes)
-        initial = evaluate_global(grid, cfg, nodes, global_adapter, 0, RoundLedger())
+        initial = evaluate_global(grid, cfg, nodes, strategy.export(state), 0, RoundLedger())
         if initial is not None:
             store.set_initial_metrics(run_id, {"eval-loss": initial.loss, "eval-accuracy": initial.accuracy})
             console.print(f"round 0: eval loss {initial.loss:.4f}, accuracy {initial.accuracy:.4f}")
         for number in range(1, cfg.federation.rounds + 1):
-            global_adapter = _run_round(grid, cfg, strategy, store, run_id, number, global_adapter)
-        adapter_dir = export_adapter(model, global_adapter, Path(cfg.store.output_dir) / f"run-{run_id}" / "adapter")
+            state = _run_round(grid, cfg, strategy, store, run_id, number, state, capacities)
+        adapter_dir = export_adapter(model, strategy.export(state),
+                                     Path(cfg.store.output_dir) / f"run-{run_id}" / "adapter")
         store.finish_run(run_id, "completed", adapter_dir=str(adapter_dir.resolve()))
         console.print(f"run {run_id} completed; adapter exported to {adapter_dir}")
     except BaseException as e:
@@ -57,13 +59,31 @@ def run_federation(grid: Grid, cfg: RunConfig) -> int:
     return run_id
 
 
+def _assign_ranks(grid: Grid, cfg: RunConfig, strategy: strategies.Strategy, nodes: list[int], number: int,
+                  capacities: dict[int, int], ledger: RoundLedger) -> dict[int, int]:
+    """node -> the LoRA rank it trains this round; asks new nodes their max-rank first."""
+    unknown = [n for n in nodes if n not in capacities]
+    if unknown:
+        capacities.update(query_capacities(grid, cfg, unknown, number, ledger))
+    ranks = {}
+    for node in nodes:
+        if node not in capacities:
+            continue  # did not answer the query: recorded as failed in the ledger
+        try:
+            ranks[node] = strategy.assign_rank(node, capacities[node])
+        except ConfigError as e:
+            ledger.clients.append(ClientRecord(node_id=node, phase="train", status="rejected", reason=str(e)))
+    return ranks
+
+
 def _run_round(grid: Grid, cfg: RunConfig, strategy: strategies.Strategy, store: RoundStore, run_id: int,
-               number: int, global_adapter: strategies.NamedArrays) -> strategies.NamedArrays:
+               number: int, state: strategies.NamedArrays, capacities: dict[int, int]) -> strategies.NamedArrays:
     started = time.monotonic()
     ledger = RoundLedger()
     connected = wait_for_nodes(grid, cfg.federation.min_nodes, cfg.federation.wait_for_nodes)
     sampled = sample_nodes(connected, cfg, number)
-    grid_exchange = GridExchange(grid, cfg, number, ledger)
+    ranks = _assign_ranks(grid, cfg, strategy, sampled, number, capacities, ledger)
+    grid_exchange = GridExchange(grid, cfg, number, ledger, check_update=strategy.check_update)
     accepted: list[ClientUpdate] = []
 
     def exchange(requests: dict[int, Request]) -> list[ClientUpdate]:
@@ -75,7 +95,8 @@ def _run_round(grid: Grid, cfg: RunConfig, strategy: strategies.Strategy, store:
         accepted.extend(updates)
         return updates
 
-    global_adapter = strategy.run_round(global_adapter, sampled, exchange)
+    state = strategy.run_round(state, ranks, exchange, number)
+    global_adapter = strategy.export(state)
     evaluation = evaluate_global(grid, cfg, connected, global_adapter, number, ledger)
     record = RoundRecord(
         number=number, participants=len(sampled), accepted=len({u.node_id for u in accepted}),
@@ -86,7 +107,7 @@ def _run_round(grid: Grid, cfg: RunConfig, strategy: strategies.Strategy, store:
         duration_s=time.monotonic() - started, clients=ledger.clients)
     store.record_round(run_id, record, global_adapter)
     _print_round(cfg, record, evaluation, ledger)
-    return global_adapter
+    return state
 
 
 def _print_round(cfg: RunConfig, record: RoundRecord, evaluation: Evaluation | None, ledger: RoundLedger) -> None:

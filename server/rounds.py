@@ -10,14 +10,15 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from proto.adapter_record import (ADAPTER, INSTRUCTIONS, REPORT, UpdateRejected, from_record, payload_bytes,
-                                  specs_of, to_record)
+from proto.adapter_record import (ADAPTER, INSTRUCTIONS, REPORT, TensorSpec, UpdateRejected, from_record,
+                                  payload_bytes, specs_of, to_record)
+from proto.instructions import Instructions
 from proto.run_config import RunConfig
 from server.store import ClientRecord
 from strategies import ClientUpdate, NamedArrays, Request
@@ -63,20 +64,30 @@ def sample_nodes(nodes: Sequence[int], cfg: RunConfig, round_number: int) -> lis
     return sorted(random.Random(f"{cfg.seed}/{round_number}").sample(list(nodes), k))
 
 
+CheckUpdate = Callable[[Request, NamedArrays], str | None]
+
+
 class GridExchange:
-    """Sends one ``Request`` per node as a Flower message and returns the validated replies."""
+    """Sends one ``Request`` per node as a Flower message and returns the validated replies.
+
+    A reply is accepted when its tensors have exactly the names and shapes expected (the
+    request's, or its ``reply_shapes``), finite values, a valid report, and ``check_update``
+    (the strategy's own rule, e.g. frozen factors unchanged) finds nothing wrong.
+    """
 
     def __init__(self, grid: Grid, cfg: RunConfig, round_number: int, ledger: RoundLedger,
-                 message_type: str = "train", replies_carry_tensors: bool = True) -> None:
+                 message_type: str = "train", replies_carry_tensors: bool = True,
+                 check_update: CheckUpdate | None = None) -> None:
         self.grid, self.cfg, self.round_number, self.ledger = grid, cfg, round_number, ledger
         self.message_type, self.replies_carry_tensors = message_type, replies_carry_tensors
+        self.check_update = check_update
 
     def __call__(self, requests: Mapping[int, Request]) -> list[ClientUpdate]:
         sent: dict[str, tuple[int, Request, int]] = {}  # message id -> (node, request, bytes down)
         messages = []
         for node, request in requests.items():
             record = to_record(request.tensors, self.cfg.federation.wire_dtype)
-            instructions = ConfigRecord({"round": self.round_number, **request.instructions})
+            instructions = ConfigRecord(replace(request.instructions, round=self.round_number).to_record_values())
             msg = Message(RecordDict({ADAPTER: record, INSTRUCTIONS: instructions}), dst_node_id=node,
                           message_type=self.message_type, group_id=str(self.round_number))
             messages.append((msg, node, request, payload_bytes(record)))
@@ -121,13 +132,27 @@ class GridExchange:
             elif record is None:
                 raise UpdateRejected("reply carries no adapter tensors")
             else:
-                tensors, up = from_record(record, expected=specs_of(request.tensors)), payload_bytes(record)
+                expected = ({k: TensorSpec(tuple(v)) for k, v in request.reply_shapes.items()}
+                            if request.reply_shapes is not None else specs_of(request.tensors))
+                tensors, up = from_record(record, expected=expected), payload_bytes(record)
+                problem = self.check_update(self._as_received(request), tensors) if self.check_update else None
+                if problem:
+                    raise UpdateRejected(problem)
         except UpdateRejected as e:
             self._record(node, "rejected", str(e), bytes_down=down)
             return None
+        rank = request.instructions.rank or None
         self._record(node, "accepted", None, num_examples=int(report["num-examples"]), bytes_up=up,
-                     bytes_down=down, metrics=report)
-        return ClientUpdate(node_id=node, tensors=tensors, num_examples=int(report["num-examples"]), metrics=report)
+                     bytes_down=down, metrics=report, rank=rank)
+        return ClientUpdate(node_id=node, tensors=tensors, num_examples=int(report["num-examples"]),
+                            rank=rank or 0, metrics=report)
+
+    def _as_received(self, request: Request) -> Request:
+        """The request as the node decoded it (rounded through the wire dtype), for exact comparisons."""
+        if self.cfg.federation.wire_dtype == "float32":
+            return request
+        wire = self.cfg.federation.wire_dtype
+        return replace(request, tensors={k: v.astype(wire).astype("float32") for k, v in request.tensors.items()})
 
     def _record(self, node: int, status: str, reason: str | None, **kwargs: object) -> None:
         self.ledger.clients.append(ClientRecord(node_id=node, phase=self.message_type, status=status,
@@ -158,15 +183,22 @@ class Evaluation:
 
 def evaluate_global(grid: Grid, cfg: RunConfig, nodes: Sequence[int], adapter: NamedArrays, round_number: int,
                     ledger: RoundLedger) -> Evaluation | None:
-    """Federated evaluation of ``adapter``: example-weighted mean of the nodes' loss and accuracy."""
+    """Federated evaluation of ``adapter`` (rank adapter.r): example-weighted mean of the nodes' loss and accuracy."""
     exchange = GridExchange(grid, cfg, round_number, ledger, message_type="evaluate", replies_carry_tensors=False)
-    reports = exchange({node: Request(adapter) for node in nodes})
+    reports = exchange({node: Request(adapter, Instructions(rank=cfg.adapter.r)) for node in nodes})
     total = sum(u.num_examples for u in reports)
     if total == 0:
         return None
     loss = sum(u.metrics["loss"] * u.num_examples for u in reports) / total
     accuracy = sum(u.metrics["accuracy"] * u.num_examples for u in reports) / total
     return Evaluation(loss=loss, accuracy=accuracy, num_examples=total)
+
+
+def query_capacities(grid: Grid, cfg: RunConfig, nodes: Sequence[int], round_number: int,
+                     ledger: RoundLedger) -> dict[int, int]:
+    """Each answering node's announced max-rank (0: no limit); nodes that do not answer are absent."""
+    exchange = GridExchange(grid, cfg, round_number, ledger, message_type="query", replies_carry_tensors=False)
+    return {u.node_id: int(u.metrics.get("max-rank", 0)) for u in exchange({n: Request({}) for n in nodes})}
 
 
 def mean_metric(updates: Sequence[ClientUpdate], key: str) -> float | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
@@ -11,6 +12,7 @@ from pathlib import Path
 from rich.console import Console
 
 import strategies
+from client.app import MAX_RANK, node_settings_file
 from models import check_model_config
 from proto.run_config import ConfigError, RunConfig, Scalar, flatten, load_toml
 from server.report import rounds_table
@@ -53,6 +55,7 @@ class SimulationSettings:
     cpus_per_client: float = 1.0
     gpus_per_client: float = 0.0
     client_app: str = engine.CLIENT_APP  # researchers may simulate their own (e.g. adversarial) ClientApp
+    max_ranks: tuple[int, ...] = ()  # per simulated node, its max-rank (capacity); empty: no limit
 
 
 def load_scenario(path: str | Path, overrides: Mapping[str, Scalar] | None = None,
@@ -64,9 +67,13 @@ def load_scenario(path: str | Path, overrides: Mapping[str, Scalar] | None = Non
     known = {f.name.replace("_", "-") for f in fields(SimulationSettings)}
     if set(sim) - known:
         raise ConfigError(f"unknown [simulation] key(s) {sorted(set(sim) - known)}; known: {sorted(known)}")
-    settings = SimulationSettings(**{k.replace("-", "_"): v for k, v in sim.items()})
+    settings = SimulationSettings(**{k.replace("-", "_"): tuple(v) if isinstance(v, list) else v
+                                     for k, v in sim.items()})
     if clients is not None:
         settings = replace(settings, clients=clients)
+    if settings.max_ranks and len(settings.max_ranks) != settings.clients:
+        raise ConfigError(f"[simulation] max-ranks lists {len(settings.max_ranks)} ranks for {settings.clients} "
+                          f"clients; give one per client")
     if settings.clients < cfg.federation.min_nodes:
         raise ConfigError(f"{settings.clients} clients cannot satisfy federation.min-nodes = "
                           f"{cfg.federation.min_nodes}; use --clients {cfg.federation.min_nodes} or more")
@@ -91,12 +98,14 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Scalar]:
 
 def simulate(args: argparse.Namespace) -> int:
     cfg, sim = load_scenario(args.scenario, overrides_from_args(args), args.clients)
-    strategies.get(cfg.federation.strategy)  # fail fast on an unknown strategy or model
+    strategies.build(cfg)  # fail fast on an unknown or incompatible strategy, or model
     check_model_config(cfg.model)
     store = RoundStore(cfg.store.db)  # fail fast on an unreachable database
     before = {r.id for r in store.runs()}
     work = Path(cfg.store.output_dir) / f"simulation-{time.strftime('%Y%m%d-%H%M%S')}"
     sizes = write_partitions(load_corpus(cfg.data.dataset), cfg.data, sim.clients, cfg.seed, work / "partitions")
+    for i, max_rank in enumerate(sim.max_ranks):
+        node_settings_file(work / "partitions", i).write_text(json.dumps({MAX_RANK: max_rank}))
     cfg = cfg.replace(**{"data.partition-dir": str((work / "partitions").resolve())})
     console.print(f"simulating {sim.clients} clients ({cfg.data.partitioning} split of {cfg.data.dataset}: "
                   f"{sizes} examples), {cfg.federation.rounds} rounds of {cfg.federation.strategy}")

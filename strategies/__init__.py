@@ -1,20 +1,22 @@
-"""Aggregation strategies by name: ``get("fedavg")``, ``names()``; third parties register an entry point.
+"""Aggregation strategies by name: ``build(cfg)``, ``get("fedavg")``, ``names()``.
 
 A third-party strategy is a ``strategies.base.Strategy`` subclass exposed under the
-entry-point group ``pollinate.strategies`` (name = the CLI name).
+entry-point group ``pollinate.strategies`` (entry-point name = its CLI name).
 """
 
 from __future__ import annotations
 
 from importlib.metadata import entry_points
 
-from proto.run_config import ConfigError
-from strategies.base import AggregationError, ClientUpdate, Exchange, NamedArrays, Request, Strategy
-from strategies.fedavg import FedAvg
+from proto.run_config import ConfigError, RunConfig
+from strategies.base import (AggregationError, ClientUpdate, Exchange, NamedArrays, Request, Strategy,
+                             StrategyContext)
+from strategies.fedavg import FedAvg, FedProx
+from strategies.frozen_factor import FfaLora, RoLora
 
 ENTRY_POINT_GROUP = "pollinate.strategies"
 
-_BUILTIN: dict[str, type[Strategy]] = {cls.name: cls for cls in (FedAvg,)}
+_BUILTIN: dict[str, type[Strategy]] = {cls.name: cls for cls in (FedAvg, FedProx, FfaLora, RoLora)}
 
 
 def registry() -> dict[str, type[Strategy]]:
@@ -35,8 +37,17 @@ def get(name: str) -> type[Strategy]:
         return registry()[name]
     except KeyError:
         raise ConfigError(f"unknown strategy {name!r}; choose one of {names()} "
-                       f"(`pollinate strategies` lists them with their properties)") from None
+                          f"(`pollinate strategies` lists them with their properties)") from None
 
 
-__all__ = ["AggregationError", "ClientUpdate", "Exchange", "NamedArrays", "Request", "Strategy", "get", "names",
-           "registry"]
+def build(cfg: RunConfig) -> Strategy:
+    """The strategy ``cfg.federation.strategy``, checked against the adapter it must aggregate."""
+    cls = get(cfg.federation.strategy)
+    if cls.lora_factors and cfg.adapter.method.lower() not in ("lora", "dora"):
+        raise ConfigError(f"strategy {cls.name!r} works on LoRA factors (A, B), but adapter.method = "
+                          f"{cfg.adapter.method!r}; use adapter.method = 'lora' or a strategy such as fedavg")
+    return cls(StrategyContext(rank=cfg.adapter.r, alpha=cfg.adapter.alpha, seed=cfg.seed, options=cfg.strategy))
+
+
+__all__ = ["AggregationError", "ClientUpdate", "Exchange", "NamedArrays", "Request", "Strategy", "StrategyContext",
+           "build", "get", "names", "registry"]

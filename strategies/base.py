@@ -1,45 +1,64 @@
 """What every pollinate strategy is: pure math over named arrays plus a round recipe.
 
-A strategy never sees Flower, torch or the database. The server hands it the global
-adapter, the sampled nodes and an ``exchange`` callable that sends one ``Request`` per
-node and returns the validated ``ClientUpdate``s that came back (rejected or failed
-replies are recorded by the server and simply absent). A round may call ``exchange``
-more than once: that is how two-exchange strategies and secure aggregation fit
-without changing the server's round loop.
+A strategy never sees Flower, torch or the database. The server hands it its state (the
+global adapter, PEFT-named arrays at the run's rank ``adapter.r``), each sampled node's
+assigned LoRA rank, and an ``exchange`` callable that sends one ``Request`` per node and
+returns the validated ``ClientUpdate``s that came back (rejected or failed replies are
+recorded by the server and simply absent). A round may call ``exchange`` more than once:
+that is how two-exchange strategies and secure aggregation fit without changing the
+server's round loop.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 import numpy as np
 
+from proto.instructions import Instructions
+from proto.run_config import ConfigError, StrategyConfig
+
 NamedArrays = dict[str, np.ndarray]
-Scalar = bool | int | float | str
 
 
 @dataclass(frozen=True)
 class Request:
-    """What the server sends one node in one exchange."""
+    """What the server sends one node in one exchange; ``reply_shapes`` when the reply differs from ``tensors``."""
 
     tensors: NamedArrays
-    instructions: Mapping[str, Scalar] = field(default_factory=dict)
+    instructions: Instructions = field(default_factory=Instructions)
+    reply_shapes: Mapping[str, tuple[int, ...]] | None = None
 
 
 @dataclass(frozen=True)
 class ClientUpdate:
-    """A validated reply: the node's tensors, its example count and its reported metrics."""
+    """A validated reply: the node's tensors, its example count, its rank and its reported metrics."""
 
     node_id: int
     tensors: NamedArrays
     num_examples: int
+    rank: int = 0
     metrics: Mapping[str, float] = field(default_factory=dict)
 
 
 Exchange = Callable[[Mapping[int, Request]], list[ClientUpdate]]
+
+
+@dataclass(frozen=True)
+class StrategyContext:
+    """What a strategy may know about the run: the global rank, LoRA alpha, the seed and its own options."""
+
+    rank: int
+    alpha: float
+    seed: int = 0
+    options: StrategyConfig = field(default_factory=StrategyConfig)
+
+    def scaling(self, rank: int) -> float:
+        """LoRA's s = alpha / r (Hu et al. 2021): the update is s * B @ A."""
+        return self.alpha / rank
 
 
 class AggregationError(ValueError):
@@ -54,15 +73,52 @@ class Strategy(ABC):
     exact: ClassVar[bool]  # aggregate equals the weighted mean of the clients' effective updates
     heterogeneous_ranks: ClassVar[bool]  # clients may train different LoRA ranks
     linear: ClassVar[bool]  # the server needs only a weighted sum of uploads (secure aggregation works)
+    lora_factors: ClassVar[bool] = False  # works on LoRA's A and B (adapter.method lora or dora only)
 
-    def run_round(self, global_adapter: NamedArrays, nodes: Sequence[int], exchange: Exchange) -> NamedArrays:
+    def __init__(self, ctx: StrategyContext) -> None:
+        self.ctx = ctx
+
+    def assign_rank(self, node_id: int, capacity: int) -> int:
+        """The rank a node trains, from the largest rank it announced (0: no limit)."""
+        if capacity and capacity < self.ctx.rank:
+            raise ConfigError(f"node {node_id} announced max-rank {capacity}, but {self.name} trains every node "
+                              f"at adapter.r = {self.ctx.rank}; use a heterogeneous-rank strategy "
+                              f"(`pollinate strategies`) or start the node with a larger --max-rank")
+        return self.ctx.rank
+
+    def request(self, state: NamedArrays, rank: int, round_number: int) -> Request:
+        """What one node at ``rank`` is sent to train this round."""
+        return Request(state, Instructions(round=round_number, rank=rank))
+
+    def run_round(self, state: NamedArrays, ranks: Mapping[int, int], exchange: Exchange,
+                  round_number: int) -> NamedArrays:
         """One federated round; the default is one training exchange, then ``aggregate``."""
-        updates = exchange({node: Request(global_adapter) for node in nodes})
-        return self.aggregate(global_adapter, updates)
+        updates = exchange({node: self.request(state, rank, round_number) for node, rank in ranks.items()})
+        return self.aggregate(state, updates, round_number)
+
+    def check_update(self, request: Request, tensors: NamedArrays) -> str | None:
+        """Why one node's reply to ``request`` must be rejected, or None. Default: frozen factors unchanged."""
+        if request.instructions.train_factors == "all":
+            return None
+        frozen = 0 if request.instructions.train_factors == "B" else 1  # index into (A key, B key)
+        for pair in lora_pairs(request.tensors).values():
+            key = pair[frozen]
+            if key in tensors and not np.array_equal(tensors[key], request.tensors[key]):
+                return (f"{key} was sent frozen (instructions.train-factors = "
+                        f"{request.instructions.train_factors!r}) but came back changed")
+        return None
 
     @abstractmethod
-    def aggregate(self, global_adapter: NamedArrays, updates: Sequence[ClientUpdate]) -> NamedArrays:
-        """The next global adapter from this round's accepted updates."""
+    def aggregate(self, state: NamedArrays, updates: Sequence[ClientUpdate], round_number: int) -> NamedArrays:
+        """The next state from this round's accepted updates."""
+
+    def export(self, state: NamedArrays) -> NamedArrays:
+        """The global adapter, PEFT-named at rank ``ctx.rank``: what is evaluated, stored and exported."""
+        return state
+
+
+def with_instructions(request: Request, **changes: object) -> Request:
+    return replace(request, instructions=replace(request.instructions, **changes))
 
 
 def example_weights(updates: Sequence[ClientUpdate]) -> list[float]:
@@ -73,3 +129,16 @@ def example_weights(updates: Sequence[ClientUpdate]) -> list[float]:
     if total <= 0:
         raise AggregationError("the accepted updates report 0 training examples in total")
     return [u.num_examples / total for u in updates]
+
+
+def lora_pairs(names: Sequence[str] | Mapping[str, object]) -> dict[str, tuple[str, str]]:
+    """Module prefix -> (lora_A key, lora_B key), from PEFT's state-dict names."""
+    pairs: dict[str, tuple[str, str]] = {}
+    for name in names:
+        if name.endswith(".lora_A.weight"):
+            prefix = name.removesuffix(".lora_A.weight")
+            b = f"{prefix}.lora_B.weight"
+            if b not in names:
+                raise AggregationError(f"adapter has {name} but no {b}")
+            pairs[prefix] = (name, b)
+    return pairs

@@ -6,8 +6,12 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from strategies import ClientUpdate, get
-from strategies.fedavg import weighted_mean
+from strategies import ClientUpdate, StrategyContext
+from strategies.fedavg import FedAvg, weighted_mean
+
+
+def build_fedavg() -> FedAvg:
+    return FedAvg(StrategyContext(rank=4, alpha=8.0))
 
 
 def _updates(draw_seed: int, k: int, shapes: list[tuple[int, int]], counts: list[int]) -> list[ClientUpdate]:
@@ -25,7 +29,7 @@ shapes = st.lists(st.tuples(st.integers(1, 17), st.integers(1, 17)), min_size=1,
 def test_fedavg_equals_the_dense_weighted_average(seed: int, k: int, shapes, data) -> None:
     counts = data.draw(st.lists(st.integers(1, 10_000), min_size=k, max_size=k))
     updates = _updates(seed, k, shapes, counts)
-    out = get("fedavg")().aggregate({}, updates)
+    out = build_fedavg().aggregate({}, updates, 1)
     for name in updates[0].tensors:
         stacked = np.stack([u.tensors[name].astype(np.float64) for u in updates])
         reference = np.average(stacked, axis=0, weights=counts)
@@ -38,7 +42,7 @@ def test_fedavg_of_identical_adapters_is_the_identity(seed: int, k: int, shapes,
     counts = data.draw(st.lists(st.integers(1, 10_000), min_size=k, max_size=k))
     one = _updates(seed, 1, shapes, [1])[0].tensors
     updates = [ClientUpdate(node_id=i, num_examples=c, tensors=one) for i, c in enumerate(counts)]
-    out = get("fedavg")().aggregate({}, updates)
+    out = build_fedavg().aggregate({}, updates, 1)
     for name, t in one.items():
         np.testing.assert_allclose(out[name], t, rtol=1e-6, atol=1e-6)
 

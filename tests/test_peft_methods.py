@@ -10,7 +10,7 @@ from peft import PeftModel
 from client.data import Example, batches, endless_batches
 from client.train import evaluate, train
 from models import adapter_state, build_peft_model, export_adapter, load_adapter_state, load_base_model
-from strategies import ClientUpdate, get
+from strategies import ClientUpdate, build
 
 METHODS = {
     "lora": "",
@@ -42,7 +42,7 @@ def test_fedavg_round_trip_for_peft_method(method: str, tiny_cfg, tmp_path) -> N
         assert any(not np.array_equal(tensors[k], initial[k]) for k in initial), "training changed nothing"
         updates.append(ClientUpdate(node_id=client, tensors=tensors, num_examples=10 * (client + 1)))
 
-    global_adapter = get("fedavg")().aggregate(initial, updates)
+    global_adapter = build(cfg).aggregate(initial, updates, 1)
     for name in initial:
         expected = (updates[0].tensors[name] * 10 + updates[1].tensors[name] * 20) / 30
         np.testing.assert_allclose(global_adapter[name], expected, rtol=1e-5, atol=1e-6)

@@ -10,7 +10,7 @@ import numpy as np
 from flwr.app import Array, Context, Message
 from flwr.clientapp import ClientApp
 
-from client.app import evaluate_adapter, train_adapter
+from client.app import describe_node, evaluate_adapter, train_adapter
 from proto.adapter_record import ADAPTER, RAW_STYPE
 
 app = ClientApp()
@@ -40,3 +40,8 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     return evaluate_adapter(msg, context)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    return describe_node(msg, context)

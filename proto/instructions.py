@@ -1,0 +1,43 @@
+"""What the server asks of a node in one exchange: the typed ``instructions`` ConfigRecord.
+
+Strategies express their client-side needs only through these fields, so the ClientApp
+stays one code path: train at this rank, keep this factor frozen, add a proximal term,
+fold these base deltas into the frozen weights, upload the adapter or a sketch of it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+
+from proto.run_config import Scalar
+
+TRAIN_FACTORS = ("all", "A", "B")  # which LoRA factors the node trains (the others stay as sent)
+UPLOADS = ("adapter", "sketch-y", "sketch-z")
+
+
+@dataclass(frozen=True)
+class Instructions:
+    round: int = 0
+    rank: int = 0  # LoRA rank of the adapter sent (0: the run config's adapter.r)
+    train_factors: str = "all"
+    proximal_mu: float = 0.0  # FedProx: mu/2 * ||w - w_global||^2 on the trainable adapter tensors
+    upload: str = "adapter"  # adapter | sketch-y (exchange 1 of `sketch`) | sketch-z (exchange 2)
+    sketch_seed: int = 0
+    sketch_size: int = 0
+    weight_uploads: bool = False  # multiply uploads by num-examples (linear strategies sum, then divide)
+
+    def __post_init__(self) -> None:
+        if self.train_factors not in TRAIN_FACTORS:
+            raise ValueError(f"instructions.train-factors = {self.train_factors!r}; expected one of {TRAIN_FACTORS}")
+        if self.upload not in UPLOADS:
+            raise ValueError(f"instructions.upload = {self.upload!r}; expected one of {UPLOADS}")
+
+    def to_record_values(self) -> dict[str, Scalar]:
+        return {k.replace("_", "-"): v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_record_values(cls, values: Mapping[str, object]) -> Instructions:
+        known = {f.name for f in fields(cls)}
+        kwargs = {k.replace("-", "_"): v for k, v in values.items() if k.replace("-", "_") in known}
+        return cls(**kwargs)  # type: ignore[arg-type]
