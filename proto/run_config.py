@@ -139,6 +139,7 @@ class StrategyConfig:
     beta2: float = 0.99  # fedadam, fedyogi
     tau: float = 1e-3  # fedadam, fedyogi: adaptivity
     hetlora_prune: float = 0.0  # hetlora: client self-pruning threshold gamma (0: off)
+    hetlora_norm_weighting: bool = True  # hetlora: weight clients by examples x ||B A|| (false: examples only)
     sketch_oversample: int = 8  # sketch: sketch size = sum of ranks + this
 
     def validate(self) -> None:

@@ -14,9 +14,12 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+from alembic import command
+from alembic.config import Config as AlembicConfig
 from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 from sqlalchemy import (JSON, BigInteger, DateTime, Float, ForeignKey, Integer, LargeBinary, String, Text, UniqueConstraint,
@@ -34,6 +37,19 @@ class StoreError(RuntimeError):
 
 class _Base(DeclarativeBase):
     type_annotation_map = {dict[str, Any]: JSON}
+
+
+metadata = _Base.metadata
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def migrate(engine: Engine) -> None:
+    """Bring the database's schema to the newest Alembic revision (creates it on an empty database)."""
+    config = AlembicConfig()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "head")
 
 
 class RunRow(_Base):
@@ -169,9 +185,7 @@ class RoundStore:
             connect_args["timeout"] = 30  # several processes may write one file; wait for the lock
         try:
             self.engine: Engine = create_engine(url, connect_args=connect_args)
-            with self.engine.connect():
-                pass
-            _Base.metadata.create_all(self.engine)
+            migrate(self.engine)
         except (OperationalError, ModuleNotFoundError) as e:
             raise StoreError(f"cannot open the round store at {parsed.render_as_string(hide_password=True)}: "
                              f"{str(e).splitlines()[0]}. Check the URL (--db) and that the database is running "

@@ -77,3 +77,17 @@ def test_an_unreachable_database_fails_fast_and_says_what_to_check(url: str, say
     with pytest.raises(StoreError) as e:
         RoundStore(url, connect_timeout_s=2)
     assert says in str(e.value)
+
+
+def test_the_schema_is_managed_by_alembic_and_matches_the_models(store_url: str) -> None:
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from server.store import metadata
+
+    store = RoundStore(store_url)
+    with store.engine.connect() as conn:
+        context = MigrationContext.configure(conn)
+        assert context.get_current_revision() is not None
+        assert compare_metadata(context, metadata) == []  # no model change without a migration
+    RoundStore(store_url)  # opening an up-to-date store again migrates nothing and keeps the data
