@@ -19,11 +19,13 @@ from flwr.clientapp import ClientApp
 from peft import PeftModel
 
 from client.data import Example, batches, endless_batches, read_examples, split
+from client.sketch import sketch_y, sketch_z
 from client.train import evaluate, resolve_device, train
-from models import BaseModel, adapter_state, build_peft_model, load_adapter_state
+from models import BaseModel, adapter_state, build_peft_model, load_adapter_state, set_base_deltas
 from proto.adapter_record import ADAPTER, INSTRUCTIONS, REPORT, from_record, specs_of, to_record
 from proto.instructions import Instructions
 from proto.run_config import RunConfig
+from strategies.merged import split_deltas
 
 # Node config keys (set by `pollinate client` or, in a simulation, by the node settings file).
 DATA_PATH = "data-path"
@@ -83,8 +85,14 @@ def _prepare(msg: Message, cfg: RunConfig, instructions: Instructions, config: M
     if training and capacity and rank > capacity:
         raise ValueError(f"the server sent a rank-{rank} adapter, but this node's max-rank is {capacity}")
     model, base = _model(cfg.replace(**{"adapter.r": rank}) if rank != cfg.adapter.r else cfg)
-    received = msg.content.array_records[ADAPTER]
-    load_adapter_state(model, from_record(received, expected=specs_of(adapter_state(model))))
+    tensors, deltas = split_deltas(from_record(msg.content.array_records[ADAPTER]))
+    expected, got = specs_of(adapter_state(model)), specs_of(tensors)
+    if got != expected:
+        wrong = sorted(k for k in expected.keys() | got.keys() if expected.get(k) != got.get(k))
+        raise ValueError(f"the adapter sent does not fit this node's rank-{rank} {cfg.adapter.method} model: "
+                         f"{len(wrong)} tensor(s) differ, e.g. {wrong[:2]}")
+    set_base_deltas(model, deltas)  # merged updates (flora, fedex-lora) on top of the frozen base; none: W0
+    load_adapter_state(model, tensors)
     return model, base
 
 
@@ -107,16 +115,28 @@ def train_adapter(msg: Message, context: Context) -> Message:
     cfg = RunConfig.from_flat(context.run_config)
     config = node_config(context, cfg)
     instructions = _instructions(msg)
-    model, base = _prepare(msg, cfg, instructions, config, training=True)
     train_set, _ = _local_split(str(config[DATA_PATH]), cfg)
+    rank = instructions.rank or cfg.adapter.r
+    scaling = cfg.adapter.alpha / rank
+    if instructions.upload == "sketch-z":  # sketch, exchange 2: no training, project what was trained
+        received = from_record(msg.content.array_records[ADAPTER])
+        tensors = sketch_z(received, instructions, len(train_set), scaling, context.state)
+        report = MetricRecord({"num-examples": len(train_set)})
+        return Message(RecordDict({ADAPTER: to_record(tensors, cfg.federation.wire_dtype), REPORT: report}),
+                       reply_to=msg)
+    model, base = _prepare(msg, cfg, instructions, config, training=True)
     round_seed = zlib.crc32(f"{cfg.seed}/{context.node_id}/{instructions.round}".encode())
     stream = endless_batches(train_set, base.tokenizer, cfg.model, cfg.train.batch_size, round_seed)
     loss = train(model, stream, cfg.train, _device(cfg, config), instructions.train_factors,
                  instructions.proximal_mu)
-    # Only names the server sent as the adapter may go back: no base-model tensor can leave the node.
-    reply = to_record(adapter_state(model), cfg.federation.wire_dtype,
-                      allowed=msg.content.array_records[ADAPTER].keys())
+    trained = adapter_state(model)
     report = MetricRecord({"num-examples": len(train_set), "train-loss": loss})
+    if instructions.upload == "sketch-y":  # sketch, exchange 1: a linear sketch of the trained update
+        tensors = sketch_y(trained, instructions, len(train_set), scaling, context.state)
+        return Message(RecordDict({ADAPTER: to_record(tensors, cfg.federation.wire_dtype), REPORT: report}),
+                       reply_to=msg)
+    # Only names the server sent as the adapter may go back: no base-model tensor can leave the node.
+    reply = to_record(trained, cfg.federation.wire_dtype, allowed=msg.content.array_records[ADAPTER].keys())
     return Message(RecordDict({ADAPTER: reply, REPORT: report}), reply_to=msg)
 
 

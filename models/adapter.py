@@ -8,6 +8,8 @@ same names are the wire keys, the round-store keys and the keys of the exported
 from __future__ import annotations
 
 import dataclasses
+import weakref
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -85,6 +87,33 @@ def load_adapter_state(model: PeftModel, tensors: NamedArrays) -> None:
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise ValueError(f"PEFT did not place adapter tensors {unexpected[:3]}")
+
+
+_BASE_WEIGHTS: weakref.WeakKeyDictionary[torch.nn.Module, torch.Tensor] = weakref.WeakKeyDictionary()
+
+
+def set_base_deltas(model: PeftModel, deltas: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    """Frozen base weight of each LoRA module = its original W0 + B_d @ A_d (modules not named: W0 again).
+
+    Keys are module prefixes as in PEFT's state-dict names (``base_model.model.<path>``).
+    """
+    modules = {name: m for name, m in model.named_modules() if hasattr(m, "base_layer") and hasattr(m, "lora_A")}
+    unknown = sorted(set(deltas) - set(modules))
+    if unknown:
+        raise ValueError(f"base deltas for modules the model has no LoRA on: {unknown[:3]}")
+    for prefix, module in modules.items():
+        layer = module.base_layer
+        original = _BASE_WEIGHTS.get(layer)
+        if prefix not in deltas and original is None:
+            continue
+        if original is None:
+            original = _BASE_WEIGHTS[layer] = layer.weight.detach().clone()
+        with torch.no_grad():
+            if prefix in deltas:
+                a, b = (torch.from_numpy(np.asarray(t, dtype=np.float32)) for t in deltas[prefix])
+                layer.weight.copy_(original + (b @ a).to(original.dtype))
+            else:
+                layer.weight.copy_(original)
 
 
 def export_adapter(model: PeftModel, tensors: NamedArrays, directory: str | Path) -> Path:

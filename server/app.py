@@ -21,6 +21,7 @@ from server.rounds import (Evaluation, GridExchange, RoundFailed, RoundLedger, e
                            query_capacities, sample_nodes, wait_for_nodes)
 from server.store import ClientRecord, RoundRecord, RoundStore
 from strategies import ClientUpdate, Request
+from strategies.base import lora_rank
 
 app = ServerApp()
 console = Console(highlight=False, width=max(120, Console().width))
@@ -49,8 +50,11 @@ def run_federation(grid: Grid, cfg: RunConfig) -> int:
             console.print(f"round 0: eval loss {initial.loss:.4f}, accuracy {initial.accuracy:.4f}")
         for number in range(1, cfg.federation.rounds + 1):
             state = _run_round(grid, cfg, strategy, store, run_id, number, state, capacities)
-        adapter_dir = export_adapter(model, strategy.export(state),
-                                     Path(cfg.store.output_dir) / f"run-{run_id}" / "adapter")
+        final = strategy.export(state)
+        rank = lora_rank(final) or cfg.adapter.r
+        if rank != cfg.adapter.r:  # base deltas folded into the LoRA (flora, fedex-lora)
+            model, _ = build_peft_model(cfg.replace(**{"adapter.r": rank}))
+        adapter_dir = export_adapter(model, final, Path(cfg.store.output_dir) / f"run-{run_id}" / "adapter")
         store.finish_run(run_id, "completed", adapter_dir=str(adapter_dir.resolve()))
         console.print(f"run {run_id} completed; adapter exported to {adapter_dir}")
     except BaseException as e:

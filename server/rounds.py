@@ -22,6 +22,7 @@ from proto.instructions import Instructions
 from proto.run_config import RunConfig
 from server.store import ClientRecord
 from strategies import ClientUpdate, NamedArrays, Request
+from strategies.base import lora_rank
 
 
 class RoundFailed(RuntimeError):
@@ -185,7 +186,8 @@ def evaluate_global(grid: Grid, cfg: RunConfig, nodes: Sequence[int], adapter: N
                     ledger: RoundLedger) -> Evaluation | None:
     """Federated evaluation of ``adapter`` (rank adapter.r): example-weighted mean of the nodes' loss and accuracy."""
     exchange = GridExchange(grid, cfg, round_number, ledger, message_type="evaluate", replies_carry_tensors=False)
-    reports = exchange({node: Request(adapter, Instructions(rank=cfg.adapter.r)) for node in nodes})
+    rank = lora_rank(adapter) or cfg.adapter.r  # a folded export (flora, fedex-lora) has a larger rank
+    reports = exchange({node: Request(adapter, Instructions(rank=rank)) for node in nodes})
     total = sum(u.num_examples for u in reports)
     if total == 0:
         return None

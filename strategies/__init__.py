@@ -12,11 +12,18 @@ from proto.run_config import ConfigError, RunConfig
 from strategies.base import (AggregationError, ClientUpdate, Exchange, NamedArrays, Request, Strategy,
                              StrategyContext)
 from strategies.fedavg import FedAvg, FedProx
+from strategies.fedex_lora import FedExLora
+from strategies.fedopt import FedAdam, FedYogi
+from strategies.flexlora import FlexLora
+from strategies.flora import FLora
 from strategies.frozen_factor import FfaLora, RoLora
+from strategies.hetlora import HetLora
+from strategies.sketch import Sketch
 
 ENTRY_POINT_GROUP = "pollinate.strategies"
 
-_BUILTIN: dict[str, type[Strategy]] = {cls.name: cls for cls in (FedAvg, FedProx, FfaLora, RoLora)}
+_BUILTIN: dict[str, type[Strategy]] = {cls.name: cls for cls in (
+    FedAvg, FedProx, FedAdam, FedYogi, FfaLora, RoLora, FedExLora, HetLora, FlexLora, FLora, Sketch)}
 
 
 def registry() -> dict[str, type[Strategy]]:

@@ -142,3 +142,11 @@ def lora_pairs(names: Sequence[str] | Mapping[str, object]) -> dict[str, tuple[s
                 raise AggregationError(f"adapter has {name} but no {b}")
             pairs[prefix] = (name, b)
     return pairs
+
+
+def lora_rank(tensors: Mapping[str, np.ndarray]) -> int | None:
+    """The LoRA rank of an adapter (every module padded to one rank), or None when it has no LoRA factors."""
+    ranks = {tensors[a].shape[0] for a, _ in lora_pairs(tensors).values()}
+    if len(ranks) > 1:
+        raise AggregationError(f"adapter mixes LoRA ranks {sorted(ranks)} across modules")
+    return ranks.pop() if ranks else None

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from safetensors.numpy import load_file as safetensors_load
 
 import strategies
 from server.store import RoundStore
@@ -13,8 +16,8 @@ from strategies.base import lora_pairs
 from tests.test_simulation import simulate
 
 
-def _run(tmp_path: Path, name: str, rounds: int = 2, *extra: str) -> tuple[RoundStore, int]:
-    done = simulate("tiny.toml", tmp_path, "--strategy", name, "--rounds", str(rounds), "--clients", "3", *extra)
+def _run(tmp_path: Path, name: str, rounds: int = 2, scenario: str = "tiny.toml") -> tuple[RoundStore, int]:
+    done = simulate(scenario, tmp_path, "--strategy", name, "--rounds", str(rounds), "--clients", "3")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     store = RoundStore(f"sqlite:///{tmp_path / 'store.db'}")
     [run] = store.runs()
@@ -28,7 +31,7 @@ def _factor(store: RoundStore, run_id: int, number: int, which: int) -> dict[str
     return {pair[which]: adapter[pair[which]] for pair in lora_pairs(adapter).values()}
 
 
-HOMOGENEOUS = ["fedavg", "fedprox"]
+HOMOGENEOUS = ["fedavg", "fedprox", "fedadam", "fedyogi"]
 
 
 @pytest.mark.parametrize("name", HOMOGENEOUS)
@@ -56,6 +59,29 @@ def test_rolora_alternates_the_trained_factor(tmp_path: Path) -> None:
     assert all(np.array_equal(a[1][k], a[2][k]) for k in a[1]) and any(not np.array_equal(b[1][k], b[2][k]) for k in b[1])
 
 
+def test_fedex_lora_exports_the_exact_mean_model_as_a_larger_lora(tmp_path: Path) -> None:
+    store, run_id = _run(tmp_path, "fedex-lora")
+    run = store.run(run_id)
+    exported = safetensors_load(Path(run.adapter_dir) / "adapter_model.safetensors")
+    # the residual folded into the base travels in the exported LoRA: its rank grows past adapter.r = 4
+    assert {v.shape[0] for k, v in exported.items() if ".lora_A." in k} != {4}
+    assert json.loads((Path(run.adapter_dir) / "adapter_config.json").read_text())["r"] > 4
+
+
+HETEROGENEOUS = ["hetlora", "flexlora", "flora", "sketch"]
+
+
+@pytest.mark.parametrize("name", HETEROGENEOUS)
+def test_heterogeneous_strategy_trains_each_node_at_its_own_rank(name: str, tmp_path: Path) -> None:
+    store, run_id = _run(tmp_path, name, scenario="tiny-hetero.toml")
+    train = [u for u in store.client_updates(run_id, 1) if u.phase == "train" and u.status == "accepted"]
+    assert sorted({u.rank for u in train}) == [2, 4, 8]
+    run = store.run(run_id)
+    assert Path(run.adapter_dir, "adapter_model.safetensors").is_file()
+    rounds = store.rounds(run_id)
+    assert rounds[-1].eval_loss is not None and np.isfinite(rounds[-1].eval_loss)
+
+
 def test_every_registered_strategy_is_covered_here() -> None:
-    covered = set(HOMOGENEOUS) | {"ffa-lora", "rolora"}
+    covered = set(HOMOGENEOUS) | set(HETEROGENEOUS) | {"ffa-lora", "rolora", "fedex-lora"}
     assert set(strategies.names()) <= covered, f"add a simulation test for {set(strategies.names()) - covered}"

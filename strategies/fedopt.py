@@ -1,0 +1,45 @@
+"""FedAdam and FedYogi (Reddi et al. 2021, "Adaptive Federated Optimization", Algorithm 2) on adapters.
+
+The server treats Delta = FedAvg(updates) - x as a pseudo-gradient and takes an Adam or
+Yogi step on the global adapter with its own moments m and v (kept across rounds). The
+clients' part is plain FedAvg, so the server needs only a weighted sum: linear.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import ClassVar, Literal
+
+import numpy as np
+
+from strategies.base import ClientUpdate, NamedArrays, StrategyContext, example_weights
+from strategies.fedavg import FedAvg, weighted_mean
+from strategies.fedopt_math import fedopt_step
+
+
+class FedAdam(FedAvg):
+    name = "fedadam"
+    summary = "server-side Adam on the FedAvg pseudo-gradient (strategy.server-lr, beta1, beta2, tau)"
+    variant: ClassVar[Literal["adam", "yogi"]] = "adam"
+
+    def __init__(self, ctx: StrategyContext) -> None:
+        super().__init__(ctx)
+        self.m: NamedArrays = {}
+        self.v: NamedArrays = {}
+
+    def aggregate(self, state: NamedArrays, updates: Sequence[ClientUpdate], round_number: int) -> NamedArrays:
+        mean = weighted_mean([u.tensors for u in updates], example_weights(updates))
+        o = self.ctx.options
+        out: NamedArrays = {}
+        for name, x in state.items():
+            m = self.m.get(name, np.zeros_like(x))
+            v = self.v.get(name, np.full_like(x, o.tau**2))  # v_0 = tau^2 (Reddi et al. 2021, Alg. 2)
+            out[name], self.m[name], self.v[name] = fedopt_step(x, mean[name] - x, m, v, o.server_lr, o.beta1,
+                                                                o.beta2, o.tau, self.variant)
+        return out
+
+
+class FedYogi(FedAdam):
+    name = "fedyogi"
+    summary = "server-side Yogi on the FedAvg pseudo-gradient (strategy.server-lr, beta1, beta2, tau)"
+    variant = "yogi"

@@ -1,0 +1,84 @@
+"""``sketch``: exact heterogeneous-rank aggregation that is also linear, in two exchanges per round.
+
+The target is FlexLoRA's global update Delta W = sum_k p_k s_k B_k A_k (any mix of ranks), but
+the server only ever needs *sums* of client uploads, so it works under secure aggregation.
+A randomised range finder (Halko, Martinsson & Tropp 2011, Alg. 4.1) run across clients:
+
+1. the server sends each client the global adapter at its rank, a seed and a sketch size s;
+   the client trains, then uploads Y_k = n_k s_k B_k (A_k Omega) (d_out x s) with the shared
+   Gaussian Omega (d_in x s) drawn from the seed, plus n_k x its other tensors (heads);
+2. the server orthonormalises Y = sum_k Y_k to Q (d_out x q) and sends Q; each client uploads
+   Z_k = Q^T (n_k s_k B_k A_k) = (Q^T B_k) A_k n_k s_k (q x d_in);
+3. Q (sum_k Z_k) / N = Delta W exactly (up to float error) when s >= sum_k r_k, because the
+   range of Delta W lies in the range of Y. The server keeps its best rank-R factorisation.
+
+No published federated LoRA system ships this for heterogeneous ranks (Bai et al. 2024 use a
+dense SVD of the materialised Delta W and need every client's factors).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from proto.instructions import Instructions
+from strategies.base import AggregationError, ClientUpdate, Exchange, NamedArrays, Request, Strategy, lora_pairs
+from strategies.heterogeneous import at_rank, capped_rank
+from strategies.sketch_math import orthonormal_basis, sketch_factors
+
+SKETCH_Y, SKETCH_Q, SKETCH_Z = ".sketch_y", ".sketch_q", ".sketch_z"
+
+
+class Sketch(Strategy):
+    name = "sketch"
+    summary = "exact sum of B_k A_k at any ranks from two summed uploads (randomised range finder): linear"
+    exact = True
+    heterogeneous_ranks = True
+    linear = True
+    lora_factors = True
+
+    def assign_rank(self, node_id: int, capacity: int) -> int:
+        return capped_rank(capacity, self.ctx.rank)
+
+    def aggregate(self, state: NamedArrays, updates: Sequence[ClientUpdate], round_number: int) -> NamedArrays:
+        raise AggregationError("sketch aggregates in run_round, from summed sketches")
+
+    def run_round(self, state: NamedArrays, ranks: Mapping[int, int], exchange: Exchange,
+                  round_number: int) -> NamedArrays:
+        pairs = lora_pairs(state)
+        factor_keys = {k for pair in pairs.values() for k in pair}
+        others = [k for k in state if k not in factor_keys]
+        size = sum(ranks.values()) + self.ctx.options.sketch_oversample
+        seed = int(np.random.default_rng([self.ctx.seed, round_number]).integers(2**31))
+        first = {}
+        for node, rank in ranks.items():
+            sent = at_rank(state, rank, self.ctx)
+            shapes = {k: state[k].shape for k in others}
+            shapes.update({prefix + SKETCH_Y: (state[b].shape[0], size) for prefix, (_, b) in pairs.items()})
+            first[node] = Request(sent, Instructions(round=round_number, rank=rank, upload="sketch-y",
+                                                     sketch_seed=seed, sketch_size=size, weight_uploads=True),
+                                  reply_shapes=shapes)
+        updates = exchange(first)
+        total = sum(u.num_examples for u in updates)
+        out = {k: (sum(u.tensors[k] for u in updates) / np.float32(total)).astype(np.float32) for k in others}
+        bases = {prefix: orthonormal_basis(sum(u.tensors[prefix + SKETCH_Y] for u in updates))
+                 for prefix in pairs}
+        # Exchange 2 goes to the nodes whose sketch was accepted: their trained factors are what Q spans.
+        second = {u.node_id: Request({prefix + SKETCH_Q: q.astype(np.float32) for prefix, q in bases.items()},
+                                     Instructions(round=round_number, rank=ranks[u.node_id], upload="sketch-z",
+                                                  weight_uploads=True),
+                                     reply_shapes={prefix + SKETCH_Z: (q.shape[1], state[pairs[prefix][0]].shape[1])
+                                                   for prefix, q in bases.items()})
+                  for u in updates}
+        projections = exchange(second)
+        if {u.node_id for u in projections} != set(second):
+            missing = sorted(set(second) - {u.node_id for u in projections})
+            raise AggregationError(f"nodes {missing} answered the sketch but not the projection; the sum would "
+                                   f"mix two different sets of clients, so this round cannot be aggregated")
+        s_global = self.ctx.scaling(self.ctx.rank)
+        for prefix, (a_key, b_key) in pairs.items():
+            z = sum(u.tensors[prefix + SKETCH_Z] for u in projections) / np.float32(total)
+            a, b = sketch_factors(bases[prefix], z, self.ctx.rank)  # Delta W ~= b @ a
+            out[a_key], out[b_key] = a.astype(np.float32), (b / np.float32(s_global)).astype(np.float32)
+        return out

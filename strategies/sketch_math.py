@@ -1,0 +1,39 @@
+"""The linear algebra of the ``sketch`` strategy: a randomised range finder split across clients.
+
+Halko, Martinsson & Tropp 2011, Alg. 4.1: with Gaussian Omega (d_in x s), range(M Omega) =
+range(M) with probability 1 when s >= rank(M); M = Q Q^T M then holds exactly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from strategies.lowrank import split_factors
+
+
+def sketch_matrix(seed: int, d_in: int, size: int) -> np.ndarray:
+    """The shared Gaussian Omega (d_in, size), float64, identical on every node for one seed."""
+    return np.random.default_rng(seed).standard_normal((d_in, size))
+
+
+def sketch_upload(a: np.ndarray, b: np.ndarray, weight_times_scaling: float, omega: np.ndarray) -> np.ndarray:
+    """Y_k = c B (A Omega), (d_out, size); costs O(r (d_in + d_out) s)."""
+    return (np.float64(weight_times_scaling) * b.astype(np.float64)) @ (a.astype(np.float64) @ omega)
+
+
+def orthonormal_basis(y_sum: np.ndarray, rel_tol: float = 1e-10) -> np.ndarray:
+    """Q (d_out, q): an orthonormal basis of range(Y), q = its numerical rank (at least 1)."""
+    u, s, _ = np.linalg.svd(y_sum.astype(np.float64), full_matrices=False)
+    keep = max(1, int(np.sum(s > rel_tol * s[0]))) if s.size and s[0] > 0 else 1
+    return u[:, :keep]
+
+
+def project_upload(q: np.ndarray, a: np.ndarray, b: np.ndarray, weight_times_scaling: float) -> np.ndarray:
+    """Z_k = Q^T (c B A) computed as (Q^T B) A, (q, d_in)."""
+    return (np.float64(weight_times_scaling) * (q.T.astype(np.float64) @ b)) @ a.astype(np.float64)
+
+
+def sketch_factors(q: np.ndarray, z_sum: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """(A, B) with B @ A the best rank-``rank`` approximation of Q Z: SVD of the small Z only."""
+    u, s, vt = np.linalg.svd(z_sum.astype(np.float64), full_matrices=False)
+    return split_factors(q.astype(np.float64) @ u, s, vt, rank)
