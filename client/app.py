@@ -25,6 +25,7 @@ from models import BaseModel, adapter_state, build_peft_model, load_adapter_stat
 from proto.adapter_record import ADAPTER, INSTRUCTIONS, REPORT, from_record, specs_of, to_record
 from proto.instructions import Instructions
 from proto.run_config import RunConfig
+from strategies.hetlora_math import prune_tail
 from strategies.merged import split_deltas
 
 # Node config keys (set by `pollinate client` or, in a simulation, by the node settings file).
@@ -131,6 +132,9 @@ def train_adapter(msg: Message, context: Context) -> Message:
                  instructions.proximal_mu)
     trained = adapter_state(model)
     report = MetricRecord({"num-examples": len(train_set), "train-loss": loss})
+    if instructions.prune_gamma > 0:  # hetlora self-pruning: zero the negligible tail, tell the server
+        trained, pruned_rank = prune_tail(trained, instructions.prune_gamma)
+        report["pruned-rank"] = pruned_rank
     if instructions.upload == "sketch-y":  # sketch, exchange 1: a linear sketch of the trained update
         tensors = sketch_y(trained, instructions, len(train_set), scaling, context.state)
         return Message(RecordDict({ADAPTER: to_record(tensors, cfg.federation.wire_dtype), REPORT: report}),

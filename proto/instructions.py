@@ -26,6 +26,7 @@ class Instructions:
     sketch_seed: int = 0
     sketch_size: int = 0
     weight_uploads: bool = False  # multiply uploads by num-examples (linear strategies sum, then divide)
+    prune_gamma: float = 0.0  # hetlora self-pruning: drop the LoRA tail whose share of ||B A|| is <= gamma
 
     def __post_init__(self) -> None:
         if self.train_factors not in TRAIN_FACTORS:

@@ -1,6 +1,8 @@
 """HetLoRA (Cho et al. 2024, "Heterogeneous LoRA for Federated Fine-tuning of On-Device Foundation Models").
 
-Clients train ranks r_k <= R; the server zero-pads every client's factors to R and averages
+Clients train ranks r_k <= R; with strategy.hetlora-prune = gamma > 0 a client drops the tail of
+its LoRA whose share of ||B A|| is at most gamma and trains the smaller rank from then on
+(self-pruning, Sec. 3.2). The server zero-pads every client's factors to R and averages
 them, weighting each client by examples x ||B_k A_k||_F (the paper's sparsity-weighted
 aggregation), or by examples alone with strategy.hetlora-norm-weighting = false, which makes
 it linear (a weighted sum; secure aggregation works).
@@ -12,7 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from strategies.base import StrategyContext
+from strategies.base import ClientUpdate, NamedArrays, Request, StrategyContext, with_instructions
 from strategies.heterogeneous import HeterogeneousLora
 from strategies.hetlora_math import hetlora_aggregate
 from strategies.lowrank import pad_rank
@@ -27,6 +29,21 @@ class HetLora(HeterogeneousLora):
     def __init__(self, ctx: StrategyContext) -> None:
         super().__init__(ctx)
         self.linear = not ctx.options.hetlora_norm_weighting  # example weights alone: a plain weighted sum
+        self.pruned: dict[int, int] = {}  # node -> the rank it pruned itself to
+
+    def request(self, state: NamedArrays, rank: int, round_number: int) -> Request:
+        return with_instructions(super().request(state, rank, round_number),
+                                 prune_gamma=self.ctx.options.hetlora_prune)
+
+    def assign_rank(self, node_id: int, capacity: int) -> int:
+        """A node that pruned its rank last round keeps the pruned rank (HetLoRA's self-pruning)."""
+        return min(super().assign_rank(node_id, capacity), self.pruned.get(node_id, self.ctx.rank))
+
+    def aggregate(self, state: NamedArrays, updates: Sequence[ClientUpdate], round_number: int) -> NamedArrays:
+        for u in updates:
+            if "pruned-rank" in u.metrics:
+                self.pruned[u.node_id] = max(1, int(u.metrics["pruned-rank"]))
+        return super().aggregate(state, updates, round_number)
 
     def aggregate_pair(self, as_: Sequence[np.ndarray], bs: Sequence[np.ndarray], weights: Sequence[float],
                        scalings: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from strategies.base import lora_pairs
 from strategies.lowrank import pad_rank
 
 
@@ -34,3 +35,14 @@ def self_prune_rank(a: np.ndarray, b: np.ndarray, gamma: float) -> int:
         if tail <= gamma * total:
             return keep
     return a.shape[0]
+
+
+def prune_tail(tensors: dict[str, np.ndarray], gamma: float) -> tuple[dict[str, np.ndarray], int]:
+    """Zero every LoRA pair past the largest per-module ``self_prune_rank``; returns (tensors, that rank)."""
+    pairs = lora_pairs(tensors)
+    keep = max((self_prune_rank(tensors[a], tensors[b], gamma) for a, b in pairs.values()), default=0)
+    out = dict(tensors)
+    for a, b in pairs.values():
+        out[a], out[b] = tensors[a].copy(), tensors[b].copy()
+        out[a][keep:], out[b][:, keep:] = 0.0, 0.0
+    return out, keep

@@ -16,8 +16,9 @@ from strategies.base import lora_pairs
 from tests.test_simulation import simulate
 
 
-def _run(tmp_path: Path, name: str, rounds: int = 2, scenario: str = "tiny.toml") -> tuple[RoundStore, int]:
-    done = simulate(scenario, tmp_path, "--strategy", name, "--rounds", str(rounds), "--clients", "3")
+def _run(tmp_path: Path, name: str, rounds: int = 2, scenario: str = "tiny.toml",
+         *extra: str) -> tuple[RoundStore, int]:
+    done = simulate(scenario, tmp_path, "--strategy", name, "--rounds", str(rounds), "--clients", "3", *extra)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     store = RoundStore(f"sqlite:///{tmp_path / 'store.db'}")
     [run] = store.runs()
@@ -69,6 +70,13 @@ def test_fedex_lora_exports_the_exact_mean_model_as_a_larger_lora(tmp_path: Path
 
 
 HETEROGENEOUS = ["hetlora", "flexlora", "flora", "sketch"]
+
+
+def test_hetlora_nodes_prune_their_rank_and_train_the_smaller_rank_next_round(tmp_path: Path) -> None:
+    store, run_id = _run(tmp_path, "hetlora", 2, "tiny-hetero.toml", "--set", "strategy.hetlora-prune=0.5")
+    ranks = {n: {u.node_id: u.rank for u in store.client_updates(run_id, n) if u.phase == "train"} for n in (1, 2)}
+    assert all(ranks[2][node] <= ranks[1][node] for node in ranks[1])
+    assert any(ranks[2][node] < ranks[1][node] for node in ranks[1])
 
 
 @pytest.mark.parametrize("name", HETEROGENEOUS)

@@ -170,3 +170,23 @@ def test_build_refuses_factor_strategies_for_non_lora_adapters(tiny_cfg) -> None
         build(tiny_cfg.replace(**{"adapter.method": "ia3", "federation.strategy": "flexlora"}))
     assert lora_pairs({A: 0, B: 0}) == {P: (A, B)}
     assert Instructions().upload == "adapter"
+
+
+def test_hetlora_self_pruning_zeroes_the_tail_and_the_node_keeps_the_smaller_rank() -> None:
+    from strategies.hetlora import HetLora
+    from strategies.hetlora_math import prune_tail
+    from strategies.lowrank import pad_rank
+    from proto.run_config import StrategyConfig
+
+    rng = np.random.default_rng(0)
+    tensors = adapter(rng, 2)
+    tensors[A], tensors[B] = pad_rank(tensors[A], tensors[B], 6)
+    tensors[A][2:] += 1e-9  # a negligible tail
+    pruned, rank = prune_tail(tensors, gamma=1e-6)
+    assert rank == 2 and not pruned[A][2:].any() and not pruned[B][:, 2:].any()
+    assert close(dense(pruned, 1.0), dense(tensors, 1.0))
+
+    strategy = HetLora(StrategyContext(rank=6, alpha=6.0, options=StrategyConfig(hetlora_prune=1e-6)))
+    assert strategy.request(adapter(rng, 6), 6, 1).instructions.prune_gamma == 1e-6
+    strategy.aggregate(adapter(rng, 6), [ClientUpdate(7, pruned, 10, 6, {"pruned-rank": 2.0})], 1)
+    assert strategy.assign_rank(7, capacity=0) == 2 and strategy.assign_rank(8, capacity=0) == 6

@@ -1,6 +1,6 @@
 """Compare aggregation strategies on the heterogeneous-rank scenario, plus a centralised LoRA baseline.
 
-    python bench/strategies.py [--quick] [--strategies a,b,...]
+    python bench/strategy_comparison.py [--quick] [--strategies a,b,...]
 
 Runs ``simulations/scenarios/heterogeneous.toml`` (8 nodes, ranks 4..64, Dirichlet 0.5) once per
 strategy through the real ``pollinate simulate`` path, then trains one LoRA (rank 64) centrally
@@ -90,7 +90,7 @@ def main() -> None:
     lines += [f"| {n} | {a:.4f} | {u:.1f} | {d:.1f} | {s:.1f} | {w:.0f} |" for n, a, u, d, s, w in rows]
     lines.append(f"| centralised LoRA r={cfg.adapter.r} ({steps} steps, pooled data) | {central:.4f} | - | - | - | - |")
     DOCS.mkdir(exist_ok=True)
-    header = (f"# Strategies on the heterogeneous-rank scenario\n\n`python bench/strategies.py"
+    header = (f"# Strategies on the heterogeneous-rank scenario\n\n`python bench/strategy_comparison.py"
               f"{' --quick' if args.quick else ''}`: {SCENARIO.name}, {cfg.federation.rounds} rounds of "
               f"{cfg.train.local_steps} local steps, node ranks 4..64, Dirichlet(0.5) split. Bytes include the "
               f"evaluation exchange's download; s/round is the server's wall time per round (training included).\n\n")
