@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -97,6 +97,12 @@ def _prepare(msg: Message, cfg: RunConfig, instructions: Instructions, config: M
     return model, base
 
 
+def _reply(msg: Message, cfg: RunConfig, tensors: dict, report: MetricRecord,
+           allowed: Iterable[str] | None = None) -> Message:
+    return Message(RecordDict({ADAPTER: to_record(tensors, cfg.federation.wire_dtype, allowed=allowed),
+                               REPORT: report}), reply_to=msg)
+
+
 def _device(cfg: RunConfig, config: Mapping[str, object]) -> torch.device:
     return resolve_device(str(config.get(DEVICE, cfg.train.device)))
 
@@ -122,9 +128,7 @@ def train_adapter(msg: Message, context: Context) -> Message:
     if instructions.upload == "sketch-z":  # sketch, exchange 2: no training, project what was trained
         received = from_record(msg.content.array_records[ADAPTER])
         tensors = sketch_z(received, instructions, len(train_set), scaling, context.state)
-        report = MetricRecord({"num-examples": len(train_set)})
-        return Message(RecordDict({ADAPTER: to_record(tensors, cfg.federation.wire_dtype), REPORT: report}),
-                       reply_to=msg)
+        return _reply(msg, cfg, tensors, MetricRecord({"num-examples": len(train_set)}))
     model, base = _prepare(msg, cfg, instructions, config, training=True)
     round_seed = zlib.crc32(f"{cfg.seed}/{context.node_id}/{instructions.round}".encode())
     stream = endless_batches(train_set, base.tokenizer, cfg.model, cfg.train.batch_size, round_seed)
@@ -136,12 +140,9 @@ def train_adapter(msg: Message, context: Context) -> Message:
         trained, pruned_rank = prune_tail(trained, instructions.prune_gamma)
         report["pruned-rank"] = pruned_rank
     if instructions.upload == "sketch-y":  # sketch, exchange 1: a linear sketch of the trained update
-        tensors = sketch_y(trained, instructions, len(train_set), scaling, context.state)
-        return Message(RecordDict({ADAPTER: to_record(tensors, cfg.federation.wire_dtype), REPORT: report}),
-                       reply_to=msg)
+        return _reply(msg, cfg, sketch_y(trained, instructions, len(train_set), scaling, context.state), report)
     # Only names the server sent as the adapter may go back: no base-model tensor can leave the node.
-    reply = to_record(trained, cfg.federation.wire_dtype, allowed=msg.content.array_records[ADAPTER].keys())
-    return Message(RecordDict({ADAPTER: reply, REPORT: report}), reply_to=msg)
+    return _reply(msg, cfg, trained, report, allowed=msg.content.array_records[ADAPTER].keys())
 
 
 @app.evaluate()

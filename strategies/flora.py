@@ -14,22 +14,17 @@ from collections.abc import Sequence
 import numpy as np
 
 from proto.instructions import Instructions
-from strategies.base import ClientUpdate, NamedArrays, Request, Strategy, example_weights, lora_pairs
+from strategies.base import ClientUpdate, NamedArrays, Request, example_weights, lora_pairs
 from strategies.fedavg import weighted_mean
-from strategies.heterogeneous import capped_rank
+from strategies.heterogeneous import HeterogeneousRanks
 from strategies.merged import add_to_deltas, fold_into_lora, join_deltas, split_deltas
 
 
-class FLora(Strategy):
+class FLora(HeterogeneousRanks):
     name = "flora"
     summary = "stack every client's B_k A_k exactly (any ranks), merge into the base, fresh LoRA each round"
     exact = True
-    heterogeneous_ranks = True
     linear = False
-    lora_factors = True
-
-    def assign_rank(self, node_id: int, capacity: int) -> int:
-        return capped_rank(capacity, self.ctx.rank)
 
     def fresh_lora(self, adapter: NamedArrays, rank: int, round_number: int) -> NamedArrays:
         """A new LoRA for this round: A ~ U(-1/sqrt(d_in), 1/sqrt(d_in)) as PEFT initialises it, B = 0."""

@@ -21,11 +21,6 @@ from strategies.fedavg import weighted_mean
 from strategies.lowrank import truncate_rank
 
 
-def capped_rank(capacity: int, rank: int) -> int:
-    """A node trains the global rank, or its announced max-rank when that is smaller (0: no limit)."""
-    return min(capacity, rank) if capacity else rank
-
-
 def at_rank(state: NamedArrays, rank: int, ctx: StrategyContext) -> NamedArrays:
     """The global adapter (rank ctx.rank) as a rank-``rank`` adapter meaning the same (truncated) update."""
     out = dict(state)
@@ -36,14 +31,18 @@ def at_rank(state: NamedArrays, rank: int, ctx: StrategyContext) -> NamedArrays:
     return out
 
 
-class HeterogeneousLora(Strategy):
-    """Truncate-and-rescale requests; aggregation one LoRA pair at a time (``aggregate_pair``)."""
+class HeterogeneousRanks(Strategy):
+    """LoRA strategies where a node trains the global rank, or its announced max-rank when smaller."""
 
     heterogeneous_ranks = True
     lora_factors = True
 
     def assign_rank(self, node_id: int, capacity: int) -> int:
-        return capped_rank(capacity, self.ctx.rank)
+        return min(capacity, self.ctx.rank) if capacity else self.ctx.rank
+
+
+class HeterogeneousLora(HeterogeneousRanks):
+    """Truncate-and-rescale requests; aggregation one LoRA pair at a time (``aggregate_pair``)."""
 
     def request(self, state: NamedArrays, rank: int, round_number: int) -> Request:
         return Request(at_rank(state, rank, self.ctx), Instructions(round=round_number, rank=rank))

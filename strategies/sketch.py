@@ -23,23 +23,18 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from proto.instructions import Instructions
-from strategies.base import AggregationError, ClientUpdate, Exchange, NamedArrays, Request, Strategy, lora_pairs
-from strategies.heterogeneous import at_rank, capped_rank
+from strategies.base import AggregationError, ClientUpdate, Exchange, NamedArrays, Request, lora_pairs
+from strategies.heterogeneous import HeterogeneousRanks, at_rank
 from strategies.sketch_math import orthonormal_basis, sketch_factors
 
 SKETCH_Y, SKETCH_Q, SKETCH_Z = ".sketch_y", ".sketch_q", ".sketch_z"
 
 
-class Sketch(Strategy):
+class Sketch(HeterogeneousRanks):
     name = "sketch"
     summary = "exact sum of B_k A_k at any ranks from two summed uploads (randomised range finder): linear"
     exact = True
-    heterogeneous_ranks = True
     linear = True
-    lora_factors = True
-
-    def assign_rank(self, node_id: int, capacity: int) -> int:
-        return capped_rank(capacity, self.ctx.rank)
 
     def aggregate(self, state: NamedArrays, updates: Sequence[ClientUpdate], round_number: int) -> NamedArrays:
         raise AggregationError("sketch aggregates in run_round, from summed sketches")
