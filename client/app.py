@@ -14,7 +14,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
-from flwr.app import Context, Message, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from peft import PeftModel
 
@@ -25,6 +26,7 @@ from models import BaseModel, adapter_state, build_peft_model, load_adapter_stat
 from proto.adapter_record import ADAPTER, INSTRUCTIONS, REPORT, from_record, specs_of, to_record
 from proto.instructions import Instructions
 from proto.run_config import RunConfig
+from strategies.base import lora_pairs
 from strategies.hetlora_math import prune_tail
 from strategies.merged import split_deltas
 
@@ -33,6 +35,7 @@ DATA_PATH = "data-path"
 MAX_RANK = "max-rank"  # the largest LoRA rank this node can train (0: no limit)
 DEVICE = "device"
 PARTITION_ID = "partition-id"  # set by the Simulation Engine
+PERSONAL = "personal-factors"  # context.state record: this node's own LoRA B (fedsa-lora)
 
 app = ClientApp()
 
@@ -79,7 +82,7 @@ def _instructions(msg: Message) -> Instructions:
 
 
 def _prepare(msg: Message, cfg: RunConfig, instructions: Instructions, config: Mapping[str, object],
-             training: bool) -> tuple[PeftModel, BaseModel]:
+             state: RecordDict, training: bool) -> tuple[PeftModel, BaseModel]:
     """The model at the instructed rank with the received adapter loaded (validated against its shapes)."""
     rank = instructions.rank or cfg.adapter.r
     capacity = int(str(config.get(MAX_RANK, 0)))
@@ -93,6 +96,8 @@ def _prepare(msg: Message, cfg: RunConfig, instructions: Instructions, config: M
         raise ValueError(f"the adapter sent does not fit this node's rank-{rank} {cfg.adapter.method} model: "
                          f"{len(wrong)} tensor(s) differ, e.g. {wrong[:2]}")
     set_base_deltas(model, deltas)  # merged updates (flora, fedex-lora) on top of the frozen base; none: W0
+    if instructions.personal_factors and PERSONAL in state.array_records:  # fedsa-lora: this node's own B
+        tensors.update({k: v.numpy() for k, v in state.array_records[PERSONAL].items() if k in tensors})
     load_adapter_state(model, tensors)
     return model, base
 
@@ -129,7 +134,7 @@ def train_adapter(msg: Message, context: Context) -> Message:
         received = from_record(msg.content.array_records[ADAPTER])
         tensors = sketch_z(received, instructions, len(train_set), scaling, context.state)
         return _reply(msg, cfg, tensors, MetricRecord({"num-examples": len(train_set)}))
-    model, base = _prepare(msg, cfg, instructions, config, training=True)
+    model, base = _prepare(msg, cfg, instructions, config, context.state, training=True)
     round_seed = zlib.crc32(f"{cfg.seed}/{context.node_id}/{instructions.round}".encode())
     stream = endless_batches(train_set, base.tokenizer, cfg.model, cfg.train.batch_size, round_seed)
     loss = train(model, stream, cfg.train, _device(cfg, config), instructions.train_factors,
@@ -141,6 +146,13 @@ def train_adapter(msg: Message, context: Context) -> Message:
         report["pruned-rank"] = pruned_rank
     if instructions.upload == "sketch-y":  # sketch, exchange 1: a linear sketch of the trained update
         return _reply(msg, cfg, sketch_y(trained, instructions, len(train_set), scaling, context.state), report)
+    if instructions.personal_factors:  # fedsa-lora: B stays here, for the next round and for evaluation
+        personal = {b for _, b in lora_pairs(trained).values()}
+        state_record = ArrayRecord()
+        for k in personal:
+            state_record[k] = Array(np.ascontiguousarray(trained[k]))
+        context.state[PERSONAL] = state_record
+        trained = {k: v for k, v in trained.items() if k not in personal}
     # Only names the server sent as the adapter may go back: no base-model tensor can leave the node.
     return _reply(msg, cfg, trained, report, allowed=msg.content.array_records[ADAPTER].keys())
 
@@ -149,7 +161,7 @@ def train_adapter(msg: Message, context: Context) -> Message:
 def evaluate_adapter(msg: Message, context: Context) -> Message:
     cfg = RunConfig.from_flat(context.run_config)
     config = node_config(context, cfg)
-    model, base = _prepare(msg, cfg, _instructions(msg), config, training=False)
+    model, base = _prepare(msg, cfg, _instructions(msg), config, context.state, training=False)
     _, eval_set = _local_split(str(config[DATA_PATH]), cfg)
     eval_set = eval_set[: cfg.train.eval_max_examples]
     result = evaluate(model, batches(eval_set, base.tokenizer, cfg.model, 64, seed=None), _device(cfg, config))

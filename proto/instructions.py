@@ -26,11 +26,14 @@ class Instructions:
     sketch_seed: int = 0
     sketch_size: int = 0
     weight_uploads: bool = False  # multiply uploads by num-examples (linear strategies sum, then divide)
+    personal_factors: str = ""  # "B": the node keeps its own LoRA B across rounds and never uploads it
     prune_gamma: float = 0.0  # hetlora self-pruning: drop the LoRA tail whose share of ||B A|| is <= gamma
 
     def __post_init__(self) -> None:
         if self.train_factors not in TRAIN_FACTORS:
             raise ValueError(f"instructions.train-factors = {self.train_factors!r}; expected one of {TRAIN_FACTORS}")
+        if self.personal_factors not in ("", "B"):
+            raise ValueError(f"instructions.personal-factors = {self.personal_factors!r}; expected '' or 'B'")
         if self.upload not in UPLOADS:
             raise ValueError(f"instructions.upload = {self.upload!r}; expected one of {UPLOADS}")
 

@@ -44,7 +44,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> int:
                   f"(r={cfg.adapter.r}), {cfg.federation.rounds} rounds, store {store.url}")
     try:
         nodes = wait_for_nodes(grid, cfg.federation.min_nodes, cfg.federation.wait_for_nodes)
-        initial = evaluate_global(grid, cfg, nodes, strategy.export(state), 0, RoundLedger())
+        initial = evaluate_global(grid, cfg, nodes, strategy.evaluation_request(state), 0, RoundLedger())
         if initial is not None:
             store.set_initial_metrics(run_id, {"eval-loss": initial.loss, "eval-accuracy": initial.accuracy})
             console.print(f"round 0: eval loss {initial.loss:.4f}, accuracy {initial.accuracy:.4f}")
@@ -101,7 +101,7 @@ def _run_round(grid: Grid, cfg: RunConfig, strategy: strategies.Strategy, store:
 
     state = strategy.run_round(state, ranks, exchange, number)
     global_adapter = strategy.export(state)
-    evaluation = evaluate_global(grid, cfg, connected, global_adapter, number, ledger)
+    evaluation = evaluate_global(grid, cfg, connected, strategy.evaluation_request(state), number, ledger)
     record = RoundRecord(
         number=number, participants=len(sampled), accepted=len({u.node_id for u in accepted}),
         train_loss=mean_metric(accepted, "train-loss"),

@@ -18,11 +18,9 @@ from flwr.serverapp import Grid
 
 from proto.adapter_record import (ADAPTER, INSTRUCTIONS, REPORT, TensorSpec, UpdateRejected, from_record,
                                   payload_bytes, specs_of, to_record)
-from proto.instructions import Instructions
 from proto.run_config import RunConfig
 from server.store import ClientRecord
 from strategies import ClientUpdate, NamedArrays, Request
-from strategies.base import lora_rank
 
 
 class RoundFailed(RuntimeError):
@@ -182,12 +180,11 @@ class Evaluation:
     num_examples: int
 
 
-def evaluate_global(grid: Grid, cfg: RunConfig, nodes: Sequence[int], adapter: NamedArrays, round_number: int,
+def evaluate_global(grid: Grid, cfg: RunConfig, nodes: Sequence[int], request: Request, round_number: int,
                     ledger: RoundLedger) -> Evaluation | None:
-    """Federated evaluation of ``adapter`` (rank adapter.r): example-weighted mean of the nodes' loss and accuracy."""
+    """Federated evaluation of the strategy's evaluation request: example-weighted mean of loss and accuracy."""
     exchange = GridExchange(grid, cfg, round_number, ledger, message_type="evaluate", replies_carry_tensors=False)
-    rank = lora_rank(adapter) or cfg.adapter.r  # a folded export (flora, fedex-lora) has a larger rank
-    reports = exchange({node: Request(adapter, Instructions(rank=rank)) for node in nodes})
+    reports = exchange({node: request for node in nodes})
     total = sum(u.num_examples for u in reports)
     if total == 0:
         return None

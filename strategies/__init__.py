@@ -14,6 +14,7 @@ from strategies.base import (AggregationError, ClientUpdate, Exchange, NamedArra
 from strategies.fedavg import FedAvg, FedProx
 from strategies.fedex_lora import FedExLora
 from strategies.fedopt import FedAdam, FedYogi
+from strategies.fedsa_lora import FedSaLora
 from strategies.flexlora import FlexLora
 from strategies.flora import FLora
 from strategies.frozen_factor import FfaLora, RoLora
@@ -23,7 +24,7 @@ from strategies.sketch import Sketch
 ENTRY_POINT_GROUP = "pollinate.strategies"
 
 _BUILTIN: dict[str, type[Strategy]] = {cls.name: cls for cls in (
-    FedAvg, FedProx, FedAdam, FedYogi, FfaLora, RoLora, FedExLora, HetLora, FlexLora, FLora, Sketch)}
+    FedAvg, FedProx, FedAdam, FedYogi, FfaLora, RoLora, FedSaLora, FedExLora, HetLora, FlexLora, FLora, Sketch)}
 
 
 def registry() -> dict[str, type[Strategy]]:

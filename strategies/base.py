@@ -112,6 +112,11 @@ class Strategy(ABC):
     def aggregate(self, state: NamedArrays, updates: Sequence[ClientUpdate], round_number: int) -> NamedArrays:
         """The next state from this round's accepted updates."""
 
+    def evaluation_request(self, state: NamedArrays) -> Request:
+        """What every node evaluates after a round: the exported global adapter at its own rank."""
+        adapter = self.export(state)
+        return Request(adapter, Instructions(rank=lora_rank(adapter) or self.ctx.rank))
+
     def export(self, state: NamedArrays) -> NamedArrays:
         """The global adapter, PEFT-named at rank ``ctx.rank``: what is evaluated, stored and exported."""
         return state

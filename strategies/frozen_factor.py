@@ -42,3 +42,4 @@ class RoLora(FfaLora):
 
     def frozen_factor(self, round_number: int) -> str:
         return "A" if round_number % 2 == 1 else "B"
+

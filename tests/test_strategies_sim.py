@@ -72,6 +72,20 @@ def test_fedex_lora_exports_the_exact_mean_model_as_a_larger_lora(tmp_path: Path
 HETEROGENEOUS = ["hetlora", "flexlora", "flora", "sketch"]
 
 
+def test_fedsa_lora_never_uploads_b_and_nodes_keep_their_own(tmp_path: Path) -> None:
+    store, run_id = _run(tmp_path, "fedsa-lora")
+    b1, b2 = _factor(store, run_id, 1, 1), _factor(store, run_id, 2, 1)
+    assert all(not v.any() for v in b2.values()) and all(not v.any() for v in b1.values())  # the server never had B
+    a1, a2 = _factor(store, run_id, 1, 0), _factor(store, run_id, 2, 0)
+    assert any(not np.array_equal(a1[k], a2[k]) for k in a1)
+    train = [u for u in store.client_updates(run_id) if u.phase == "train"]
+    full = sum(v.size for v in store.load_adapter(run_id, 1).values()) * 4
+    b_bytes = sum(v.size for v in b1.values()) * 4
+    assert all(u.bytes_up < full - b_bytes + 2000 for u in train)  # uploads carry no B
+    # personalised evaluation: nodes evaluate with their own B, which moves the loss off the B = 0 model
+    assert store.rounds(run_id)[-1].eval_loss != store.run(run_id).initial_metrics["eval-loss"]
+
+
 def test_hetlora_nodes_prune_their_rank_and_train_the_smaller_rank_next_round(tmp_path: Path) -> None:
     store, run_id = _run(tmp_path, "hetlora", 2, "tiny-hetero.toml", "--set", "strategy.hetlora-prune=0.5")
     ranks = {n: {u.node_id: u.rank for u in store.client_updates(run_id, n) if u.phase == "train"} for n in (1, 2)}
@@ -91,5 +105,5 @@ def test_heterogeneous_strategy_trains_each_node_at_its_own_rank(name: str, tmp_
 
 
 def test_every_registered_strategy_is_covered_here() -> None:
-    covered = set(HOMOGENEOUS) | set(HETEROGENEOUS) | {"ffa-lora", "rolora", "fedex-lora"}
+    covered = set(HOMOGENEOUS) | set(HETEROGENEOUS) | {"ffa-lora", "rolora", "fedex-lora", "fedsa-lora"}
     assert set(strategies.names()) <= covered, f"add a simulation test for {set(strategies.names()) - covered}"

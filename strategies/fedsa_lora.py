@@ -1,0 +1,36 @@
+"""FedSA-LoRA: selective aggregation of LoRA factors, with B personal to each node."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from strategies.base import ClientUpdate, NamedArrays, Request, example_weights, lora_pairs, with_instructions
+from strategies.fedavg import FedAvg, weighted_mean
+
+
+class FedSaLora(FedAvg):
+    """FedSA-LoRA (Guo et al. 2025, "Selective Aggregation for Low-Rank Adaptation in Federated Learning"):
+    A learns what clients share and is averaged; B stays on each node as its personal factor.
+
+    Nodes upload everything but B, and evaluate with their own B (a personalised model). The
+    exported adapter holds the shared A and heads with the initial B: each node's B never leaves it.
+    """
+
+    name = "fedsa-lora"
+    summary = "A shared and averaged, B kept personal on each node (never uploaded); personalised evaluation"
+    exact = False
+    lora_factors = True
+
+    def request(self, state: NamedArrays, rank: int, round_number: int) -> Request:
+        request = with_instructions(super().request(state, rank, round_number), personal_factors="B")
+        personal = {b for _, b in lora_pairs(state).values()}
+        return Request(request.tensors, request.instructions,
+                       reply_shapes={k: v.shape for k, v in state.items() if k not in personal})
+
+    def evaluation_request(self, state: NamedArrays) -> Request:
+        return with_instructions(super().evaluation_request(state), personal_factors="B")
+
+    def aggregate(self, state: NamedArrays, updates: Sequence[ClientUpdate], round_number: int) -> NamedArrays:
+        out = weighted_mean([u.tensors for u in updates], example_weights(updates))
+        out.update({b: state[b] for _, b in lora_pairs(state).values()})  # the server never sees a node's B
+        return out
