@@ -41,7 +41,8 @@ def test_pad_then_truncate_is_the_identity_and_padding_keeps_the_product(seed: i
     pa, pb = pad_rank(a, b, r + extra)
     np.testing.assert_array_equal(pb @ pa, b @ a)
     ta, tb = truncate_rank(pa, pb, r)
-    np.testing.assert_array_equal(ta, a) and np.testing.assert_array_equal(tb, b)
+    np.testing.assert_array_equal(ta, a)
+    np.testing.assert_array_equal(tb, b)
 
 
 @SETTINGS
@@ -65,7 +66,8 @@ def test_hetlora_of_identical_clients_returns_the_padded_input(seed: int, r: int
     a, b = rng.standard_normal((r, 6)), rng.standard_normal((4, r))
     out_a, out_b = hetlora_aggregate([a] * k, [b] * k, list(rng.uniform(0.1, 1, size=k)), r + 2)
     pa, pb = pad_rank(a, b, r + 2)
-    np.testing.assert_allclose(out_a, pa, atol=1e-12) and np.testing.assert_allclose(out_b, pb, atol=1e-12)
+    np.testing.assert_allclose(out_a, pa, atol=1e-12)
+    np.testing.assert_allclose(out_b, pb, atol=1e-12)
 
 
 @SETTINGS
