@@ -122,3 +122,22 @@ def export_adapter(model: PeftModel, tensors: NamedArrays, directory: str | Path
     directory = Path(directory)
     model.save_pretrained(str(directory))
     return directory
+
+
+def write_adapter_dir(cfg: RunConfig, safetensors_bytes: bytes, directory: str | Path) -> Path:
+    """A PEFT adapter directory from a stored global adapter: its safetensors bytes written verbatim.
+
+    ``adapter_config.json`` is what ``export_adapter`` writes for ``cfg``, at the rank the tensors
+    carry: strategies that merge into the base (flora, fedex-lora) store a LoRA larger than adapter.r.
+    The tensors are first placed into that model, so a file that does not fit the config is refused.
+    """
+    from safetensors.numpy import load as load_safetensors
+
+    from strategies.base import lora_rank
+
+    tensors = dict(load_safetensors(safetensors_bytes))
+    rank = lora_rank(tensors) or cfg.adapter.r
+    model, _ = build_peft_model(cfg.replace(**{"adapter.r": rank}) if rank != cfg.adapter.r else cfg)
+    directory = export_adapter(model, tensors, directory)
+    (directory / "adapter_model.safetensors").write_bytes(safetensors_bytes)  # byte-identical to the store
+    return directory

@@ -54,6 +54,18 @@ def _strategies(args: argparse.Namespace) -> int:
     return 0
 
 
+def _status(args: argparse.Namespace) -> int:
+    from server.status_cli import status_command
+
+    return status_command(args)
+
+
+def _download(args: argparse.Namespace) -> int:
+    from server.status_cli import download_command
+
+    return download_command(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from simulations.cli import add_arguments
 
@@ -71,14 +83,30 @@ def build_parser() -> argparse.ArgumentParser:
     strat = sub.add_parser("strategies", help="list aggregation strategies and their properties")
     strat.add_argument("--json", action="store_true", help="machine-readable output")
     strat.set_defaults(func=_strategies)
+    from server.status_cli import add_download_arguments, add_status_arguments
+
+    status = sub.add_parser("status", help="runs, rounds and the client ledger from a running coordinator")
+    add_status_arguments(status)
+    status.set_defaults(func=_status)
+    down = sub.add_parser("download", help="fetch a round's global adapter (sha256-checked) as a PEFT directory")
+    add_download_arguments(down)
+    down.set_defaults(func=_download)
     return parser
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Errors whose message says what to fix: printed without a traceback."""
+    from security.certs import CertError
+    from server.status_client import DownloadError
+
+    return ConfigError, StoreError, CertError, DownloadError, FileExistsError
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (ConfigError, StoreError) as e:
+    except _user_errors() as e:
         console.print(f"[red]error:[/] {e}")
         return 2
 

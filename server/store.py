@@ -243,9 +243,11 @@ class RoundStore:
                 raise StoreError(f"run {run_id} is not in the store at {self.url}; `pollinate runs` lists runs")
             return _summary(row)
 
-    def rounds(self, run_id: int) -> list[RoundRow]:
+    def rounds(self, run_id: int, after: int = 0) -> list[RoundRow]:
+        """The run's stored rounds numbered above ``after``, in order."""
+        query = select(RoundRow).where(RoundRow.run_id == run_id, RoundRow.number > after)
         with Session(self.engine, expire_on_commit=False) as s:
-            return list(s.scalars(select(RoundRow).where(RoundRow.run_id == run_id).order_by(RoundRow.number)))
+            return list(s.scalars(query.order_by(RoundRow.number)))
 
     def client_updates(self, run_id: int, number: int | None = None) -> list[ClientUpdateRow]:
         query = select(ClientUpdateRow).join(RoundRow).where(RoundRow.run_id == run_id)
@@ -256,6 +258,10 @@ class RoundStore:
 
     def load_adapter(self, run_id: int, number: int) -> NamedArrays:
         """A round's global adapter, after checking its bytes against the stored sha256."""
+        return dict(load_safetensors(self.adapter_file(run_id, number)[1]))
+
+    def adapter_file(self, run_id: int, number: int) -> tuple[str, bytes]:
+        """A round's global adapter as stored: (sha256, safetensors bytes), the bytes checked against the digest."""
         with Session(self.engine) as s:
             row = s.scalars(select(AdapterRow).join(RoundRow)
                             .where(RoundRow.run_id == run_id, RoundRow.number == number)).first()
@@ -263,7 +269,14 @@ class RoundStore:
                 raise StoreError(f"run {run_id} has no stored adapter for round {number}")
             if sha256(row.data) != row.sha256:
                 raise StoreError(f"the stored adapter of run {run_id} round {number} fails its sha256 check")
-            return dict(load_safetensors(row.data))
+            return row.sha256, row.data
+
+    def adapter_index(self, run_id: int) -> dict[int, tuple[str, int]]:
+        """Round number -> (sha256, size in bytes) of its stored adapter, without reading the bytes."""
+        with Session(self.engine) as s:
+            rows = s.execute(select(RoundRow.number, AdapterRow.sha256, AdapterRow.nbytes).join(AdapterRow)
+                             .where(RoundRow.run_id == run_id))
+            return {n: (d, size) for n, d, size in rows}
 
     def adapter_digests(self, run_id: int) -> dict[int, tuple[str, bytes]]:
         """Round number -> (stored sha256, stored bytes), for audits."""
