@@ -66,6 +66,21 @@ def _download(args: argparse.Namespace) -> int:
     return download_command(args)
 
 
+def _certs(args: argparse.Namespace) -> int:
+    from security.certs import create_cert_dir
+    from security.flower_flags import node_flags, register_command, superlink_flags
+
+    certs = create_cert_dir(args.out_dir, args.host, args.nodes, args.force)
+    console.print(f"CA, server ({', '.join(args.host or ['localhost', '127.0.0.1', '::1'])}), operator certificates "
+                  f"and {args.nodes} node key pair(s) in {certs.root}; private keys are 0600, keep ca.key offline")
+    console.print(f"SuperLink:  flower-superlink {' '.join(superlink_flags(certs))} ...")
+    for node in range(1, args.nodes + 1):
+        console.print(f"node {node}:     {' '.join(register_command(certs, node, '<connection>'))}")
+        console.print(f"            flower-supernode {' '.join(node_flags(certs, node))} ...")
+    console.print(f"status:     pollinate status --certs {certs.root} --coordinator HOST:PORT")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from simulations.cli import add_arguments
 
@@ -91,6 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
     down = sub.add_parser("download", help="fetch a round's global adapter (sha256-checked) as a PEFT directory")
     add_download_arguments(down)
     down.set_defaults(func=_download)
+    certs = sub.add_parser("certs", help="a CA, TLS certificates and SuperNode auth keys for a deployment")
+    certs.add_argument("out_dir", help="directory to write (see docs/deployment-security.md)")
+    certs.add_argument("--host", action="append", default=None,
+                       help="a DNS name or IP the coordinator is reached at; repeat (default: localhost, 127.0.0.1, ::1)")
+    certs.add_argument("--nodes", type=int, default=2, help="SuperNode key pairs to create (nodes/node-<i>)")
+    certs.add_argument("--force", action="store_true", help="replace existing files")
+    certs.set_defaults(func=_certs)
     return parser
 
 
