@@ -24,6 +24,7 @@ from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
 from proto.adapter_record import ADAPTER, INSTRUCTIONS, UpdateRejected, to_record
+from proto.message_size import message_bytes
 from proto.run_config import RunConfig
 from proto.secagg_record import (CLIPPED, LAYOUT, SECAGG, STAGE_ACTIONS, WEIGHT, from_config, layout_record,
                                  masked_from_record, to_config)
@@ -140,7 +141,7 @@ class SecureAggregation:
         replies = send_and_collect(self.grid, contents, message_type, self.round_number,
                                    self.cfg.federation.round_timeout, record)
         for node, reply in replies.items():
-            down, up = _bytes(contents[node]), _bytes(reply.content)
+            down, up = message_bytes(contents[node]), message_bytes(reply.content)
             try:
                 accept(node, reply)
             except (SecAggError, UpdateRejected) as err:
@@ -149,11 +150,6 @@ class SecureAggregation:
             report = reply.content.metric_records.get("report")
             record(node, "accepted", None, bytes_up=up, bytes_down=down,
                    num_examples=int(report["num-examples"]) if report is not None else 0)
-
-
-def _bytes(content: RecordDict) -> int:
-    """What one message's records cost on the wire: tensor data, keys, shares and their names."""
-    return sum(record.count_bytes() for record in content.values())
 
 
 def _sent_by(secagg_id: int, cls: type[M], reply: Message) -> M:

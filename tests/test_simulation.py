@@ -136,3 +136,20 @@ def test_bad_uploads_are_rejected_recorded_and_the_rounds_go_on(tmp_path: Path) 
         assert any("unknown tensor(s) ['base_model.model.bert.embeddings.word_embeddings.weight']" in r
                    for r in rejected)
     assert "train rejected" in done.stdout
+
+
+def test_secure_aggregation_round_records_every_stage_and_a_masked_upload_of_four_bytes_per_value(
+        tmp_path: Path) -> None:
+    done = simulate("tiny.toml", tmp_path, "--secagg", "--rounds", "1")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    store = RoundStore(f"sqlite:///{tmp_path / 'store.db'}")
+    [run] = store.runs()
+    assert run.status == "completed"
+    updates = store.client_updates(run.id)
+    stages = ("train", "train.secagg_share", "train.secagg_mask", "train.secagg_unmask")
+    for stage in stages:
+        assert sorted(u.status for u in updates if u.phase == stage) == ["accepted"] * 4, stage
+    model, _ = build_peft_model(RunConfig.from_flat(run.config))
+    values = sum(t.size for t in adapter_state(model).values())
+    masked = [u.bytes_up for u in updates if u.phase == "train.secagg_mask"]
+    assert all(4 * values < up < 4 * values + 1024 for up in masked)  # uint32 ring elements + the message fields
