@@ -160,34 +160,52 @@ class Exchange:
 
 
 class CountingGrid:
-    """Flower's Grid, with every send_and_receive timed and its messages' record bytes counted.
+    """Flower's Grid, with every exchange timed and its messages' record bytes counted.
 
-    Bytes are ``proto.message_size.record_bytes`` of each record of each message (tensor data, config
-    values and their keys, as Flower's ``count_bytes``), for every configuration alike; no protobuf framing.
+    An exchange is a ``send_and_receive`` (Flower's workflows) or a ``push_messages`` and the
+    ``pull_messages`` that follow it (pollinate's ``server.rounds.send_and_receive``). Bytes are
+    ``proto.message_size.record_bytes`` of each record of each message (tensor data, config values and
+    their keys, as Flower's ``count_bytes``), for every configuration alike; no protobuf framing.
     """
 
     def __init__(self, grid: Grid) -> None:
         self._grid = grid
         self.exchanges: list[Exchange] = []
+        self._pushed_at = 0.0
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
-        down = sum(_content_bytes(m.content) for m in messages)
-        start = time.perf_counter()
+        self._open(messages)
         replies = list(self._grid.send_and_receive(messages, timeout=timeout))
-        seconds = time.perf_counter() - start
-        node_seconds = []
+        self._received(replies)
+        return replies
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        messages = list(messages)
+        self._open(messages)
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        replies = list(self._grid.pull_messages(message_ids))
+        self._received(replies)
+        return replies
+
+    def _open(self, messages: list[Message]) -> None:
+        kind = messages[0].metadata.message_type if messages else "none"
+        self.exchanges.append(Exchange(kind, 0.0, sum(_content_bytes(m.content) for m in messages), 0))
+        self._pushed_at = time.perf_counter()
+
+    def _received(self, replies: list[Message]) -> None:
+        exchange = self.exchanges[-1]
+        exchange.seconds = time.perf_counter() - self._pushed_at
         for reply in replies:
             if reply.has_content() and TIMING in reply.content.metric_records:
-                node_seconds.append(float(reply.content.metric_records[TIMING]["seconds"]))
+                exchange.node_seconds.append(float(reply.content.metric_records[TIMING]["seconds"]))
                 del reply.content[TIMING]
-        up = sum(_content_bytes(r.content) for r in replies if r.has_content())
-        kind = messages[0].metadata.message_type if messages else "none"
-        self.exchanges.append(Exchange(kind, seconds, down, up, node_seconds))
-        return replies
+        exchange.bytes_up += sum(_content_bytes(r.content) for r in replies if r.has_content())
 
 
 def _content_bytes(content: RecordDict) -> int:
