@@ -139,13 +139,20 @@ OPTIMISATIONS = [
     "2. **Reply polling with backoff** (`server.rounds.send_and_receive`). Flower's `Grid.send_and_receive` "
     "sleeps a fixed 0.1 s (Simulation Engine) or 3 s (deployment gRPC Grid) between polls for replies; "
     "pollinate now pushes and pulls itself, polling after 5 ms and backing off by 1.5x to at most 1 s. It "
-    "helps every exchange (plaintext too) and SecAgg+ four times per round; in a deployment it saves up to "
-    "3 s per exchange. What remains per exchange in simulation is the Simulation Engine's own node-side "
+    "helps every short exchange (plaintext too) and SecAgg+ four times per round; in a deployment it saves up "
+    "to 3 s per exchange. The backoff reaches 1 s after about 4 s, so an exchange longer than that may wait "
+    "up to 1 s more than Flower's simulation grid would (0.1 s); a lower cap trades that against SuperLink "
+    "load. What remains per exchange in simulation is the Simulation Engine's own node-side "
     "dispatch loop, which checks for new messages every 0.1 s (`vce_api`), and Ray.",
     "",
     "Runs: `secagg-bench-before.jsonl` had neither change, `secagg-bench-after.jsonl` the masks only, this "
     "run both. Each column is a ratio to configurations that ran beside it in its own run, so the runs' "
-    "different machine load largely cancels (not entirely: load was not constant).",
+    "different machine load largely cancels, but not entirely: load was not constant within a run. On the "
+    "measured run behind this doc (load average 15-20 on 2 cores; for n = 5 and 10 the repository's own "
+    "simulation tests ran beside it) the spread between repetitions is larger than either change's effect, "
+    "so these tables do **not** resolve the end-to-end gain; the per-mask gain above is the measured one. "
+    "Single rows with 2 repetitions swing widely, e.g. 10 x 4M pollinate / Flower SecAgg+ = 0.57x, 0.43x and "
+    "1.45x in the three runs; across all 16 rows of the three runs ours was faster than Flower's in 15.",
     "",
 ]
 
@@ -184,7 +191,9 @@ def render(results: Path, befores: list[Path] = ()) -> str:  # type: ignore[assi
     text = [
         "# Secure aggregation: round time and bytes, pollinate vs plaintext vs Flower's SecAgg+",
         "",
-        "`python bench/secagg.py` (re-render: `--render FILE`). One Flower simulation per n (Flower's Simulation "
+        "`python bench/secagg.py` (raw rows of the runs in `docs/secagg-bench-data/`; re-render: `--render "
+        "docs/secagg-bench-data/secagg-bench-final.jsonl --before docs/secagg-bench-data/secagg-bench-before.jsonl "
+        "docs/secagg-bench-data/secagg-bench-after.jsonl`). One Flower simulation per n (Flower's Simulation "
         "Engine, the one `pollinate simulate` uses; 2 Ray workers of 1 CPU each on a 2-core machine **shared with "
         f"other jobs**: load average {load_avg[0]:.1f} when this table was rendered). No training: each node "
         "answers a train message with a fixed seeded vector of L float32 values in four named tensors and a fixed "
@@ -231,18 +240,17 @@ def render(results: Path, befores: list[Path] = ()) -> str:  # type: ignore[assi
         *stage_table(rows, "pollinate-secagg"),
         "",
         "Reading: transport dominates the small exchanges. An exchange whose node compute is a few ms (stage 2, "
-        "stage 4) still takes 0.1-0.3 s of wall time: Flower's in-memory Grid polls for replies every 0.1 s "
-        "(`InMemoryGrid.pull_interval`) and each message is a Ray task. SecAgg+ needs four exchanges where "
-        "plaintext needs one, so at these sizes its round has a floor of about 4 x 0.1 s before any crypto, "
-        "while the plaintext round of 10 nodes x 1M values takes about 0.4 s in total: **<= 1.5x is out of "
-        "reach for a round without training on this engine**, whatever the crypto costs. The target is "
-        "meaningful for a round with local training in it, to which SecAgg+ adds the difference shown here "
-        "(seconds, not a factor). In a deployment Flower's gRPC Grid `send_and_receive` sleeps 3 s between "
-        "polls, so each of the three extra exchanges costs up to 3 s of waiting; polling from "
-        "`server.rounds.send_and_collect` with `push_messages` / `pull_messages` at a shorter interval would "
-        "remove most of it (not done here). Stage 3 (quantise + k + 1 ChaCha20 masks per node, uploading the "
-        "masked vector) is the only stage whose compute grows with L; the server's own compute (unmasking n "
-        "self-masks, dequantising) is the rest.",
+        "stage 4) still takes 0.1-0.5 s of wall time: the Simulation Engine hands messages to nodes from a loop "
+        "that checks every 0.1 s (`vce_api`), each message is a Ray task, and Flower's own `send_and_receive` "
+        "(still used by Flower's workflows) polls for replies every 0.1 s. SecAgg+ needs four exchanges where "
+        "plaintext needs one, so its round has a floor of several tenths of a second before any crypto, while "
+        "the plaintext round of 10 nodes x 1M values took 0.4-1.7 s across runs: **<= 1.5x is out of reach for a "
+        "round without training on this engine**, whatever the crypto costs. The target is meaningful for a "
+        "round with local training in it, to which SecAgg+ adds the difference shown here (seconds, not a "
+        "factor). Stage 3 (quantise + k + 1 ChaCha20 masks per node, uploading the masked vector) is the only "
+        "stage whose compute grows with L, and the largest; stage 1 includes the node's copy of its upload into "
+        "its state; the server's own compute (unmasking n self-masks, dequantising) is the rest. Node compute "
+        "is wall time inside the handler, so on an overloaded machine it includes time-slicing.",
         "",
         "pollinate plain, for comparison (one exchange):",
         "",
