@@ -69,7 +69,7 @@ def mask(msg: Message, context: Context) -> Message:
         raise SecAggError(f"the server sent weight {weight}; a node's weight n_k / N must be in (0, 1]")
     upload = context.state.array_records[UPLOAD]["upload"].numpy()
     q = session.setup.quantization
-    clipped = int(np.count_nonzero(np.abs(upload.astype(np.float64) * weight) > q.clip))
+    clipped = int(np.count_nonzero(np.abs(upload) > q.clip / weight))  # |w x| > c, without a float64 copy
     quantised = quantize(upload, weight, q, rng=np.random.default_rng(secrets.randbits(128)))
     masked = session.mask_input(from_config(ShareDelivery, msg.content.config_records.get(SECAGG)), quantised)
     context.state[SESSION] = ConfigRecord(session.snapshot())  # type: ignore[arg-type]

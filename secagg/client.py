@@ -162,7 +162,7 @@ class ClientSession:
                 half = len(plaintext) // 2
                 self._held[v] = (plaintext[:half], plaintext[half:])
         masked = quantised.copy()
-        np.add(masked, masks.expand(self._self_seed, masked.size, q.dtype), out=masked)
+        masks.add_mask(masked, self._self_seed)
         # Pair only with neighbours that reached stage 2: exactly those the server delivered shares from.
         for v in delivery.senders:
             seed = keys.pairwise_seed(self._masking_key, self._peer_keys[v][1], self.setup.round_id)

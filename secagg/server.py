@@ -175,10 +175,10 @@ class ServerSession:
     def aggregate(self) -> np.ndarray:
         """Close stage 4: sum_{u in U3} x_u mod 2^b, exactly; SecAggError if a needed secret cannot be rebuilt."""
         self._advance(5)
-        total, dtype, round_id = self._total, self.config.quantization.dtype, self.config.round_id
+        total, round_id = self._total, self.config.round_id
         for u in sorted(self._masked_senders):
             seed = self._rebuild(u, self._seed_shares, "self-mask seed b_u")
-            np.subtract(total, masks.expand(seed, total.size, dtype), out=total)
+            masks.add_mask(total, seed, -1)
         dropped = set(self._ciphertexts) - self._masked_senders
         for v in sorted(dropped):
             partners = [u for u in self.config.neighbours[v] if u in self._masked_senders]

@@ -20,10 +20,11 @@ from dataclasses import replace
 from typing import TypeVar
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from proto.adapter_record import ADAPTER, INSTRUCTIONS, UpdateRejected, to_record
+from proto.message_size import message_bytes
 from proto.run_config import RunConfig
 from proto.secagg_record import (CLIPPED, LAYOUT, SECAGG, STAGE_ACTIONS, WEIGHT, from_config, layout_record,
                                  masked_from_record, to_config)
@@ -140,7 +141,7 @@ class SecureAggregation:
         replies = send_and_collect(self.grid, contents, message_type, self.round_number,
                                    self.cfg.federation.round_timeout, record)
         for node, reply in replies.items():
-            down, up = _bytes(contents[node]), _bytes(reply.content)
+            down, up = message_bytes(contents[node]), message_bytes(reply.content)
             try:
                 accept(node, reply)
             except (SecAggError, UpdateRejected) as err:
@@ -149,22 +150,6 @@ class SecureAggregation:
             report = reply.content.metric_records.get("report")
             record(node, "accepted", None, bytes_up=up, bytes_down=down,
                    num_examples=int(report["num-examples"]) if report is not None else 0)
-
-
-def _bytes(content: RecordDict) -> int:
-    """What one message's records cost on the wire: tensor data, keys, shares and their names.
-
-    Not ``ConfigRecord.count_bytes``: in flwr 1.42 it raises on an empty string value.
-    """
-    total = 0
-    for record in content.values():
-        if isinstance(record, ArrayRecord):
-            total += record.count_bytes()
-            continue
-        for key, value in record.items():
-            values = value if isinstance(value, list) else [value]
-            total += len(key) + sum(len(v) if isinstance(v, str | bytes) else 8 for v in values)
-    return total
 
 
 def _sent_by(secagg_id: int, cls: type[M], reply: Message) -> M:

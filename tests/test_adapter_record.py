@@ -68,3 +68,20 @@ def test_oversized_claim_is_rejected_before_any_allocation() -> None:
     record[A] = Array(dtype="float32", shape=(4, 64), stype=RAW_STYPE, data=b"\0" * 16)
     with pytest.raises(UpdateRejected, match="carries 16 bytes"):
         from_record(record, expected={A: TensorSpec((4, 64))})
+
+
+def test_message_bytes_counts_empty_values_that_flower_count_bytes_rejects() -> None:
+    from flwr.app import ConfigRecord, MetricRecord, RecordDict
+
+    from proto.message_size import message_bytes
+
+    filled = ConfigRecord({"ids": [1, 2, 3], "key": b"\x00" * 32, "name": "fedavg", "mu": 0.5, "on": True})
+    assert message_bytes(RecordDict({"c": filled})) == filled.count_bytes() == 3 * 8 + 32 + 6 + 8 + 1 + len("idskeynamemuon")
+    # Our instructions carry "" (personal-factors) and unmasking requests [] (no dropped node):
+    # Flower's own count raises on both; ours counts their keys.
+    empty = ConfigRecord({"personal-factors": "", "dropped": []})
+    with pytest.raises((ValueError, IndexError)):
+        empty.count_bytes()
+    content = RecordDict({"c": empty, "a": to_record(adapter()), "m": MetricRecord({"num-examples": 3})})
+    assert message_bytes(content) == len("personal-factors") + len("dropped") + payload_bytes(content["a"]) + \
+        MetricRecord({"num-examples": 3}).count_bytes()
