@@ -62,15 +62,17 @@ class LoopbackGrid:
                          for node in uploads}
         self.adapters_received: list[int] = []  # nodes whose adapter tensors reached the server
         self._counter = 0
+        self._outbox: list[Message] = []  # replies not pulled yet
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.uploads)
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        replies: list[Message] = []
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        ids = []
         for msg in messages:
             self._counter += 1
             msg.metadata.__dict__["_message_id"] = f"m{self._counter}"
+            ids.append(msg.metadata.message_id)
             node, stage = msg.metadata.dst_node_id, msg.metadata.message_type
             dropped = self.drop_at.get(node)
             if dropped is not None and STAGES.index(stage) >= STAGES.index(dropped):
@@ -78,8 +80,14 @@ class LoopbackGrid:
             reply = self._answer(stage, msg, self.contexts[node])
             if ADAPTER in reply.content.array_records:
                 self.adapters_received.append(node)
-            replies.extend(self.tamper(stage, node, reply) if self.tamper else [reply])
-        return replies
+            self._outbox.extend(self.tamper(stage, node, reply) if self.tamper else [reply])
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        wanted = set(message_ids)
+        pulled = [r for r in self._outbox if r.metadata.reply_to_message_id in wanted]
+        self._outbox = [r for r in self._outbox if r.metadata.reply_to_message_id not in wanted]
+        return pulled
 
     def _answer(self, stage: str, msg: Message, context: Context) -> Message:
         if stage == "train":
