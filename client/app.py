@@ -20,16 +20,20 @@ from flwr.clientapp import ClientApp
 from peft import PeftModel
 
 from client.data import Example, batches, endless_batches, read_examples, split
+from client import secure
 from client.private_training import (BudgetRefused, PrivateRound, budget_file, plan_round, privatise_upload,
                                      train_sample_dp)
 from client.sketch import sketch_y, sketch_z
 from client.train import evaluate, resolve_device, train
 from models import BaseModel, adapter_state, build_peft_model, load_adapter_state, set_base_deltas
-from proto.adapter_record import ADAPTER, INSTRUCTIONS, REPORT, from_record, specs_of, to_record
+from proto.adapter_record import (ADAPTER, INSTRUCTIONS, REPORT, from_record, refuse_outside, specs_of,
+                                  to_record)
 from proto.instructions import Instructions
 from privacy.ledger import REFUSAL_CODE
 from proto.run_config import RunConfig
+from proto.secagg_record import STAGE_ACTIONS
 from strategies.base import lora_pairs
+from strategies.heterogeneous import to_global_rank
 from strategies.hetlora_math import prune_tail
 from strategies.merged import split_deltas
 
@@ -105,10 +109,14 @@ def _prepare(msg: Message, cfg: RunConfig, instructions: Instructions, config: M
     return model, base
 
 
-def _reply(msg: Message, cfg: RunConfig, tensors: dict, report: MetricRecord,
+def _reply(msg: Message, context: Context, cfg: RunConfig, tensors: dict, report: MetricRecord,
            allowed: Iterable[str] | None = None) -> Message:
-    return Message(RecordDict({ADAPTER: to_record(tensors, cfg.federation.wire_dtype, allowed=allowed),
-                               REPORT: report}), reply_to=msg)
+    """The upload: as adapter tensors, or (secure aggregation) kept here and answered with public keys."""
+    refuse_outside(tensors, allowed)
+    if secure.requested(msg):
+        return secure.begin(msg, context, tensors, report)
+    return Message(RecordDict({ADAPTER: to_record(tensors, cfg.federation.wire_dtype), REPORT: report}),
+                   reply_to=msg)
 
 
 def _device(cfg: RunConfig, config: Mapping[str, object]) -> torch.device:
@@ -135,8 +143,8 @@ def train_adapter(msg: Message, context: Context) -> Message:
     scaling = cfg.adapter.alpha / rank
     if instructions.upload == "sketch-z":  # sketch, exchange 2: no training, project what was trained
         received = from_record(msg.content.array_records[ADAPTER])
-        tensors = sketch_z(received, instructions, len(train_set), scaling, context.state)
-        return _reply(msg, cfg, tensors, MetricRecord({"num-examples": len(train_set)}))
+        tensors = sketch_z(received, instructions, scaling, context.state)
+        return _reply(msg, context, cfg, tensors, MetricRecord({"num-examples": len(train_set)}))
     budget = budget_file(config, str(config[DATA_PATH]))
     plan: PrivateRound | None = None
     if cfg.privacy.mode in ("sample", "local"):
@@ -163,8 +171,10 @@ def train_adapter(msg: Message, context: Context) -> Message:
     if instructions.prune_gamma > 0:  # hetlora self-pruning: zero the negligible tail, tell the server
         trained, pruned_rank = prune_tail(trained, instructions.prune_gamma)
         report["pruned-rank"] = pruned_rank
+    if instructions.upload_rank:  # linear hetlora: every upload padded to the global rank and scaling
+        trained = to_global_rank(trained, rank, instructions.upload_rank, cfg.adapter.alpha)
     if instructions.upload == "sketch-y":  # sketch, exchange 1: a linear sketch of the trained update
-        return _reply(msg, cfg, sketch_y(trained, instructions, len(train_set), scaling, context.state), report)
+        return _reply(msg, context, cfg, sketch_y(trained, instructions, scaling, context.state), report)
     if instructions.personal_factors:  # fedsa-lora: B stays here, for the next round and for evaluation
         personal = {b for _, b in lora_pairs(trained).values()}
         state_record = ArrayRecord()
@@ -173,7 +183,22 @@ def train_adapter(msg: Message, context: Context) -> Message:
         context.state[PERSONAL] = state_record
         trained = {k: v for k, v in trained.items() if k not in personal}
     # Only names the server sent as the adapter may go back: no base-model tensor can leave the node.
-    return _reply(msg, cfg, trained, report, allowed=msg.content.array_records[ADAPTER].keys())
+    return _reply(msg, context, cfg, trained, report, allowed=msg.content.array_records[ADAPTER].keys())
+
+
+@app.train(STAGE_ACTIONS[0])
+def secagg_share(msg: Message, context: Context) -> Message:
+    return secure.share(msg, context)
+
+
+@app.train(STAGE_ACTIONS[1])
+def secagg_mask(msg: Message, context: Context) -> Message:
+    return secure.mask(msg, context)
+
+
+@app.train(STAGE_ACTIONS[2])
+def secagg_unmask(msg: Message, context: Context) -> Message:
+    return secure.unmask(msg, context)
 
 
 @app.evaluate()

@@ -1,8 +1,8 @@
 """The client's part of the ``sketch`` strategy: two uploads computed from the adapter it trained.
 
-Exchange 1 (after training): Y = n s B (A Omega) per LoRA module and n x every other adapter
-tensor; the trained factors wait in the node's Flower context for exchange 2, which sends
-Q and gets back Z = Q^T (n s B A). The math is in ``strategies.sketch_math``.
+Exchange 1 (after training): Y = s B (A Omega) per LoRA module and every other adapter tensor
+as trained; the trained factors wait in the node's Flower context for exchange 2, which sends
+Q and gets back Z = Q^T (s B A). The server weights both by examples (``exchange.mean``). The math is in ``strategies.sketch_math``.
 """
 
 from __future__ import annotations
@@ -18,15 +18,14 @@ from strategies.sketch_math import project_upload, sketch_matrix, sketch_upload
 TRAINED = "sketch-trained-adapter"  # context.state key: this round's trained adapter, for exchange 2
 
 
-def sketch_y(trained: NamedArrays, instructions: Instructions, num_examples: int, scaling: float,
-             state: RecordDict) -> NamedArrays:
+def sketch_y(trained: NamedArrays, instructions: Instructions, scaling: float, state: RecordDict) -> NamedArrays:
     """Exchange 1's upload; keeps ``trained`` in the node state for exchange 2."""
     pairs = lora_pairs(trained)
     factor_keys = {k for pair in pairs.values() for k in pair}
-    out = {k: v * np.float32(num_examples) for k, v in trained.items() if k not in factor_keys}
+    out = {k: v for k, v in trained.items() if k not in factor_keys}
     for prefix, (a_key, b_key) in pairs.items():
         omega = sketch_matrix(instructions.sketch_seed, trained[a_key].shape[1], instructions.sketch_size)
-        out[prefix + SKETCH_Y] = sketch_upload(trained[a_key], trained[b_key], num_examples * scaling, omega)
+        out[prefix + SKETCH_Y] = sketch_upload(trained[a_key], trained[b_key], scaling, omega)
     record = ArrayRecord()
     for k, v in trained.items():
         record[k] = Array(np.ascontiguousarray(v, dtype=np.float32))
@@ -34,8 +33,7 @@ def sketch_y(trained: NamedArrays, instructions: Instructions, num_examples: int
     return {k: np.asarray(v, dtype=np.float32) for k, v in out.items()}
 
 
-def sketch_z(received: NamedArrays, instructions: Instructions, num_examples: int, scaling: float,
-             state: RecordDict) -> NamedArrays:
+def sketch_z(received: NamedArrays, instructions: Instructions, scaling: float, state: RecordDict) -> NamedArrays:
     """Exchange 2's upload: Z = Q^T (n s B A) per module, from the factors kept at exchange 1."""
     if TRAINED not in state.array_records:
         raise ValueError(f"round {instructions.round}: asked for the sketch projection before this node sent "
@@ -44,6 +42,6 @@ def sketch_z(received: NamedArrays, instructions: Instructions, num_examples: in
     out = {}
     for prefix, (a_key, b_key) in lora_pairs(trained).items():
         q = received[prefix + SKETCH_Q]
-        out[prefix + SKETCH_Z] = project_upload(q, trained[a_key], trained[b_key], num_examples * scaling)
+        out[prefix + SKETCH_Z] = project_upload(q, trained[a_key], trained[b_key], scaling)
     del state[TRAINED]
     return {k: np.asarray(v, dtype=np.float32) for k, v in out.items()}

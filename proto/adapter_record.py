@@ -56,16 +56,22 @@ def to_record(tensors: Mapping[str, np.ndarray], wire_dtype: str = "float32",
     """
     if wire_dtype not in WIRE_DTYPES:
         raise ValueError(f"wire dtype {wire_dtype!r} is not supported; use one of {WIRE_DTYPES}")
-    if allowed is not None:
-        outside = sorted(set(tensors) - set(allowed))
-        if outside:
-            raise ValueError(f"refusing to send {len(outside)} tensor(s) that are not part of the adapter: "
-                             f"{outside[:5]}; only adapter tensors may leave this node")
+    refuse_outside(tensors, allowed)
     record = ArrayRecord()
     for name in sorted(tensors):
         arr = np.ascontiguousarray(tensors[name], dtype=np.dtype(wire_dtype).newbyteorder("<"))
         record[name] = Array(dtype=wire_dtype, shape=tuple(arr.shape), stype=RAW_STYPE, data=arr.tobytes())
     return record
+
+
+def refuse_outside(tensors: Iterable[str], allowed: Iterable[str] | None) -> None:
+    """Raise unless every name is in ``allowed`` (None: no restriction): only adapter tensors leave a node."""
+    if allowed is None:
+        return
+    outside = sorted(set(tensors) - set(allowed))
+    if outside:
+        raise ValueError(f"refusing to send {len(outside)} tensor(s) that are not part of the adapter: "
+                         f"{outside[:5]}; only adapter tensors may leave this node")
 
 
 def from_record(record: ArrayRecord, expected: Mapping[str, TensorSpec] | None = None) -> NamedArrays:

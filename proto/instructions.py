@@ -25,12 +25,12 @@ class Instructions:
     upload: str = "adapter"  # adapter | sketch-y (exchange 1 of `sketch`) | sketch-z (exchange 2)
     sketch_seed: int = 0
     sketch_size: int = 0
-    weight_uploads: bool = False  # multiply uploads by num-examples (linear strategies sum, then divide)
     personal_factors: str = ""  # "B": the node keeps its own LoRA B across rounds and never uploads it
     prune_gamma: float = 0.0  # hetlora self-pruning: drop the LoRA tail whose share of ||B A|| is <= gamma
     # The stable pollinate run key a node files its privacy budget under (privacy/budget.py); it survives a
     # resume, which gets a new Flower run id.
     privacy_run_key: str = ""
+    upload_rank: int = 0  # linear hetlora: zero-pad the uploaded LoRA factors to this rank, B in its scaling
 
     def __post_init__(self) -> None:
         if self.train_factors not in TRAIN_FACTORS:

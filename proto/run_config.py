@@ -200,6 +200,28 @@ class PrivacyConfig:
 
 
 @dataclass(frozen=True)
+class SecAggConfig:
+    """Secure aggregation (SecAgg+): the server learns only the sum of the nodes' uploads (linear strategies)."""
+
+    enabled: bool = False
+    clip_range: float = 1.0  # c: each example-weighted upload value is clipped to [-c, c] before quantisation
+    bits: int = 24  # quantisation levels 2^bits over [-c, c]; error per value <= n * c / 2^bits
+    modulus_bits: int = 32  # the ring Z_{2^b} the masks live in: 32 or 64 (payload 4 or 8 bytes per value)
+    degree: int = 0  # neighbours per node (0: 2 ceil(log2 n), Bell et al. 2020)
+    threshold: int = 0  # shares needed to unmask (0: the smallest secure value, floor(k/2) + 1)
+
+    def validate(self) -> None:
+        _require(self.clip_range > 0, "secagg.clip-range", self.clip_range,
+                 "use a positive range that covers the adapter values, e.g. 1.0")
+        _require(self.modulus_bits in (32, 64), "secagg.modulus-bits", self.modulus_bits, "use 32 or 64")
+        _require(1 <= self.bits < self.modulus_bits, "secagg.bits", self.bits,
+                 f"use 1..{self.modulus_bits - 1}: n nodes x 2^bits must fit in 2^modulus-bits")
+        _require(self.degree >= 0, "secagg.degree", self.degree, "use 0 (automatic) or a positive degree")
+        _require(self.threshold >= 0, "secagg.threshold", self.threshold,
+                 "use 0 (automatic) or a count of shares above half the degree")
+
+
+@dataclass(frozen=True)
 class StoreConfig:
     db: str = "sqlite:///pollinate.db"  # any SQLAlchemy URL
     output_dir: str = "runs"  # the final adapter is exported to <output-dir>/run-<id>/adapter
@@ -215,6 +237,7 @@ class RunConfig:
     federation: FederationConfig = field(default_factory=FederationConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
 
     def validate(self) -> RunConfig:

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import random
 import secrets
+from collections.abc import Mapping
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from secagg import keys, masks, shamir
 from secagg.messages import (EncryptedShares, MaskedInput, NeighbourKeys, PublicKeys, SecAggError, Setup,
@@ -49,6 +51,44 @@ class ClientSession:
         self._delivered: set[int] = set()  # neighbours we paired masks with (they reached stage 2)
         self.undecryptable: list[int] = []
         """Neighbours whose share ciphertext failed AES-GCM authentication (tampered or misrouted)."""
+
+    def snapshot(self) -> dict[str, int | bytes | list[int] | list[bytes]]:
+        """Everything this session holds, as plain values: for the node's own storage between stages.
+
+        A ClientApp may run each stage in a fresh process, so the session is kept in the node's Flower
+        context between messages. It holds private keys: it must never be sent anywhere.
+        """
+        setup = {f"setup.{k}": v for k, v in vars(self.setup).items()}
+        peers = sorted(self._peer_keys)
+        held = sorted(self._held)
+        return {**setup, "stage": self._stage,
+                "encryption-key": self._encryption_key.private_bytes_raw(),
+                "masking-key": self._masking_key.private_bytes_raw(), "self-seed": self._self_seed,
+                "peer-ids": peers, "peer-encryption-keys": [self._peer_keys[v][0] for v in peers],
+                "peer-masking-keys": [self._peer_keys[v][1] for v in peers],
+                "held-ids": held, "held-seed-shares": [self._held[v][0] for v in held],
+                "held-key-shares": [self._held[v][1] for v in held],
+                "delivered": sorted(self._delivered), "undecryptable": list(self.undecryptable)}
+
+    @classmethod
+    def restore(cls, snapshot: Mapping[str, object], rng: random.Random | None = None) -> ClientSession:
+        """The session ``snapshot()`` captured, ready for its next stage."""
+        setup = Setup(**{k.removeprefix("setup."): v for k, v in snapshot.items()  # type: ignore[arg-type]
+                         if k.startswith("setup.")})
+        session = cls.__new__(cls)
+        session.setup, session.id, session._quantization = setup, setup.client_id, setup.quantization
+        session._rng = rng or secrets.SystemRandom()
+        session._stage = int(snapshot["stage"])  # type: ignore[arg-type]
+        session._encryption_key = X25519PrivateKey.from_private_bytes(snapshot["encryption-key"])  # type: ignore
+        session._masking_key = X25519PrivateKey.from_private_bytes(snapshot["masking-key"])  # type: ignore
+        session._self_seed = bytes(snapshot["self-seed"])  # type: ignore[arg-type]
+        session._peer_keys = dict(zip(snapshot["peer-ids"], zip(snapshot["peer-encryption-keys"],  # type: ignore
+                                                                 snapshot["peer-masking-keys"])))  # type: ignore
+        session._held = dict(zip(snapshot["held-ids"], zip(snapshot["held-seed-shares"],  # type: ignore
+                                                           snapshot["held-key-shares"])))  # type: ignore
+        session._delivered = set(snapshot["delivered"])  # type: ignore[arg-type]
+        session.undecryptable = list(snapshot["undecryptable"])  # type: ignore[arg-type]
+        return session
 
     def _enter(self, stage: int) -> None:
         if self._stage != stage - 1:

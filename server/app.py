@@ -17,10 +17,10 @@ from rich.console import Console
 import strategies
 from models import adapter_state, build_peft_model, export_adapter
 from proto.run_config import ConfigError, RunConfig
-from server.rounds import (Evaluation, GridExchange, RoundFailed, RoundLedger, evaluate_global, mean_metric,
-                           query_capacities, sample_nodes, wait_for_nodes)
+from server.rounds import (Evaluation, RoundExchange, RoundLedger, evaluate_global, mean_metric, query_capacities,
+                           sample_nodes, wait_for_nodes)
+from server.secure import SecureAggregation
 from server.store import ClientRecord, RoundRecord, RoundStore
-from strategies import ClientUpdate, Request
 from strategies.base import lora_rank
 
 app = ServerApp()
@@ -87,30 +87,23 @@ def _run_round(grid: Grid, cfg: RunConfig, strategy: strategies.Strategy, store:
     connected = wait_for_nodes(grid, cfg.federation.min_nodes, cfg.federation.wait_for_nodes)
     sampled = sample_nodes(connected, cfg, number)
     ranks = _assign_ranks(grid, cfg, strategy, sampled, number, capacities, ledger)
-    grid_exchange = GridExchange(grid, cfg, number, ledger, check_update=strategy.check_update)
-    accepted: list[ClientUpdate] = []
-
-    def exchange(requests: dict[int, Request]) -> list[ClientUpdate]:
-        updates = grid_exchange(requests)
-        if len(updates) < cfg.federation.min_nodes:
-            reasons = "; ".join(f"node {c.node_id}: {c.reason}" for c in ledger.failures())
-            raise RoundFailed(f"round {number}: only {len(updates)} of {len(requests)} updates were accepted, "
-                              f"federation.min-nodes = {cfg.federation.min_nodes}. {reasons}")
-        accepted.extend(updates)
-        return updates
-
+    secure = SecureAggregation(grid, cfg, number, ledger) if cfg.secagg.enabled else None
+    exchange = RoundExchange(grid, cfg, number, ledger, check_update=strategy.check_update, secure=secure)
     state = strategy.run_round(state, ranks, exchange, number)
     global_adapter = strategy.export(state)
     evaluation = evaluate_global(grid, cfg, connected, strategy.evaluation_request(state), number, ledger)
     record = RoundRecord(
-        number=number, participants=len(sampled), accepted=len({u.node_id for u in accepted}),
-        train_loss=mean_metric(accepted, "train-loss"),
+        number=number, participants=len(sampled), accepted=len(exchange.reports),
+        train_loss=mean_metric(exchange.reports, "train-loss"),
         eval_loss=evaluation.loss if evaluation else None,
         eval_accuracy=evaluation.accuracy if evaluation else None,
         bytes_up=ledger.bytes("up"), bytes_down=ledger.bytes("down"),
         duration_s=time.monotonic() - started, clients=ledger.clients)
     store.record_round(run_id, record, global_adapter)
     _print_round(cfg, record, evaluation, ledger)
+    if secure is not None and secure.clipped:
+        console.print(f"  [yellow]secure aggregation clipped {secure.clipped} weighted value(s) to "
+                      f"+-{cfg.secagg.clip_range}; raise secagg.clip-range[/]")
     return state
 
 

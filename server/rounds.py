@@ -3,6 +3,8 @@
 ``GridExchange`` is the only place where strategy ``Request``s become Flower ``Message``s
 and replies become validated ``ClientUpdate``s. Every reply, accepted or not, leaves a
 ``ClientRecord`` (with the reason when rejected or failed) for the round store.
+``RoundExchange`` is what a strategy gets: replies one by one, or only their mean (in the
+clear, or through secure aggregation), with the round's minimum-nodes rule applied to both.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
@@ -20,7 +23,8 @@ from proto.adapter_record import (ADAPTER, INSTRUCTIONS, REPORT, TensorSpec, Upd
                                   payload_bytes, specs_of, to_record)
 from proto.run_config import RunConfig
 from server.store import ClientRecord
-from strategies import ClientUpdate, NamedArrays, Request
+from strategies import ClientUpdate, MeanUpdate, NamedArrays, Request
+from strategies.base import mean_of
 
 
 class RoundFailed(RuntimeError):
@@ -64,6 +68,46 @@ def sample_nodes(nodes: Sequence[int], cfg: RunConfig, round_number: int) -> lis
 
 
 CheckUpdate = Callable[[Request, NamedArrays], str | None]
+RecordOutcome = Callable[..., None]  # (node, status, reason, **ClientRecord fields)
+
+
+def send_and_collect(grid: Grid, contents: Mapping[int, RecordDict], message_type: str, round_number: int,
+                     timeout: float, record: RecordOutcome) -> dict[int, Message]:
+    """Send one message per node and return the one genuine reply of each node that answered.
+
+    A reply to nothing sent in this call, a second reply to one message, a reply from another node
+    than the one asked, an error reply, or no reply within ``timeout``: each is recorded (rejected or
+    failed, with the reason) and left out.
+    """
+    messages = {node: Message(content, dst_node_id=node, message_type=message_type, group_id=str(round_number))
+                for node, content in contents.items()}
+    down = {node: payload_bytes(c.array_records[ADAPTER]) if ADAPTER in c.array_records else 0
+            for node, c in contents.items()}
+    replies = list(grid.send_and_receive(list(messages.values()), timeout=timeout))
+    sent = {msg.metadata.message_id: node for node, msg in messages.items()}
+    out: dict[int, Message] = {}
+    answered: set[str] = set()
+    for reply in replies:
+        key = reply.metadata.reply_to_message_id
+        if key not in sent or key in answered:
+            # A reply to nothing we sent this exchange, or a second reply to the same message: a replay.
+            record(int(reply.metadata.src_node_id), "rejected",
+                   "reply does not answer an open request of this exchange (replayed or stale)")
+            continue
+        answered.add(key)
+        node = sent[key]
+        if int(reply.metadata.src_node_id) != node:
+            record(node, "rejected", f"reply came from node {reply.metadata.src_node_id}, not {node}",
+                   bytes_down=down[node])
+        elif reply.has_error():
+            record(node, "failed", f"client error: {reply.error.reason}", bytes_down=down[node])
+        else:
+            out[node] = reply
+    for key, node in sent.items():
+        if key not in answered:
+            record(node, "failed", f"no reply within {timeout:.0f} s (node offline or too slow; "
+                   f"federation.round-timeout)", bytes_down=down[node])
+    return out
 
 
 class GridExchange:
@@ -82,47 +126,25 @@ class GridExchange:
         self.check_update = check_update
 
     def __call__(self, requests: Mapping[int, Request]) -> list[ClientUpdate]:
-        sent: dict[str, tuple[int, Request, int]] = {}  # message id -> (node, request, bytes down)
-        messages = []
-        for node, request in requests.items():
-            record = to_record(request.tensors, self.cfg.federation.wire_dtype)
-            instructions = ConfigRecord(replace(request.instructions, round=self.round_number).to_record_values())
-            msg = Message(RecordDict({ADAPTER: record, INSTRUCTIONS: instructions}), dst_node_id=node,
-                          message_type=self.message_type, group_id=str(self.round_number))
-            messages.append((msg, node, request, payload_bytes(record)))
-        replies = list(self.grid.send_and_receive([m for m, *_ in messages], timeout=self.cfg.federation.round_timeout))
-        for msg, node, request, down in messages:
-            sent[msg.metadata.message_id] = (node, request, down)
-        updates: list[ClientUpdate] = []
-        answered: set[str] = set()
-        for reply in replies:
-            key = reply.metadata.reply_to_message_id
-            if key not in sent or key in answered:
-                # A reply to nothing we sent this exchange, or a second reply to the same message: a replay.
-                self._record(int(reply.metadata.src_node_id), "rejected",
-                             "reply does not answer an open request of this exchange (replayed or stale)")
-                continue
-            answered.add(key)
-            node, request, down = sent[key]
-            update = self._accept(node, reply, request, down)
+        contents = {node: RecordDict({ADAPTER: to_record(request.tensors, self.cfg.federation.wire_dtype),
+                                      INSTRUCTIONS: self.instructions(request)})
+                    for node, request in requests.items()}
+        replies = send_and_collect(self.grid, contents, self.message_type, self.round_number,
+                                   self.cfg.federation.round_timeout, self._record)
+        updates = []
+        for node, reply in replies.items():
+            down = payload_bytes(contents[node].array_records[ADAPTER])
+            update = self._accept(node, reply, requests[node], down)
             if update is not None:
                 updates.append(update)
-        for key, (node, _, down) in sent.items():
-            if key not in answered:
-                self._record(node, "failed", f"no reply within federation.round-timeout = "
-                             f"{self.cfg.federation.round_timeout:.0f} s (node offline or too slow)", bytes_down=down)
         return updates
 
+    def instructions(self, request: Request) -> ConfigRecord:
+        return ConfigRecord(replace(request.instructions, round=self.round_number).to_record_values())
+
     def _accept(self, node: int, reply: Message, request: Request, down: int) -> ClientUpdate | None:
-        if int(reply.metadata.src_node_id) != node:
-            self._record(node, "rejected", f"reply came from node {reply.metadata.src_node_id}, not {node}",
-                         bytes_down=down)
-            return None
-        if reply.has_error():
-            self._record(node, "failed", f"client error: {reply.error.reason}", bytes_down=down)
-            return None
         try:
-            report = _report(reply)
+            report = read_report(reply)
             record = reply.content.array_records.get(ADAPTER)
             if not self.replies_carry_tensors:
                 if record is not None:
@@ -158,7 +180,7 @@ class GridExchange:
                                                 reason=reason, **kwargs))  # type: ignore[arg-type]
 
 
-def _report(reply: Message) -> dict[str, float]:
+def read_report(reply: Message) -> dict[str, float]:
     """The client's MetricRecord, with a positive integer ``num-examples`` and finite metrics."""
     report = reply.content.metric_records.get(REPORT)
     if report is None:
@@ -171,6 +193,50 @@ def _report(reply: Message) -> dict[str, float]:
     if bad:
         raise UpdateRejected(f"metrics {bad} are NaN/Inf")
     return values
+
+
+class SecureMean(Protocol):
+    """Computes the example-weighted mean of the replies to ``requests`` without seeing any one reply."""
+
+    def __call__(self, requests: Mapping[int, Request]) -> MeanUpdate: ...
+
+
+class RoundExchange:
+    """The ``strategies.Exchange`` of one round: every exchange must keep at least federation.min-nodes.
+
+    ``reports`` keeps each contributing node's last report (num-examples, train-loss, ...) for the round
+    record. With ``secure`` set, ``mean`` goes through secure aggregation and individual replies
+    (``__call__``) are refused: a strategy that needs them is not linear and was refused before round 1.
+    """
+
+    def __init__(self, grid: Grid, cfg: RunConfig, round_number: int, ledger: RoundLedger,
+                 check_update: CheckUpdate | None = None, secure: SecureMean | None = None) -> None:
+        self.cfg, self.round_number, self.ledger, self.secure = cfg, round_number, ledger, secure
+        self.grid_exchange = GridExchange(grid, cfg, round_number, ledger, check_update=check_update)
+        self.reports: dict[int, Mapping[str, float]] = {}
+
+    def __call__(self, requests: Mapping[int, Request]) -> list[ClientUpdate]:
+        if self.secure is not None:
+            raise RoundFailed("secure aggregation is on, but the strategy asked for individual replies; "
+                              "use a linear strategy (`pollinate strategies`) or turn secagg.enabled off")
+        updates = self.grid_exchange(requests)
+        self._require(len(updates), len(requests))
+        self.reports.update({u.node_id: u.metrics for u in updates})
+        return updates
+
+    def mean(self, requests: Mapping[int, Request]) -> MeanUpdate:
+        if self.secure is None:
+            return mean_of(self(requests))
+        mean = self.secure(requests)
+        self._require(len(mean.node_ids), len(requests))
+        self.reports.update(mean.node_metrics)
+        return mean
+
+    def _require(self, accepted: int, asked: int) -> None:
+        if accepted < self.cfg.federation.min_nodes:
+            reasons = "; ".join(f"node {c.node_id}: {c.reason}" for c in self.ledger.failures())
+            raise RoundFailed(f"round {self.round_number}: only {accepted} of {asked} updates were accepted, "
+                              f"federation.min-nodes = {self.cfg.federation.min_nodes}. {reasons}")
 
 
 @dataclass(frozen=True)
@@ -200,8 +266,8 @@ def query_capacities(grid: Grid, cfg: RunConfig, nodes: Sequence[int], round_num
     return {u.node_id: int(u.metrics.get("max-rank", 0)) for u in exchange({n: Request({}) for n in nodes})}
 
 
-def mean_metric(updates: Sequence[ClientUpdate], key: str) -> float | None:
-    """Example-weighted mean of a reported metric across updates (None when nobody reported it)."""
-    pairs = [(u.metrics[key], u.num_examples) for u in updates if key in u.metrics]
+def mean_metric(reports: Mapping[int, Mapping[str, float]], key: str) -> float | None:
+    """Example-weighted mean of a reported metric across nodes' reports (None when nobody reported it)."""
+    pairs = [(r[key], r["num-examples"]) for r in reports.values() if key in r]
     total = sum(n for _, n in pairs)
     return sum(v * n for v, n in pairs) / total if total else None

@@ -36,6 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--db", help="round store URL (store.db), e.g. sqlite:///pollinate.db")
     parser.add_argument("--output", help="where the adapter and partitions go (store.output-dir)")
     parser.add_argument("--data", help="your own CSV/JSONL corpus instead of the scenario's (data.dataset)")
+    parser.add_argument("--secagg", action="store_true",
+                        help="secure aggregation: the server learns only the sum of the uploads (secagg.enabled)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override any run config key, e.g. --set train.lr=5e-4 (repeatable)")
 
@@ -93,6 +95,8 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Scalar]:
                        ("data.dataset", args.data)):
         if value is not None:
             flat[key] = value
+    if getattr(args, "secagg", False):
+        flat["secagg.enabled"] = True
     return flat
 
 

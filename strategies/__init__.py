@@ -9,7 +9,7 @@ from __future__ import annotations
 from importlib.metadata import entry_points
 
 from proto.run_config import ConfigError, RunConfig
-from strategies.base import (AggregationError, ClientUpdate, Exchange, NamedArrays, Request, Strategy,
+from strategies.base import (AggregationError, ClientUpdate, Exchange, MeanUpdate, NamedArrays, Request, Strategy,
                              StrategyContext)
 from strategies.fedavg import FedAvg, FedProx
 from strategies.fedex_lora import FedExLora
@@ -54,8 +54,15 @@ def build(cfg: RunConfig) -> Strategy:
     if cls.lora_factors and cfg.adapter.method.lower() not in ("lora", "dora"):
         raise ConfigError(f"strategy {cls.name!r} works on LoRA factors (A, B), but adapter.method = "
                           f"{cfg.adapter.method!r}; use adapter.method = 'lora' or a strategy such as fedavg")
-    return cls(StrategyContext(rank=cfg.adapter.r, alpha=cfg.adapter.alpha, seed=cfg.seed, options=cfg.strategy))
+    strategy = cls(StrategyContext(rank=cfg.adapter.r, alpha=cfg.adapter.alpha, seed=cfg.seed, options=cfg.strategy))
+    if cfg.secagg.enabled and not strategy.linear:
+        linear = sorted(n for n, c in registry().items() if c.linear)
+        hint = " (or hetlora with strategy.hetlora-norm-weighting = false)" if cls.name == "hetlora" else ""
+        raise ConfigError(f"strategy {cls.name!r} needs every node's own update, but with secagg.enabled the server "
+                          f"learns only their sum; use a linear strategy: {linear}{hint}, or turn secure "
+                          f"aggregation off")
+    return strategy
 
 
-__all__ = ["AggregationError", "ClientUpdate", "Exchange", "NamedArrays", "Request", "Strategy", "StrategyContext",
-           "build", "get", "names", "registry"]
+__all__ = ["AggregationError", "ClientUpdate", "Exchange", "MeanUpdate", "NamedArrays", "Request", "Strategy",
+           "StrategyContext", "build", "get", "names", "registry"]

@@ -5,16 +5,19 @@ global adapter, PEFT-named arrays at the run's rank ``adapter.r``), each sampled
 assigned LoRA rank, and an ``exchange`` callable that sends one ``Request`` per node and
 returns the validated ``ClientUpdate``s that came back (rejected or failed replies are
 recorded by the server and simply absent). A round may call ``exchange`` more than once:
-that is how two-exchange strategies and secure aggregation fit without changing the
-server's round loop.
+that is how two-exchange strategies fit without changing the server's round loop.
+
+A *linear* strategy needs only the example-weighted mean of the replies. It asks for it with
+``exchange.mean(requests)`` and never sees one node's reply: that is the seam where secure
+aggregation (the server learns only the sum) and central DP (clip, then noise the mean) plug in.
 """
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from abc import ABC
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 import numpy as np
 
@@ -44,7 +47,35 @@ class ClientUpdate:
     metrics: Mapping[str, float] = field(default_factory=dict)
 
 
-Exchange = Callable[[Mapping[int, Request]], list[ClientUpdate]]
+@dataclass(frozen=True)
+class MeanUpdate:
+    """The example-weighted mean of one exchange's replies: all a linear strategy needs, all SecAgg reveals.
+
+    ``node_metrics`` are what each node reported beside its upload (num-examples, train-loss, ...):
+    plain numbers that travel in the clear even under secure aggregation.
+    """
+
+    tensors: NamedArrays  # sum_k n_k y_k / sum_k n_k over ``node_ids``
+    node_ids: tuple[int, ...]
+    num_examples: int
+    node_metrics: Mapping[int, Mapping[str, float]] = field(default_factory=dict)
+
+
+class Exchange(Protocol):
+    """How a strategy talks to the sampled nodes in one round (implemented by the server)."""
+
+    def __call__(self, requests: Mapping[int, Request]) -> list[ClientUpdate]:
+        """Each node's validated reply (the server sees every reply: not under secure aggregation)."""
+
+    def mean(self, requests: Mapping[int, Request]) -> MeanUpdate:
+        """Only the example-weighted mean of the replies (plain, or securely aggregated)."""
+
+
+def mean_of(updates: Sequence[ClientUpdate]) -> MeanUpdate:
+    """The ``MeanUpdate`` of individually received updates (what ``Exchange.mean`` computes in the clear)."""
+    tensors = weighted_mean([u.tensors for u in updates], example_weights(updates))
+    return MeanUpdate(tensors, tuple(u.node_id for u in updates), sum(u.num_examples for u in updates),
+                      {u.node_id: dict(u.metrics) for u in updates})
 
 
 @dataclass(frozen=True)
@@ -92,9 +123,11 @@ class Strategy(ABC):
 
     def run_round(self, state: NamedArrays, ranks: Mapping[int, int], exchange: Exchange,
                   round_number: int) -> NamedArrays:
-        """One federated round; the default is one training exchange, then ``aggregate``."""
-        updates = exchange({node: self.request(state, rank, round_number) for node, rank in ranks.items()})
-        return self.aggregate(state, updates, round_number)
+        """One federated round: one training exchange, then ``aggregate_mean`` (linear) or ``aggregate``."""
+        requests = {node: self.request(state, rank, round_number) for node, rank in ranks.items()}
+        if self.linear:
+            return self.aggregate_mean(state, exchange.mean(requests), round_number)
+        return self.aggregate(state, exchange(requests), round_number)
 
     def check_update(self, request: Request, tensors: NamedArrays) -> str | None:
         """Why one node's reply to ``request`` must be rejected, or None. Default: frozen factors unchanged."""
@@ -108,9 +141,15 @@ class Strategy(ABC):
                         f"{request.instructions.train_factors!r}) but came back changed")
         return None
 
-    @abstractmethod
     def aggregate(self, state: NamedArrays, updates: Sequence[ClientUpdate], round_number: int) -> NamedArrays:
-        """The next state from this round's accepted updates."""
+        """The next state from this round's accepted updates; a linear strategy needs only their mean."""
+        if not self.linear:
+            raise NotImplementedError(f"{self.name} is not linear: it must implement aggregate()")
+        return self.aggregate_mean(state, mean_of(updates), round_number)
+
+    def aggregate_mean(self, state: NamedArrays, mean: MeanUpdate, round_number: int) -> NamedArrays:
+        """The next state from the example-weighted mean of the replies (linear strategies implement this)."""
+        raise NotImplementedError(f"{self.name} is not linear: it aggregates individual updates (aggregate())")
 
     def evaluation_request(self, state: NamedArrays) -> Request:
         """What every node evaluates after a round: the exported global adapter at its own rank."""
@@ -124,6 +163,20 @@ class Strategy(ABC):
 
 def with_instructions(request: Request, **changes: object) -> Request:
     return replace(request, instructions=replace(request.instructions, **changes))
+
+
+def weighted_mean(tensors: Sequence[NamedArrays], weights: Sequence[float]) -> NamedArrays:
+    """sum_k w_k x_k per name, for weights that sum to 1; every input must hold the same names and shapes."""
+    names = tensors[0].keys()
+    out: NamedArrays = {}
+    for name in names:
+        acc = np.multiply(tensors[0][name], np.float32(weights[0]), dtype=np.float32)
+        scratch = np.empty_like(acc)  # one buffer reused for every w_k x_k: no allocation per client
+        for arrays, w in zip(tensors[1:], weights[1:], strict=True):
+            np.multiply(arrays[name], np.float32(w), out=scratch)
+            acc += scratch
+        out[name] = acc
+    return out
 
 
 def example_weights(updates: Sequence[ClientUpdate]) -> list[float]:

@@ -8,25 +8,9 @@ update (IA3 vectors, classifier heads) the mean is exact.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from strategies.base import MeanUpdate, NamedArrays, Request, Strategy, weighted_mean, with_instructions
 
-import numpy as np
-
-from strategies.base import ClientUpdate, NamedArrays, Request, Strategy, example_weights, with_instructions
-
-
-def weighted_mean(tensors: Sequence[NamedArrays], weights: Sequence[float]) -> NamedArrays:
-    """sum_k w_k x_k per name, for weights that sum to 1; every input must hold the same names and shapes."""
-    names = tensors[0].keys()
-    out: NamedArrays = {}
-    for name in names:
-        acc = np.multiply(tensors[0][name], np.float32(weights[0]), dtype=np.float32)
-        scratch = np.empty_like(acc)  # one buffer reused for every w_k x_k: no allocation per client
-        for arrays, w in zip(tensors[1:], weights[1:], strict=True):
-            np.multiply(arrays[name], np.float32(w), out=scratch)
-            acc += scratch
-        out[name] = acc
-    return out
+__all__ = ["FedAvg", "FedProx", "weighted_mean"]
 
 
 class FedAvg(Strategy):
@@ -36,8 +20,8 @@ class FedAvg(Strategy):
     heterogeneous_ranks = False
     linear = True
 
-    def aggregate(self, state: NamedArrays, updates: Sequence[ClientUpdate], round_number: int) -> NamedArrays:
-        return weighted_mean([u.tensors for u in updates], example_weights(updates))
+    def aggregate_mean(self, state: NamedArrays, mean: MeanUpdate, round_number: int) -> NamedArrays:
+        return dict(mean.tensors)
 
 
 class FedProx(FedAvg):

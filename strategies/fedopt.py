@@ -7,13 +7,12 @@ clients' part is plain FedAvg, so the server needs only a weighted sum: linear.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import ClassVar, Literal
 
 import numpy as np
 
-from strategies.base import ClientUpdate, NamedArrays, StrategyContext, example_weights
-from strategies.fedavg import FedAvg, weighted_mean
+from strategies.base import MeanUpdate, NamedArrays, StrategyContext
+from strategies.fedavg import FedAvg
 from strategies.fedopt_math import fedopt_step
 
 
@@ -27,14 +26,13 @@ class FedAdam(FedAvg):
         self.m: NamedArrays = {}
         self.v: NamedArrays = {}
 
-    def aggregate(self, state: NamedArrays, updates: Sequence[ClientUpdate], round_number: int) -> NamedArrays:
-        mean = weighted_mean([u.tensors for u in updates], example_weights(updates))
+    def aggregate_mean(self, state: NamedArrays, mean: MeanUpdate, round_number: int) -> NamedArrays:
         o = self.ctx.options
         out: NamedArrays = {}
         for name, x in state.items():
             m = self.m.get(name, np.zeros_like(x))
             v = self.v.get(name, np.full_like(x, o.tau**2))  # v_0 = tau^2 (Reddi et al. 2021, Alg. 2)
-            out[name], self.m[name], self.v[name] = fedopt_step(x, mean[name] - x, m, v, o.server_lr, o.beta1,
+            out[name], self.m[name], self.v[name] = fedopt_step(x, mean.tensors[name] - x, m, v, o.server_lr, o.beta1,
                                                                 o.beta2, o.tau, self.variant)
         return out
 

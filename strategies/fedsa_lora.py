@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-from strategies.base import ClientUpdate, NamedArrays, Request, example_weights, lora_pairs, with_instructions
-from strategies.fedavg import FedAvg, weighted_mean
+from strategies.base import MeanUpdate, NamedArrays, Request, lora_pairs, with_instructions
+from strategies.fedavg import FedAvg
 
 
 class FedSaLora(FedAvg):
@@ -30,7 +28,7 @@ class FedSaLora(FedAvg):
     def evaluation_request(self, state: NamedArrays) -> Request:
         return with_instructions(super().evaluation_request(state), personal_factors="B")
 
-    def aggregate(self, state: NamedArrays, updates: Sequence[ClientUpdate], round_number: int) -> NamedArrays:
-        out = weighted_mean([u.tensors for u in updates], example_weights(updates))
+    def aggregate_mean(self, state: NamedArrays, mean: MeanUpdate, round_number: int) -> NamedArrays:
+        out = dict(mean.tensors)
         out.update({b: state[b] for _, b in lora_pairs(state).values()})  # the server never sees a node's B
         return out

@@ -9,10 +9,8 @@ odd rounds train B with A frozen, even rounds train A with B frozen.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-from strategies.base import ClientUpdate, NamedArrays, Request, example_weights, lora_pairs, with_instructions
-from strategies.fedavg import FedAvg, weighted_mean
+from strategies.base import MeanUpdate, NamedArrays, Request, lora_pairs, with_instructions
+from strategies.fedavg import FedAvg
 
 
 class FfaLora(FedAvg):
@@ -28,10 +26,11 @@ class FfaLora(FedAvg):
         trained = "B" if self.frozen_factor(round_number) == "A" else "A"
         return with_instructions(super().request(state, rank, round_number), train_factors=trained)
 
-    def aggregate(self, state: NamedArrays, updates: Sequence[ClientUpdate], round_number: int) -> NamedArrays:
-        # Updates that changed the frozen factor were already rejected (Strategy.check_update).
+    def aggregate_mean(self, state: NamedArrays, mean: MeanUpdate, round_number: int) -> NamedArrays:
+        # In the clear, updates that changed the frozen factor were rejected (Strategy.check_update);
+        # under secure aggregation nobody can check, so the frozen factor is restored either way.
         frozen = [pair[0 if self.frozen_factor(round_number) == "A" else 1] for pair in lora_pairs(state).values()]
-        out = weighted_mean([u.tensors for u in updates], example_weights(updates))
+        out = dict(mean.tensors)
         out.update({k: state[k] for k in frozen})  # bit-exact: the frozen factor is what everybody had
         return out
 

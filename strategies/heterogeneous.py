@@ -18,7 +18,7 @@ from proto.instructions import Instructions
 from strategies.base import (ClientUpdate, NamedArrays, Request, Strategy, StrategyContext, example_weights,
                              lora_pairs)
 from strategies.fedavg import weighted_mean
-from strategies.lowrank import truncate_rank
+from strategies.lowrank import pad_rank, truncate_rank
 
 
 def at_rank(state: NamedArrays, rank: int, ctx: StrategyContext) -> NamedArrays:
@@ -28,6 +28,20 @@ def at_rank(state: NamedArrays, rank: int, ctx: StrategyContext) -> NamedArrays:
     for a_key, b_key in lora_pairs(state).values():
         a, b = truncate_rank(state[a_key], state[b_key], rank)
         out[a_key], out[b_key] = np.ascontiguousarray(a), np.ascontiguousarray(b * np.float32(ratio))
+    return out
+
+
+def to_global_rank(tensors: NamedArrays, rank: int, global_rank: int, alpha: float) -> NamedArrays:
+    """A node's rank-``rank`` adapter zero-padded to ``global_rank``, B rescaled into alpha / global_rank.
+
+    The inverse of ``at_rank`` for an upload: B A s_k = B' A' s_R, so uploads of every rank share
+    one shape and meaning, and their plain weighted mean is linear HetLoRA's aggregate.
+    """
+    out = dict(tensors)
+    ratio = (alpha / rank) / (alpha / global_rank)
+    for a_key, b_key in lora_pairs(tensors).values():
+        a, b = pad_rank(tensors[a_key], tensors[b_key] * np.float32(ratio), global_rank)
+        out[a_key], out[b_key] = a.astype(np.float32), b.astype(np.float32)
     return out
 
 

@@ -10,11 +10,12 @@ it linear (a weighted sum; secure aggregation works).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
 import numpy as np
 
-from strategies.base import ClientUpdate, NamedArrays, Request, StrategyContext, with_instructions
+from strategies.base import ClientUpdate, MeanUpdate, NamedArrays, Request, StrategyContext, with_instructions
 from strategies.heterogeneous import HeterogeneousLora
 from strategies.hetlora_math import hetlora_aggregate
 from strategies.lowrank import pad_rank
@@ -32,18 +33,32 @@ class HetLora(HeterogeneousLora):
         self.pruned: dict[int, int] = {}  # node -> the rank it pruned itself to
 
     def request(self, state: NamedArrays, rank: int, round_number: int) -> Request:
-        return with_instructions(super().request(state, rank, round_number),
-                                 prune_gamma=self.ctx.options.hetlora_prune)
+        request = with_instructions(super().request(state, rank, round_number),
+                                    prune_gamma=self.ctx.options.hetlora_prune)
+        if not self.linear:
+            return request
+        # Linear: the node zero-pads its upload to the global rank in the global scaling, so every
+        # upload has one shape and the mean is all the server needs (secure aggregation works).
+        return Request(request.tensors, replace(request.instructions, upload_rank=self.ctx.rank),
+                       reply_shapes={k: v.shape for k, v in state.items()})
 
     def assign_rank(self, node_id: int, capacity: int) -> int:
         """A node that pruned its rank last round keeps the pruned rank (HetLoRA's self-pruning)."""
         return min(super().assign_rank(node_id, capacity), self.pruned.get(node_id, self.ctx.rank))
 
     def aggregate(self, state: NamedArrays, updates: Sequence[ClientUpdate], round_number: int) -> NamedArrays:
-        for u in updates:
-            if "pruned-rank" in u.metrics:
-                self.pruned[u.node_id] = max(1, int(u.metrics["pruned-rank"]))
+        self._note_pruning({u.node_id: u.metrics for u in updates})
         return super().aggregate(state, updates, round_number)
+
+    def aggregate_mean(self, state: NamedArrays, mean: MeanUpdate, round_number: int) -> NamedArrays:
+        """Linear HetLoRA: the uploads arrive padded to rank R in the global scaling; their mean is the state."""
+        self._note_pruning(mean.node_metrics)
+        return dict(mean.tensors)
+
+    def _note_pruning(self, metrics: Mapping[int, Mapping[str, float]]) -> None:
+        for node, reported in metrics.items():
+            if "pruned-rank" in reported:
+                self.pruned[node] = max(1, int(reported["pruned-rank"]))
 
     def aggregate_pair(self, as_: Sequence[np.ndarray], bs: Sequence[np.ndarray], weights: Sequence[float],
                        scalings: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:

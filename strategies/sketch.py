@@ -5,12 +5,15 @@ the server only ever needs *sums* of client uploads, so it works under secure ag
 A randomised range finder (Halko, Martinsson & Tropp 2011, Alg. 4.1) run across clients:
 
 1. the server sends each client the global adapter at its rank, a seed and a sketch size s;
-   the client trains, then uploads Y_k = n_k s_k B_k (A_k Omega) (d_out x s) with the shared
-   Gaussian Omega (d_in x s) drawn from the seed, plus n_k x its other tensors (heads);
-2. the server orthonormalises Y = sum_k Y_k to Q (d_out x q) and sends Q; each client uploads
-   Z_k = Q^T (n_k s_k B_k A_k) = (Q^T B_k) A_k n_k s_k (q x d_in);
-3. Q (sum_k Z_k) / N = Delta W exactly (up to float error) when s >= sum_k r_k, because the
+   the client trains, then uploads Y_k = s_k B_k (A_k Omega) (d_out x s) with the shared
+   Gaussian Omega (d_in x s) drawn from the seed, plus its other tensors (heads);
+2. the server orthonormalises the example-weighted mean Y = sum_k p_k Y_k to Q (d_out x q) and
+   sends Q; each client uploads Z_k = Q^T (s_k B_k A_k) = (Q^T B_k) A_k s_k (q x d_in);
+3. Q (sum_k p_k Z_k) = Delta W exactly (up to float error) when s >= sum_k r_k, because the
    range of Delta W lies in the range of Y. The server keeps its best rank-R factorisation.
+
+Both exchanges need only the weighted mean of the uploads (``exchange.mean``), so secure
+aggregation hides every node's sketch and projection.
 
 No published federated LoRA system ships this for heterogeneous ranks (Bai et al. 2024 use a
 dense SVD of the materialised Delta W and need every client's factors).
@@ -52,28 +55,25 @@ class Sketch(HeterogeneousRanks):
             shapes = {k: state[k].shape for k in others}
             shapes.update({prefix + SKETCH_Y: (state[b].shape[0], size) for prefix, (_, b) in pairs.items()})
             first[node] = Request(sent, Instructions(round=round_number, rank=rank, upload="sketch-y",
-                                                     sketch_seed=seed, sketch_size=size, weight_uploads=True),
+                                                     sketch_seed=seed, sketch_size=size),
                                   reply_shapes=shapes)
-        updates = exchange(first)
-        total = sum(u.num_examples for u in updates)
-        out = {k: (sum(u.tensors[k] for u in updates) / np.float32(total)).astype(np.float32) for k in others}
-        bases = {prefix: orthonormal_basis(sum(u.tensors[prefix + SKETCH_Y] for u in updates))
-                 for prefix in pairs}
-        # Exchange 2 goes to the nodes whose sketch was accepted: their trained factors are what Q spans.
-        second = {u.node_id: Request({prefix + SKETCH_Q: q.astype(np.float32) for prefix, q in bases.items()},
-                                     Instructions(round=round_number, rank=ranks[u.node_id], upload="sketch-z",
-                                                  weight_uploads=True),
-                                     reply_shapes={prefix + SKETCH_Z: (q.shape[1], state[pairs[prefix][0]].shape[1])
-                                                   for prefix, q in bases.items()})
-                  for u in updates}
-        projections = exchange(second)
-        if {u.node_id for u in projections} != set(second):
-            missing = sorted(set(second) - {u.node_id for u in projections})
-            raise AggregationError(f"nodes {missing} answered the sketch but not the projection; the sum would "
+        sketches = exchange.mean(first)
+        out = {k: sketches.tensors[k].astype(np.float32) for k in others}
+        bases = {prefix: orthonormal_basis(sketches.tensors[prefix + SKETCH_Y]) for prefix in pairs}
+        # Exchange 2 goes to the nodes in the first mean: their trained factors are what Q spans.
+        second = {node: Request({prefix + SKETCH_Q: q.astype(np.float32) for prefix, q in bases.items()},
+                                Instructions(round=round_number, rank=ranks[node], upload="sketch-z"),
+                                reply_shapes={prefix + SKETCH_Z: (q.shape[1], state[pairs[prefix][0]].shape[1])
+                                              for prefix, q in bases.items()})
+                  for node in sketches.node_ids}
+        projections = exchange.mean(second)
+        if set(projections.node_ids) != set(second):
+            missing = sorted(set(second) - set(projections.node_ids))
+            raise AggregationError(f"nodes {missing} answered the sketch but not the projection; the mean would "
                                    f"mix two different sets of clients, so this round cannot be aggregated")
         s_global = self.ctx.scaling(self.ctx.rank)
         for prefix, (a_key, b_key) in pairs.items():
-            z = sum(u.tensors[prefix + SKETCH_Z] for u in projections) / np.float32(total)
+            z = projections.tensors[prefix + SKETCH_Z]
             a, b = sketch_factors(bases[prefix], z, self.ctx.rank)  # Delta W ~= b @ a
             out[a_key], out[b_key] = a.astype(np.float32), (b / np.float32(s_global)).astype(np.float32)
         return out

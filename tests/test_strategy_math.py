@@ -1,12 +1,12 @@
 """Strategy-level identities on named arrays, checked against dense references (hypothesis).
 
 Clients here are pure functions of what they are sent (their "training" adds a random update),
-and the exchange is a plain callable: exactly what the server's GridExchange gives a strategy.
+and the exchange is in memory (InMemoryExchange): the same two calls the server's RoundExchange offers.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 from hypothesis import given, settings
@@ -16,7 +16,7 @@ from client.sketch import sketch_y, sketch_z
 from flwr.app import RecordDict
 from proto.instructions import Instructions
 from strategies import ClientUpdate, Request, StrategyContext, build
-from strategies.base import lora_pairs
+from strategies.base import MeanUpdate, lora_pairs, mean_of
 from strategies.fedex_lora import FedExLora
 from strategies.flexlora import FlexLora
 from strategies.flora import FLora
@@ -112,6 +112,19 @@ def test_flora_merges_exactly_the_weighted_sum_of_products(seed: int, ranks: lis
     assert close(deltas[P][1].astype(np.float64) @ deltas[P][0], expected)
 
 
+class InMemoryExchange:
+    """The server's exchange without a network: ``answer`` plays every node; ``mean`` is computed in the clear."""
+
+    def __init__(self, answer: Callable[[Mapping[int, Request]], list[ClientUpdate]]) -> None:
+        self.answer = answer
+
+    def __call__(self, requests: Mapping[int, Request]) -> list[ClientUpdate]:
+        return self.answer(requests)
+
+    def mean(self, requests: Mapping[int, Request]) -> MeanUpdate:
+        return mean_of(self.answer(requests))
+
+
 def _trained(request: Request, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """A node's 'training': a random update of the factors it was sent."""
     return {k: v + 0.5 * rng.standard_normal(v.shape).astype(np.float32) for k, v in request.tensors.items()}
@@ -126,21 +139,21 @@ def test_sketch_recovers_the_flexlora_target_exactly_through_two_summed_exchange
     node_state = {i: RecordDict() for i in counts}
     trained: dict[int, dict[str, np.ndarray]] = {}
 
-    def exchange(requests: Mapping[int, Request]) -> list[ClientUpdate]:
+    def answer(requests: Mapping[int, Request]) -> list[ClientUpdate]:
         out = []
         for node, request in requests.items():
             ins = request.instructions
             if ins.upload == "sketch-y":
                 trained[node] = _trained(request, rng)
-                tensors = sketch_y(trained[node], ins, counts[node], ctx.scaling(ins.rank), node_state[node])
+                tensors = sketch_y(trained[node], ins, ctx.scaling(ins.rank), node_state[node])
             else:
-                tensors = sketch_z(request.tensors, ins, counts[node], ctx.scaling(ins.rank), node_state[node])
+                tensors = sketch_z(request.tensors, ins, ctx.scaling(ins.rank), node_state[node])
             out.append(ClientUpdate(node, tensors, counts[node], ins.rank))
         return out
 
     state = adapter(rng, ctx.rank)
     ranks_by_node = {i: r for i, r in enumerate(ranks)}
-    new = Sketch(ctx).run_round(state, ranks_by_node, exchange, round_number=1)
+    new = Sketch(ctx).run_round(state, ranks_by_node, InMemoryExchange(answer), round_number=1)
     total = sum(counts.values())
     target = sum(counts[n] / total * dense(trained[n], ctx.scaling(r)) for n, r in ranks_by_node.items())
     assert close(dense(new, ctx.scaling(ctx.rank)), target, tol=1e-3)
@@ -190,3 +203,25 @@ def test_hetlora_self_pruning_zeroes_the_tail_and_the_node_keeps_the_smaller_ran
     assert strategy.request(adapter(rng, 6), 6, 1).instructions.prune_gamma == 1e-6
     strategy.aggregate(adapter(rng, 6), [ClientUpdate(7, pruned, 10, 6, {"pruned-rank": 2.0})], 1)
     assert strategy.assign_rank(7, capacity=0) == 2 and strategy.assign_rank(8, capacity=0) == 6
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2**31), ranks=st.lists(st.integers(1, 4), min_size=1, max_size=4))
+def test_linear_hetlora_mean_of_client_padded_uploads_equals_padding_on_the_server(seed: int, ranks: list[int]) -> None:
+    from proto.run_config import StrategyConfig
+    from strategies.heterogeneous import to_global_rank
+    from strategies.hetlora import HetLora
+
+    rng = np.random.default_rng(seed)
+    ctx = StrategyContext(rank=4, alpha=8.0, options=StrategyConfig(hetlora_norm_weighting=False))
+    strategy, state = HetLora(ctx), adapter(rng, 4)
+    assert strategy.linear and strategy.request(state, 2, 1).instructions.upload_rank == 4
+    updates = [ClientUpdate(node, _trained(Request(at_rank(state, r, ctx)), rng), int(rng.integers(1, 50)), r)
+               for node, r in enumerate(ranks)]
+    on_server = strategy.aggregate(state, updates, 1)
+    padded = [ClientUpdate(u.node_id, to_global_rank(u.tensors, u.rank, 4, ctx.alpha), u.num_examples, u.rank)
+              for u in updates]
+    on_clients = strategy.aggregate_mean(state, mean_of(padded), 1)
+    assert on_clients.keys() == on_server.keys()
+    for k in on_server:
+        np.testing.assert_allclose(on_clients[k], on_server[k], rtol=1e-5, atol=1e-6)

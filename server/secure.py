@@ -1,0 +1,188 @@
+"""The coordinator's side of secure aggregation: ``RoundExchange.mean`` as four SecAgg+ exchanges.
+
+1. ``train`` + Setup: each node trains as usual, keeps its upload, and answers with its public keys
+   and its report (num-examples, train-loss travel in the clear);
+2. ``train.secagg-share``: neighbours' public keys -> encrypted shares of the node's two secrets;
+3. ``train.secagg-mask``: the shares addressed to the node and its weight n_k / N -> the masked,
+   quantised, weighted upload;
+4. ``train.secagg-unmask``: who survived and who dropped -> the shares needed to remove the masks.
+
+The server learns sum_k (n_k / N) y_k over the nodes whose masked input arrived, dequantises it and
+divides by their share of the weight: the example-weighted mean, as in the clear, within the
+quantisation error of ``secagg.quantize`` (per value <= n c / 2^bits). The protocol itself is
+``secagg.ServerSession``; this module only moves its messages through Flower's Grid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from typing import TypeVar
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+
+from proto.adapter_record import ADAPTER, INSTRUCTIONS, UpdateRejected, to_record
+from proto.run_config import RunConfig
+from proto.secagg_record import (CLIPPED, LAYOUT, SECAGG, STAGE_ACTIONS, WEIGHT, from_config, layout_record,
+                                 masked_from_record, to_config)
+from secagg import (EncryptedShares, PublicKeys, Quantization, RoundConfig, SecAggError, ServerSession,
+                    UnmaskShares, dequantize_sum, minimum_threshold, regular_graph, suggested_degree)
+from server.rounds import RoundFailed, RoundLedger, read_report, send_and_collect
+from server.store import ClientRecord
+from strategies import MeanUpdate, NamedArrays, Request
+
+M = TypeVar("M", PublicKeys, EncryptedShares, UnmaskShares)
+
+
+class SecureAggregation:
+    """The example-weighted mean of one exchange's uploads, of which the server sees only the sum."""
+
+    def __init__(self, grid: Grid, cfg: RunConfig, round_number: int, ledger: RoundLedger) -> None:
+        self.grid, self.cfg, self.round_number, self.ledger = grid, cfg, round_number, ledger
+        self.exchanges = 0
+        self.clipped = 0  # weighted values clipped to [-c, c] by the nodes this round (secagg.clip-range)
+
+    def __call__(self, requests: Mapping[int, Request]) -> MeanUpdate:
+        self.exchanges += 1
+        try:
+            return self._run(requests)
+        except SecAggError as err:
+            raise RoundFailed(f"round {self.round_number}: secure aggregation failed: {err}. If nodes dropped, "
+                              f"start more nodes, or lower secagg.threshold (it must stay above half the degree) "
+                              f"or raise secagg.degree") from err
+
+    def _run(self, requests: Mapping[int, Request]) -> MeanUpdate:
+        nodes = sorted(requests)
+        layout = _layout(requests)
+        session = ServerSession(self._round_config(nodes, sum(size for _, size, _ in layout)))
+        index = {node: i for i, node in enumerate(nodes)}  # SecAgg ids: positions, never Flower node ids
+        setups = session.setup()
+
+        # Stage 1: train, then advertise keys.
+        contents = {node: RecordDict({ADAPTER: to_record(requests[node].tensors, self.cfg.federation.wire_dtype),
+                                      INSTRUCTIONS: self._instructions(requests[node]),
+                                      SECAGG: to_config(setups[index[node]]),
+                                      LAYOUT: layout_record([n for n, _, _ in layout], [s for _, s, _ in layout])})
+                    for node in nodes}
+        reports: dict[int, dict[str, float]] = {}
+
+        def keys(node: int, reply: Message) -> None:
+            reports[node] = read_report(reply)
+            session.receive_keys(_sent_by(index[node], PublicKeys, reply))
+
+        self._stage("train", contents, keys)
+        # Stage 2: neighbours' keys -> encrypted shares.
+        forwarded = session.forward_keys()
+        self._stage(STAGE_ACTIONS[0], {node: RecordDict({SECAGG: to_config(forwarded[index[node]])})
+                                       for node in nodes if index[node] in forwarded},
+                    lambda node, reply: session.receive_shares(_sent_by(index[node], EncryptedShares, reply)))
+        # Stage 3: shares + weight -> masked input. N counts the nodes still in the round (U2).
+        deliveries = session.route_shares()
+        in_round = [node for node in nodes if index[node] in deliveries]
+        total_examples = sum(reports[node]["num-examples"] for node in in_round)
+        weights = {node: reports[node]["num-examples"] / total_examples for node in in_round}
+        q = session.config.quantization
+
+        def masked(node: int, reply: Message) -> None:
+            message = masked_from_record(reply.content, session.config.vector_length, q.dtype)
+            if message.sender != index[node]:
+                raise SecAggError(f"MaskedInput claims SecAgg id {message.sender}, but its node has id {index[node]}")
+            session.receive_masked_input(message)
+            clipped = reply.content.metric_records.get(CLIPPED)
+            self.clipped += int(clipped.get("count", 0)) if clipped is not None else 0
+
+        self._stage(STAGE_ACTIONS[1], {node: RecordDict({SECAGG: to_config(deliveries[index[node]]),
+                                                         WEIGHT: ConfigRecord({"weight": weights[node]})})
+                                       for node in in_round}, masked)
+        # Stage 4: survivors and dropouts -> the shares that remove the masks.
+        unmask = session.unmask_requests()
+        self._stage(STAGE_ACTIONS[2], {node: RecordDict({SECAGG: to_config(unmask[index[node]])})
+                                       for node in nodes if index[node] in unmask},
+                    lambda node, reply: session.receive_unmask(_sent_by(index[node], UnmaskShares, reply)))
+        total = session.aggregate()
+        survivors = [nodes[i] for i in session.survivors]
+        weight = sum(weights[node] for node in survivors)
+        flat = dequantize_sum(total, len(survivors), q) / weight
+        return MeanUpdate(_unflatten(flat, layout), tuple(survivors),
+                          int(sum(reports[node]["num-examples"] for node in survivors)),
+                          {node: reports[node] for node in survivors})
+
+    def _round_config(self, nodes: list[int], length: int) -> RoundConfig:
+        sa, n = self.cfg.secagg, len(nodes)
+        if n < 2:
+            raise RoundFailed(f"round {self.round_number}: secure aggregation needs at least 2 nodes, "
+                              f"{n} were sampled; lower nothing, start more nodes")
+        graph = regular_graph(range(n), sa.degree or suggested_degree(n), seed=self.cfg.seed * 7919 + self.exchanges)
+        degrees = {len(vs) for vs in graph.values()}
+        threshold = sa.threshold or minimum_threshold(max(degrees))
+        try:
+            return RoundConfig(round_id=self.round_number * 16 + self.exchanges, neighbours=graph,
+                               threshold=threshold, vector_length=length,
+                               quantization=Quantization(sa.clip_range, 2**sa.bits, sa.modulus_bits))
+        except ValueError as err:
+            raise RoundFailed(f"round {self.round_number}: secure aggregation config does not fit {n} nodes: "
+                              f"{err}") from err
+
+    def _instructions(self, request: Request) -> ConfigRecord:
+        return ConfigRecord(replace(request.instructions, round=self.round_number).to_record_values())
+
+    def _stage(self, action: str, contents: Mapping[int, RecordDict],
+               accept: Callable[[int, Message], None]) -> None:
+        """Send one stage's messages; hand each reply to ``accept``; record every outcome in the ledger."""
+        message_type = action if action == "train" else f"train.{action}"
+
+        def record(node: int, status: str, reason: str | None, **kwargs: object) -> None:
+            self.ledger.clients.append(ClientRecord(node_id=node, phase=message_type, status=status, reason=reason,
+                                                    **kwargs))  # type: ignore[arg-type]
+
+        replies = send_and_collect(self.grid, contents, message_type, self.round_number,
+                                   self.cfg.federation.round_timeout, record)
+        for node, reply in replies.items():
+            down, up = _bytes(contents[node]), _bytes(reply.content)
+            try:
+                accept(node, reply)
+            except (SecAggError, UpdateRejected) as err:
+                record(node, "rejected", str(err), bytes_down=down)
+                continue
+            report = reply.content.metric_records.get("report")
+            record(node, "accepted", None, bytes_up=up, bytes_down=down,
+                   num_examples=int(report["num-examples"]) if report is not None else 0)
+
+
+def _bytes(content: RecordDict) -> int:
+    """What one message's records cost on the wire: tensor data, keys, shares and their names."""
+    return sum(record.count_bytes() for record in content.values())
+
+
+def _sent_by(secagg_id: int, cls: type[M], reply: Message) -> M:
+    """Decode a stage reply and check it speaks for the node that sent it (no node answers for another)."""
+    message = from_config(cls, reply.content.config_records.get(SECAGG))
+    if message.sender != secagg_id:
+        raise SecAggError(f"{cls.__name__} claims SecAgg id {message.sender}, but its node has id {secagg_id}")
+    return message
+
+
+def _layout(requests: Mapping[int, Request]) -> list[tuple[str, int, tuple[int, ...]]]:
+    """(name, size, shape) of the upload in vector order; every node must upload the same layout."""
+    layouts = set()
+    for request in requests.values():
+        shapes = request.reply_shapes if request.reply_shapes is not None \
+            else {k: v.shape for k, v in request.tensors.items()}
+        layouts.add(tuple((name, int(np.prod(shape, dtype=np.int64)), tuple(shape))
+                          for name, shape in sorted(shapes.items())))
+    if len(layouts) != 1:
+        raise RoundFailed("secure aggregation sums one vector per node, but this strategy asks nodes for uploads "
+                          "of different shapes; use a strategy whose uploads share one shape (linear strategies "
+                          "in `pollinate strategies`)")
+    return list(layouts.pop())
+
+
+def _unflatten(flat: np.ndarray, layout: list[tuple[str, int, tuple[int, ...]]]) -> NamedArrays:
+    out: NamedArrays = {}
+    offset = 0
+    for name, size, shape in layout:
+        out[name] = flat[offset:offset + size].reshape(shape).astype(np.float32)
+        offset += size
+    return out
