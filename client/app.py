@@ -167,7 +167,8 @@ def train_adapter(msg: Message, context: Context) -> Message:
         if cfg.privacy.mode == "local":
             trained = privatise_upload(received, trained, instructions.train_factors, plan)
         budget.record(plan.run_key, plan.spent)  # before the reply leaves: what was released is counted
-        report.update(plan.report(cfg.privacy.delta))
+        # The training loss is a function of the private examples that no noise covers: it stays here.
+        report = MetricRecord({"num-examples": len(train_set), **plan.report(cfg.privacy.delta)})
     if instructions.prune_gamma > 0:  # hetlora self-pruning: zero the negligible tail, tell the server
         trained, pruned_rank = prune_tail(trained, instructions.prune_gamma)
         report["pruned-rank"] = pruned_rank

@@ -11,6 +11,7 @@ removed afterwards: the same PeftModel serves evaluation and the next round.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -64,7 +65,9 @@ def train_dp(model: PeftModel, batches: Iterator[Batch | None], cfg: TrainConfig
                     loss = per_example_mean_loss(private, {k: v.to(device) for k, v in batch.items()})
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"training loss became {loss.item()}; lower train.lr (now {cfg.lr})")
-                loss.backward()
+                with warnings.catch_warnings():  # the frozen base's inputs need no grad: expected, not a problem
+                    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                    loss.backward()
                 total, counted = total + loss.item(), counted + 1
             optimiser.step()
             optimiser.zero_grad(set_to_none=True)

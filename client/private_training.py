@@ -21,12 +21,11 @@ from transformers import PreTrainedTokenizerBase
 
 from client.data import Example, poisson_batches
 from client.dp_sgd import train_dp
-from client.train import frozen_tag
 from privacy.accountant import Release, calibrate_noise_multiplier
 from privacy.budget import BudgetFile, SpentRound
 from privacy.central import add_gaussian_noise, clip_delta, delta_of
 from privacy.ledger import MECHANISMS
-from proto.instructions import Instructions
+from proto.instructions import Instructions, trained_names
 from proto.run_config import RunConfig
 
 PRIVACY_STATE = "privacy-state"  # node config key: the budget file (default: beside the node's data)
@@ -108,8 +107,7 @@ def privatise_upload(received: Mapping[str, np.ndarray], trained: Mapping[str, n
     mechanism with multiplier z needs std 2 z C (Dwork & Roth 2014, Thm. A.1 with sensitivity 2C).
     A frozen factor comes back exactly as received.
     """
-    frozen = frozen_tag(train_factors)
-    names = [k for k in trained if frozen is None or frozen not in k]
+    names = trained_names(trained, train_factors)
     clipped, _ = clip_delta(delta_of({k: trained[k] for k in names}, received), plan.spent.clip_norm)
     std = 2 * plan.spent.noise_multiplier * plan.spent.clip_norm
     noisy = add_gaussian_noise(clipped, std, names, np.random.default_rng())  # fresh OS entropy

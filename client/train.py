@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from peft import PeftModel
 
+from proto.instructions import frozen_factor_tag
 from proto.run_config import TrainConfig
 
 
@@ -39,15 +40,10 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager[None]:
     return torch.autocast("cuda", dtype=dtype)
 
 
-def frozen_tag(train_factors: str) -> str | None:
-    """The name fragment of the LoRA factor held frozen when training ``train_factors`` (None: none frozen)."""
-    return {"all": None, "A": ".lora_B.", "B": ".lora_A."}[train_factors]
-
-
 def trainable_parameters(model: PeftModel, train_factors: str) -> list[torch.nn.Parameter]:
     """The adapter parameters to train: all, or with LoRA's A or B held frozen (others stay as received)."""
     tag = f".{model.active_adapter}"  # PEFT keeps every adapter parameter under its adapter name
-    frozen = frozen_tag(train_factors)
+    frozen = frozen_factor_tag(train_factors)
     params = []
     for name, p in model.named_parameters():
         if f"{tag}." not in name and not name.endswith(tag):

@@ -7,13 +7,24 @@ fold these base deltas into the frozen weights, upload the adapter or a sketch o
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, fields
 
 from proto.run_config import Scalar
 
 TRAIN_FACTORS = ("all", "A", "B")  # which LoRA factors the node trains (the others stay as sent)
 UPLOADS = ("adapter", "sketch-y", "sketch-z")
+
+
+def frozen_factor_tag(train_factors: str) -> str | None:
+    """The state-dict name fragment of the LoRA factor held frozen when training ``train_factors`` (None: none)."""
+    return {"all": None, "A": ".lora_B.", "B": ".lora_A."}[train_factors]
+
+
+def trained_names(names: Iterable[str], train_factors: str) -> list[str]:
+    """The adapter tensors a node trains under ``train_factors``: noise goes on these only."""
+    frozen = frozen_factor_tag(train_factors)
+    return [k for k in names if frozen is None or frozen not in k]
 
 
 @dataclass(frozen=True)
