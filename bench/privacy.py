@@ -151,6 +151,8 @@ def main() -> None:
     parser.add_argument("--overhead-steps", type=int, default=20)
     parser.add_argument("--from-db", help="re-render from an earlier run's bench.db instead of simulating")
     parser.add_argument("--skip-overhead", action="store_true")
+    parser.add_argument("--epsilons", default="1,3,8,inf", help="per-node budgets to run (inf: no DP)")
+    parser.add_argument("--workdir", help="add runs to this earlier bench directory (its bench.db)")
     parser.add_argument("--probe", choices=["plain", "dp-sgd"], help=argparse.SUPPRESS)
     parser.add_argument("--probe-steps", type=int, default=20, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -163,11 +165,14 @@ def main() -> None:
         saved = Path(args.from_db).parent / "overhead.json"
         render(utility_rows(Path(args.from_db)), json.loads(saved.read_text()) if saved.exists() else None, command)
         return
-    workdir = REPO / "runs" / f"bench-privacy-{time.strftime('%Y%m%d-%H%M%S')}"
-    workdir.mkdir(parents=True)
-    cost = None if args.skip_overhead else overhead(args.overhead_steps)
-    (workdir / "overhead.json").write_text(json.dumps(cost))
-    for epsilon in EPSILONS:  # the most telling (small epsilon) first, so a cut-short bench still says something
+    workdir = Path(args.workdir) if args.workdir else REPO / "runs" / f"bench-privacy-{time.strftime('%Y%m%d-%H%M%S')}"
+    workdir.mkdir(parents=True, exist_ok=True)
+    saved = workdir / "overhead.json"
+    cost = json.loads(saved.read_text()) if saved.exists() else None
+    if cost is None and not args.skip_overhead:
+        cost = overhead(args.overhead_steps)
+        saved.write_text(json.dumps(cost))
+    for epsilon in (float(e) for e in args.epsilons.split(",")):  # in the order given: the most telling first
         for strategy in STRATEGIES:
             simulate(strategy, epsilon, workdir, args.rounds, args.local_steps, args.eval_examples)
             render(utility_rows(workdir / "bench.db"), cost, command)

@@ -20,7 +20,7 @@ from dataclasses import replace
 from typing import TypeVar
 
 import numpy as np
-from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from proto.adapter_record import ADAPTER, INSTRUCTIONS, UpdateRejected, to_record
@@ -152,8 +152,19 @@ class SecureAggregation:
 
 
 def _bytes(content: RecordDict) -> int:
-    """What one message's records cost on the wire: tensor data, keys, shares and their names."""
-    return sum(record.count_bytes() for record in content.values())
+    """What one message's records cost on the wire: tensor data, keys, shares and their names.
+
+    Not ``ConfigRecord.count_bytes``: in flwr 1.42 it raises on an empty string value.
+    """
+    total = 0
+    for record in content.values():
+        if isinstance(record, ArrayRecord):
+            total += record.count_bytes()
+            continue
+        for key, value in record.items():
+            values = value if isinstance(value, list) else [value]
+            total += len(key) + sum(len(v) if isinstance(v, str | bytes) else 8 for v in values)
+    return total
 
 
 def _sent_by(secagg_id: int, cls: type[M], reply: Message) -> M:
