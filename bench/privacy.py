@@ -108,6 +108,18 @@ def overhead(steps: int, repeats: int = 2) -> dict[str, list[dict[str, float]]]:
     return results
 
 
+def noised_parameters() -> dict[str, int]:
+    """How many adapter values DP-SGD clips and noises at each step, per strategy (the trained ones)."""
+    from models import adapter_state, build_peft_model
+    from proto.instructions import trained_names
+    from simulations.cli import load_scenario
+
+    cfg, _ = load_scenario(SCENARIO)
+    state = adapter_state(build_peft_model(cfg)[0])
+    return {name: sum(state[k].size for k in trained_names(state, factors))
+            for name, factors in (("fedavg", "all"), ("ffa-lora", "B"))}
+
+
 def _eps(value: float) -> str:
     return "inf (no DP)" if math.isinf(value) else f"{value:g}"
 
@@ -125,7 +137,9 @@ def render(rows: list[dict[str, object]], cost: dict[str, list[dict[str, float]]
             f"(batch 16), evaluation on up to {rows[0]['eval_examples'] if rows else '?'} held-out examples per node, "
             f"`--dp sample` (DP-SGD on every node, Poisson sampling q = 16 / n, per-example clip norm {CLIP_NORM}, "
             f"delta 1e-5, z calibrated so the whole run spends the budget). Accuracy is the federated evaluation "
-            f"after the last round.\n", "\n".join(lines), ""]
+            f"after the last round.\n", "\n".join(lines), "",
+            "Values DP-SGD clips and noises per step (LoRA factors + classifier head): " + ", ".join(
+                f"{name} {count:,}" for name, count in noised_parameters().items()) + ".\n"]
     if cost:
         # The least disturbed run of each (the minimum) estimates the cost best on a shared machine.
         best = {m: {k: min(p[k] for p in ps) for k in ps[0]} for m, ps in cost.items()}
