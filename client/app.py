@@ -15,18 +15,21 @@ from pathlib import Path
 
 import torch
 import numpy as np
-from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from peft import PeftModel
 
 from client.data import Example, batches, endless_batches, read_examples, split
 from client import secure
+from client.private_training import (BudgetRefused, PrivateRound, budget_file, plan_round, privatise_upload,
+                                     train_sample_dp)
 from client.sketch import sketch_y, sketch_z
 from client.train import evaluate, resolve_device, train
 from models import BaseModel, adapter_state, build_peft_model, load_adapter_state, set_base_deltas
 from proto.adapter_record import (ADAPTER, INSTRUCTIONS, REPORT, from_record, refuse_outside, specs_of,
                                   to_record)
 from proto.instructions import Instructions
+from privacy.ledger import REFUSAL_CODE
 from proto.run_config import RunConfig
 from proto.secagg_record import STAGE_ACTIONS
 from strategies.base import lora_pairs
@@ -142,13 +145,30 @@ def train_adapter(msg: Message, context: Context) -> Message:
         received = from_record(msg.content.array_records[ADAPTER])
         tensors = sketch_z(received, instructions, scaling, context.state)
         return _reply(msg, context, cfg, tensors, MetricRecord({"num-examples": len(train_set)}))
+    budget = budget_file(config, str(config[DATA_PATH]))
+    plan: PrivateRound | None = None
+    if cfg.privacy.mode in ("sample", "local"):
+        try:
+            plan = plan_round(cfg, instructions, len(train_set), budget)
+        except BudgetRefused as e:
+            return Message(Error(code=REFUSAL_CODE, reason=str(e)), reply_to=msg)
     model, base = _prepare(msg, cfg, instructions, config, context.state, training=True)
-    round_seed = zlib.crc32(f"{cfg.seed}/{context.node_id}/{instructions.round}".encode())
-    stream = endless_batches(train_set, base.tokenizer, cfg.model, cfg.train.batch_size, round_seed)
-    loss = train(model, stream, cfg.train, _device(cfg, config), instructions.train_factors,
-                 instructions.proximal_mu)
+    received = adapter_state(model)
+    if plan is not None and cfg.privacy.mode == "sample":
+        loss = train_sample_dp(model, train_set, base.tokenizer, cfg, _device(cfg, config), instructions, plan)
+    else:
+        round_seed = zlib.crc32(f"{cfg.seed}/{context.node_id}/{instructions.round}".encode())
+        stream = endless_batches(train_set, base.tokenizer, cfg.model, cfg.train.batch_size, round_seed)
+        loss = train(model, stream, cfg.train, _device(cfg, config), instructions.train_factors,
+                     instructions.proximal_mu)
     trained = adapter_state(model)
     report = MetricRecord({"num-examples": len(train_set), "train-loss": loss})
+    if plan is not None:  # everything below is post-processing of a private adapter
+        if cfg.privacy.mode == "local":
+            trained = privatise_upload(received, trained, instructions.train_factors, plan)
+        budget.record(plan.run_key, plan.spent)  # before the reply leaves: what was released is counted
+        # The training loss is a function of the private examples that no noise covers: it stays here.
+        report = MetricRecord({"num-examples": len(train_set), **plan.report(cfg.privacy.delta)})
     if instructions.prune_gamma > 0:  # hetlora self-pruning: zero the negligible tail, tell the server
         trained, pruned_rank = prune_tail(trained, instructions.prune_gamma)
         report["pruned-rank"] = pruned_rank

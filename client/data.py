@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from transformers import PreTrainedTokenizerBase
 
 from proto.run_config import DataConfig, ModelConfig
@@ -80,6 +81,24 @@ def endless_batches(examples: list[Example], tokenizer: PreTrainedTokenizerBase,
     while True:
         yield from batches(examples, tokenizer, model, batch_size, seed * 1_000_003 + epoch)
         epoch += 1
+
+
+def poisson_batches(examples: list[Example], tokenizer: PreTrainedTokenizerBase, model: ModelConfig,
+                    sample_rate: float, seed: int | None) -> Iterator[dict[str, torch.Tensor] | None]:
+    """Batches with every example drawn independently with probability ``sample_rate``, forever.
+
+    Poisson sampling is what DP-SGD's privacy amplification by subsampling assumes (Abadi et al.
+    2016; Opacus' sampler); batch sizes vary and an empty batch is ``None``. ``seed`` None: fresh entropy.
+    """
+    generator = torch.Generator()
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    sampler = UniformWithReplacementSampler(num_samples=len(examples), sample_rate=sample_rate, generator=generator)
+    while True:
+        for indices in sampler:
+            yield _collate([examples[i] for i in indices], tokenizer, model) if len(indices) else None
 
 
 def _collate(chunk: list[Example], tokenizer: PreTrainedTokenizerBase, model: ModelConfig) -> dict[str, torch.Tensor]:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from peft import PeftModel
 
+from proto.instructions import frozen_factor_tag
 from proto.run_config import TrainConfig
 
 
@@ -32,17 +33,17 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def _autocast(device: torch.device) -> contextlib.AbstractContextManager[None]:
+def autocast(device: torch.device) -> contextlib.AbstractContextManager[None]:
     if device.type != "cuda":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.autocast("cuda", dtype=dtype)
 
 
-def _trainable(model: PeftModel, train_factors: str) -> list[torch.nn.Parameter]:
+def trainable_parameters(model: PeftModel, train_factors: str) -> list[torch.nn.Parameter]:
     """The adapter parameters to train: all, or with LoRA's A or B held frozen (others stay as received)."""
     tag = f".{model.active_adapter}"  # PEFT keeps every adapter parameter under its adapter name
-    frozen = {"all": None, "A": ".lora_B.", "B": ".lora_A."}[train_factors]
+    frozen = frozen_factor_tag(train_factors)
     params = []
     for name, p in model.named_parameters():
         if f"{tag}." not in name and not name.endswith(tag):
@@ -61,7 +62,7 @@ def train(model: PeftModel, batches: Iterator[dict[str, torch.Tensor]], cfg: Tra
     mu/2 ||w - w_received||^2 over the trained tensors (Li et al. 2020, Eq. 2).
     """
     model.to(device).train()
-    params = _trainable(model, train_factors)
+    params = trainable_parameters(model, train_factors)
     anchors = [p.detach().clone() for p in params] if proximal_mu > 0 else []
     optimiser = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     use_scaler = device.type == "cuda" and not torch.cuda.is_bf16_supported()
@@ -69,7 +70,7 @@ def train(model: PeftModel, batches: Iterator[dict[str, torch.Tensor]], cfg: Tra
     total = 0.0
     for _ in range(cfg.local_steps):
         batch = {k: v.to(device) for k, v in next(batches).items()}
-        with _autocast(device):
+        with autocast(device):
             loss = model(**batch).loss
         if anchors:
             loss = loss + proximal_mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(params, anchors, strict=True))
@@ -92,7 +93,7 @@ def evaluate(model: PeftModel, batches: Iterable[dict[str, torch.Tensor]], devic
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
         labels = batch.pop("labels")
-        with _autocast(device):
+        with autocast(device):
             logits = model(**batch).logits.float()
         examples += labels.shape[0]
         if logits.dim() == 2:  # classification: one label per example

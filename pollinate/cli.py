@@ -34,6 +34,18 @@ def _runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _privacy(args: argparse.Namespace) -> int:
+    from server.report import privacy_json, privacy_table
+    from server.store import RoundStore
+
+    store = RoundStore(args.db)
+    if args.json:
+        print(json.dumps(privacy_json(store, args.run), indent=2))
+    else:
+        console.print(privacy_table(store, args.run))
+    return 0
+
+
 def _strategies(args: argparse.Namespace) -> int:
     import strategies
 
@@ -95,6 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     runs.add_argument("--db", default="sqlite:///pollinate.db", help="round store URL")
     runs.add_argument("--json", action="store_true", help="machine-readable output")
     runs.set_defaults(func=_runs)
+    priv = sub.add_parser("privacy", help="a run's privacy report: guarantee, epsilon spent, the privacy ledger")
+    priv.add_argument("run", type=int, help="the run id (`pollinate runs`)")
+    priv.add_argument("--db", default="sqlite:///pollinate.db", help="round store URL")
+    priv.add_argument("--json", action="store_true", help="machine-readable output")
+    priv.set_defaults(func=_privacy)
     strat = sub.add_parser("strategies", help="list aggregation strategies and their properties")
     strat.add_argument("--json", action="store_true", help="machine-readable output")
     strat.set_defaults(func=_strategies)

@@ -7,13 +7,24 @@ fold these base deltas into the frozen weights, upload the adapter or a sketch o
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, fields
 
 from proto.run_config import Scalar
 
 TRAIN_FACTORS = ("all", "A", "B")  # which LoRA factors the node trains (the others stay as sent)
 UPLOADS = ("adapter", "sketch-y", "sketch-z")
+
+
+def frozen_factor_tag(train_factors: str) -> str | None:
+    """The state-dict name fragment of the LoRA factor held frozen when training ``train_factors`` (None: none)."""
+    return {"all": None, "A": ".lora_B.", "B": ".lora_A."}[train_factors]
+
+
+def trained_names(names: Iterable[str], train_factors: str) -> list[str]:
+    """The adapter tensors a node trains under ``train_factors``: noise goes on these only."""
+    frozen = frozen_factor_tag(train_factors)
+    return [k for k in names if frozen is None or frozen not in k]
 
 
 @dataclass(frozen=True)
@@ -27,6 +38,9 @@ class Instructions:
     sketch_size: int = 0
     personal_factors: str = ""  # "B": the node keeps its own LoRA B across rounds and never uploads it
     prune_gamma: float = 0.0  # hetlora self-pruning: drop the LoRA tail whose share of ||B A|| is <= gamma
+    # The stable pollinate run key a node files its privacy budget under (privacy/budget.py); it survives a
+    # resume, which gets a new Flower run id.
+    privacy_run_key: str = ""
     upload_rank: int = 0  # linear hetlora: zero-pad the uploaded LoRA factors to this rank, B in its scaling
 
     def __post_init__(self) -> None:

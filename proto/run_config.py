@@ -152,6 +152,53 @@ class StrategyConfig:
         _require(self.sketch_oversample >= 0, "strategy.sketch-oversample", self.sketch_oversample, "use >= 0")
 
 
+PRIVACY_MODES = ("off", "sample", "central", "local")
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """Differential privacy (``privacy/``): which mechanism, its budget and its parameters.
+
+    sample: DP-SGD on each client (Opacus), the budget is per client over its local examples.
+    central: client-level DP on the server (DP-FedAvg, McMahan et al. 2018), the budget is the run's.
+    local: each client clips and noises its own adapter delta before upload (trusts no server).
+    """
+
+    mode: str = "off"  # off | sample | central | local
+    target_epsilon: float = 8.0  # the budget: per client (sample, local) or for the run (central)
+    delta: float = 1e-5  # must stay below 1/n: n = a client's examples (sample) or the number of clients
+    noise_multiplier: float = 0.0  # z; 0: calibrated so that federation.rounds rounds spend target-epsilon
+    clip_norm: float = 0.0  # C, required: per-example gradient bound (sample) or adapter-delta bound (central, local)
+    adaptive_clipping: bool = False  # central: C tracks the target-unclipped-quantile (Andrew et al. 2021)
+    target_unclipped_quantile: float = 0.5  # gamma: share of clients whose delta should fit under C
+    clip_learning_rate: float = 0.2  # eta_C: C <- C * exp(-eta_C * (unclipped fraction - gamma))
+    clipped_count_stddev: float = 0.0  # sigma_b of the noisy unclipped count; 0: max(clients / 20, z)
+
+    def validate(self) -> None:
+        _require(self.mode in PRIVACY_MODES, "privacy.mode", self.mode, f"use one of {', '.join(PRIVACY_MODES)}")
+        _require(self.target_epsilon > 0 and self.target_epsilon != float("inf"), "privacy.target-epsilon",
+                 self.target_epsilon, "the privacy budget epsilon must be a finite number > 0, e.g. 8 (no DP: "
+                 "privacy.mode = 'off')")
+        _require(0 < self.delta < 1, "privacy.delta", self.delta,
+                 "delta must be in (0, 1) and below 1/n (n: examples per client for sample, clients for central), "
+                 "e.g. 1e-5")
+        _require(self.noise_multiplier >= 0, "privacy.noise-multiplier", self.noise_multiplier,
+                 "use a value >= 0 (0: calibrate it from privacy.target-epsilon)")
+        _require(self.clip_norm >= 0, "privacy.clip-norm", self.clip_norm, "use a positive norm bound, e.g. 1.0")
+        _require(self.mode == "off" or self.clip_norm > 0, "privacy.clip-norm", self.clip_norm,
+                 f"privacy.mode = {self.mode!r} needs a clip norm C (missing): the bound on each "
+                 + ("per-example gradient, e.g. --clip-norm 1.0" if self.mode == "sample" else
+                    "client's adapter delta, e.g. --clip-norm 0.5") + " (or --set privacy.clip-norm=...)")
+        _require(not self.adaptive_clipping or self.mode == "central", "privacy.adaptive-clipping",
+                 self.adaptive_clipping, "adaptive clipping is for privacy.mode = 'central' only; set it false")
+        _require(0 < self.target_unclipped_quantile < 1, "privacy.target-unclipped-quantile",
+                 self.target_unclipped_quantile, "use a value in (0, 1), e.g. 0.5")
+        _require(self.clip_learning_rate > 0, "privacy.clip-learning-rate", self.clip_learning_rate,
+                 "use a positive rate, e.g. 0.2")
+        _require(self.clipped_count_stddev >= 0, "privacy.clipped-count-stddev", self.clipped_count_stddev,
+                 "use a value >= 0 (0: max(clients / 20, z))")
+
+
 @dataclass(frozen=True)
 class SecAggConfig:
     """Secure aggregation (SecAgg+): the server learns only the sum of the nodes' uploads (linear strategies)."""
@@ -189,6 +236,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
 

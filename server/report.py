@@ -35,7 +35,7 @@ def runs_table(store: RoundStore) -> Table:
         table.add_column(col)
     for run in store.runs():
         rounds = store.rounds(run.id)
-        last = rounds[-1] if rounds else None
+        last = next((r for r in reversed(rounds) if r.eval_accuracy is not None), None)  # not a budget stop
         table.add_row(str(run.id), run.status, run.strategy, run.model, str(len(rounds)),
                       _fmt(last.eval_accuracy if last else None), run.started_at.strftime("%Y-%m-%d %H:%M"),
                       run.error or run.adapter_dir or "")
@@ -55,3 +55,54 @@ def runs_json(store: RoundStore) -> list[dict[str, Any]]:
                        for r in store.rounds(run.id)],
         })
     return out
+
+
+GUARANTEES = {
+    "sample": "example-level: each node's training examples, per node (DP-SGD)",
+    "local": "node-level against the server: each node's whole upload (local DP)",
+    "central": "client-level: any one node's whole contribution to the run (DP-FedAvg)",
+}
+
+
+def privacy_json(store: RoundStore, run_id: int) -> dict[str, Any]:
+    """A run's privacy report: its guarantee, the epsilon spent (per node where nodes account) and the ledger."""
+    run = store.run(run_id)
+    mode = str(run.config.get("privacy.mode", "off"))
+    ledger = store.privacy_ledger(run_id)
+    spent = [e for _, e in ledger if e.status == "spent"]
+    per_node: dict[str, float] = {}
+    for e in spent:
+        who = "server" if e.node_id is None else str(e.node_id)
+        per_node[who] = max(per_node.get(who, 0.0), e.epsilon)
+    rounds = store.rounds(run_id)
+    stopped = any((r.metrics or {}).get("privacy-budget-spent") for r in rounds) or (
+        mode == "central" and run.status == "completed" and len(rounds) < int(run.config.get("federation.rounds", 0)))
+    return {
+        "run": run_id, "status": run.status, "strategy": run.strategy, "mode": mode,
+        "guarantee": GUARANTEES.get(mode, "none: privacy.mode = 'off'"),
+        "target_epsilon": run.config.get("privacy.target-epsilon"), "delta": run.config.get("privacy.delta"),
+        "epsilon": max(per_node.values(), default=0.0), "epsilon_by_node": per_node,
+        "stopped_by_budget": bool(stopped), "rounds_recorded": len(rounds),
+        "ledger": [{"round": n, "node": e.node_id, "mechanism": e.mechanism, "status": e.status,
+                    "noise_multiplier": e.noise_multiplier, "clip_norm": e.clip_norm, "sample_rate": e.sample_rate,
+                    "steps": e.steps, "epsilon": e.epsilon, "delta": e.delta, "reason": e.reason,
+                    "metrics": dict(e.metrics)} for n, e in ledger],
+    }
+
+
+def privacy_table(store: RoundStore, run_id: int) -> Table:
+    """The privacy report for people: one line per ledger row, the guarantee in the title and caption."""
+    report = privacy_json(store, run_id)
+    table = Table(title=f"run {run_id} privacy: {report['mode']} ({report['guarantee']})",
+                  caption=f"epsilon {report['epsilon']:.4g} of {report['target_epsilon']} spent at delta "
+                          f"{report['delta']}" + ("; the run stopped at its budget" if report["stopped_by_budget"]
+                                                  else ""))
+    for col in ("round", "node", "mechanism", "status", "z", "C", "q", "steps", "epsilon", "note"):
+        table.add_column(col, justify="left" if col in ("mechanism", "status", "note") else "right")
+    for row in report["ledger"]:
+        note = row["reason"] or ", ".join(f"{k} {v:.4g}" for k, v in row["metrics"].items()
+                                          if k in ("unclipped-fraction", "next-clip-norm"))
+        table.add_row(str(row["round"]), "server" if row["node"] is None else str(row["node"]), row["mechanism"],
+                      row["status"], _fmt(row["noise_multiplier"]), _fmt(row["clip_norm"]), _fmt(row["sample_rate"]),
+                      str(row["steps"]), _fmt(row["epsilon"]), note)
+    return table

@@ -24,7 +24,7 @@ from proto.adapter_record import (ADAPTER, INSTRUCTIONS, REPORT, TensorSpec, Upd
 from proto.run_config import RunConfig
 from server.store import ClientRecord
 from strategies import ClientUpdate, MeanUpdate, NamedArrays, Request
-from strategies.base import mean_of
+from strategies.base import mean_of, with_instructions
 
 
 class RoundFailed(RuntimeError):
@@ -100,7 +100,8 @@ def send_and_collect(grid: Grid, contents: Mapping[int, RecordDict], message_typ
             record(node, "rejected", f"reply came from node {reply.metadata.src_node_id}, not {node}",
                    bytes_down=down[node])
         elif reply.has_error():
-            record(node, "failed", f"client error: {reply.error.reason}", bytes_down=down[node])
+            record(node, "failed", f"client error: {reply.error.reason}", bytes_down=down[node],
+                   metrics={"error-code": float(reply.error.code)})
         else:
             out[node] = reply
     for key, node in sent.items():
@@ -226,6 +227,12 @@ class SecureMean(Protocol):
     def __call__(self, requests: Mapping[int, Request]) -> MeanUpdate: ...
 
 
+class PrivateMean(Protocol):
+    """Client-level central DP: the clipped, noised mean of the replies (server/privacy_rounds.py)."""
+
+    def mean(self, requests: Mapping[int, Request], updates: Sequence[ClientUpdate]) -> MeanUpdate: ...
+
+
 class RoundExchange:
     """The ``strategies.Exchange`` of one round: every exchange must keep at least federation.min-nodes.
 
@@ -235,8 +242,10 @@ class RoundExchange:
     """
 
     def __init__(self, grid: Grid, cfg: RunConfig, round_number: int, ledger: RoundLedger,
-                 check_update: CheckUpdate | None = None, secure: SecureMean | None = None) -> None:
+                 check_update: CheckUpdate | None = None, secure: SecureMean | None = None,
+                 private: PrivateMean | None = None, privacy_run_key: str = "") -> None:
         self.cfg, self.round_number, self.ledger, self.secure = cfg, round_number, ledger, secure
+        self.private, self.privacy_run_key = private, privacy_run_key
         self.grid_exchange = GridExchange(grid, cfg, round_number, ledger, check_update=check_update)
         self.reports: dict[int, Mapping[str, float]] = {}
 
@@ -244,18 +253,25 @@ class RoundExchange:
         if self.secure is not None:
             raise RoundFailed("secure aggregation is on, but the strategy asked for individual replies; "
                               "use a linear strategy (`pollinate strategies`) or turn secagg.enabled off")
-        updates = self.grid_exchange(requests)
+        updates = self.grid_exchange(self._keyed(requests))
         self._require(len(updates), len(requests))
         self.reports.update({u.node_id: u.metrics for u in updates})
         return updates
 
     def mean(self, requests: Mapping[int, Request]) -> MeanUpdate:
         if self.secure is None:
-            return mean_of(self(requests))
-        mean = self.secure(requests)
+            updates = self(requests)
+            return self.private.mean(requests, updates) if self.private is not None else mean_of(updates)
+        mean = self.secure(self._keyed(requests))
         self._require(len(mean.node_ids), len(requests))
         self.reports.update(mean.node_metrics)
         return mean
+
+    def _keyed(self, requests: Mapping[int, Request]) -> dict[int, Request]:
+        """Requests carrying the run key nodes file their privacy budget under."""
+        if not self.privacy_run_key:
+            return dict(requests)
+        return {n: with_instructions(r, privacy_run_key=self.privacy_run_key) for n, r in requests.items()}
 
     def _require(self, accepted: int, asked: int) -> None:
         if accepted < self.cfg.federation.min_nodes:

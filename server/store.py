@@ -28,6 +28,8 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
+from privacy.ledger import PrivacyEntry
+
 NamedArrays = dict[str, np.ndarray]
 
 
@@ -98,6 +100,25 @@ class ClientUpdateRow(_Base):
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
 
 
+class PrivacyLedgerRow(_Base):
+    """One row of the privacy ledger (privacy/ledger.py): a node's (or the server's) DP release in a round."""
+
+    __tablename__ = "privacy_ledger"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id"), index=True)
+    node_id: Mapped[str | None] = mapped_column(String(32), nullable=True)  # None: the server's (central DP)
+    mechanism: Mapped[str] = mapped_column(String(32))  # dp-sgd | central-gaussian | local-gaussian
+    status: Mapped[str] = mapped_column(String(16))  # spent | refused
+    noise_multiplier: Mapped[float] = mapped_column(Float)
+    clip_norm: Mapped[float] = mapped_column(Float)
+    sample_rate: Mapped[float] = mapped_column(Float)
+    steps: Mapped[int] = mapped_column(Integer)
+    epsilon: Mapped[float | None] = mapped_column(Float, nullable=True)  # cumulative; None: infinite
+    delta: Mapped[float] = mapped_column(Float)
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
 class AdapterRow(_Base):
     __tablename__ = "adapters"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -137,6 +158,7 @@ class RoundRecord:
     duration_s: float
     clients: Sequence[ClientRecord]
     metrics: Mapping[str, float] = field(default_factory=dict)
+    privacy: Sequence[PrivacyEntry] = ()  # the round's privacy ledger entries
 
 
 @dataclass(frozen=True)
@@ -222,6 +244,12 @@ class RoundStore:
                                       reason=c.reason, rank=c.rank, num_examples=c.num_examples,
                                       bytes_up=c.bytes_up, bytes_down=c.bytes_down,
                                       metrics={k: _finite(v) for k, v in c.metrics.items()}))
+            for e in record.privacy:
+                s.add(PrivacyLedgerRow(round_id=row.id, node_id=None if e.node_id is None else str(e.node_id),
+                                       mechanism=e.mechanism, status=e.status, noise_multiplier=e.noise_multiplier,
+                                       clip_norm=e.clip_norm, sample_rate=e.sample_rate, steps=e.steps,
+                                       epsilon=_finite(e.epsilon), delta=e.delta, reason=e.reason,
+                                       metrics={k: _finite(v) for k, v in e.metrics.items()}))
             s.add(AdapterRow(round_id=row.id, sha256=digest, nbytes=len(blob), data=blob))
         return digest
 
@@ -256,6 +284,13 @@ class RoundStore:
         with Session(self.engine, expire_on_commit=False) as s:
             return list(s.scalars(query.order_by(RoundRow.number, ClientUpdateRow.id)))
 
+    def privacy_ledger(self, run_id: int) -> list[tuple[int, PrivacyEntry]]:
+        """(round number, entry) for every privacy ledger row of a run, in round order."""
+        query = (select(RoundRow.number, PrivacyLedgerRow).join(RoundRow)
+                 .where(RoundRow.run_id == run_id).order_by(RoundRow.number, PrivacyLedgerRow.id))
+        with Session(self.engine) as s:
+            return [(number, _privacy_entry(row)) for number, row in s.execute(query)]
+
     def load_adapter(self, run_id: int, number: int) -> NamedArrays:
         """A round's global adapter, after checking its bytes against the stored sha256."""
         return dict(load_safetensors(self.adapter_file(run_id, number)[1]))
@@ -284,6 +319,14 @@ class RoundStore:
             rows = s.execute(select(RoundRow.number, AdapterRow.sha256, AdapterRow.data).join(AdapterRow)
                              .where(RoundRow.run_id == run_id))
             return {n: (d, b) for n, d, b in rows}
+
+
+def _privacy_entry(r: PrivacyLedgerRow) -> PrivacyEntry:
+    return PrivacyEntry(node_id=None if r.node_id is None else int(r.node_id), mechanism=r.mechanism,
+                        status=r.status, noise_multiplier=r.noise_multiplier, clip_norm=r.clip_norm,
+                        sample_rate=r.sample_rate, steps=r.steps,
+                        epsilon=float("inf") if r.epsilon is None else r.epsilon, delta=r.delta, reason=r.reason,
+                        metrics=dict(r.metrics or {}))
 
 
 def _summary(r: RunRow) -> RunSummary:

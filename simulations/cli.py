@@ -14,7 +14,8 @@ from rich.console import Console
 import strategies
 from client.app import MAX_RANK, node_settings_file
 from models import check_model_config
-from proto.run_config import ConfigError, RunConfig, Scalar, flatten, load_toml
+from proto.run_config import PRIVACY_MODES, ConfigError, RunConfig, Scalar, flatten, load_toml
+from server.privacy_rounds import check_privacy_config
 from server.report import rounds_table
 from server.store import RoundStore
 from simulations import engine
@@ -22,6 +23,7 @@ from simulations.datasets import load_corpus
 from simulations.partition import write_partitions
 
 SCENARIOS = Path(__file__).parent / "scenarios"
+DP_DEFAULT_STRATEGY = "ffa-lora"  # FFA-LoRA under DP (Sun et al. 2024): noise on one factor, exact aggregation
 DEFAULT_SCENARIO = SCENARIOS / "default.toml"
 console = Console(highlight=False, width=max(100, Console().width))
 
@@ -36,6 +38,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--db", help="round store URL (store.db), e.g. sqlite:///pollinate.db")
     parser.add_argument("--output", help="where the adapter and partitions go (store.output-dir)")
     parser.add_argument("--data", help="your own CSV/JSONL corpus instead of the scenario's (data.dataset)")
+    dp = parser.add_argument_group("differential privacy (privacy.*; docs/privacy-bench.md)")
+    dp.add_argument("--dp", choices=[m for m in PRIVACY_MODES if m != "off"],
+                    help="sample: DP-SGD on each client; central: client-level DP on the server; local: each client "
+                         "noises its own upload (privacy.mode). Without --strategy the strategy becomes ffa-lora")
+    dp.add_argument("--epsilon", type=float, help="the privacy budget (privacy.target-epsilon)")
+    dp.add_argument("--delta", type=float, help="privacy.delta, below 1/n")
+    dp.add_argument("--noise-multiplier", type=float, help="z (privacy.noise-multiplier; 0: calibrated from --epsilon)")
+    dp.add_argument("--clip-norm", type=float, help="C: per-example gradient (sample) or adapter-delta (central, "
+                                                    "local) bound (privacy.clip-norm)")
+    dp.add_argument("--adaptive-clipping", action="store_true",
+                    help="central: adapt C to the median delta norm (privacy.adaptive-clipping)")
     parser.add_argument("--secagg", action="store_true",
                         help="secure aggregation: the server learns only the sum of the uploads (secagg.enabled)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -97,12 +110,23 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Scalar]:
             flat[key] = value
     if getattr(args, "secagg", False):
         flat["secagg.enabled"] = True
+    for key, value in (("privacy.mode", args.dp), ("privacy.target-epsilon", args.epsilon),
+                       ("privacy.delta", args.delta), ("privacy.noise-multiplier", args.noise_multiplier),
+                       ("privacy.clip-norm", args.clip_norm)):
+        if value is not None:
+            flat[key] = value
+    if args.adaptive_clipping:
+        flat["privacy.adaptive-clipping"] = True
+    if args.dp and "federation.strategy" not in flat:
+        flat["federation.strategy"] = DP_DEFAULT_STRATEGY
+        console.print(f"--dp {args.dp}: strategy {DP_DEFAULT_STRATEGY} (the default under DP: A frozen, so only B "
+                      f"is trained and noised, and its mean is exact; --strategy NAME to change)")
     return flat
 
 
 def simulate(args: argparse.Namespace) -> int:
     cfg, sim = load_scenario(args.scenario, overrides_from_args(args), args.clients)
-    strategies.build(cfg)  # fail fast on an unknown or incompatible strategy, or model
+    check_privacy_config(cfg, strategies.build(cfg))  # fail fast on an unknown or incompatible strategy, or model
     check_model_config(cfg.model)
     store = RoundStore(cfg.store.db)  # fail fast on an unreachable database
     before = {r.id for r in store.runs()}

@@ -1,0 +1,114 @@
+"""The node's side of differential privacy: its own budget, DP-SGD (sample) or a noised upload (local).
+
+Before training, the node computes the epsilon it would have spent after this round from its
+budget file (``privacy/budget.py``) and refuses when that exceeds ``privacy.target-epsilon``;
+the refusal is a Flower error reply (code ``REFUSAL_CODE``) whose reason the server records.
+Sampling and noise draw from fresh OS entropy, never from the run's public seed: a server
+that could replay the Poisson sample or the noise would void the guarantee.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from peft import PeftModel
+from transformers import PreTrainedTokenizerBase
+
+from client.data import Example, poisson_batches
+from client.dp_sgd import train_dp
+from privacy.accountant import Release, calibrate_noise_multiplier
+from privacy.budget import BudgetFile, SpentRound
+from privacy.central import add_gaussian_noise, clip_delta, delta_of
+from privacy.ledger import MECHANISMS
+from proto.instructions import Instructions, trained_names
+from proto.run_config import RunConfig
+
+PRIVACY_STATE = "privacy-state"  # node config key: the budget file (default: beside the node's data)
+
+
+class BudgetRefused(RuntimeError):
+    """This node will not train this round: its privacy budget would be exceeded, or DP cannot hold."""
+
+
+@dataclass(frozen=True)
+class PrivateRound:
+    """What this node spends this round, and its epsilon afterwards."""
+
+    run_key: str
+    spent: SpentRound
+    epsilon_after: float
+
+    def report(self, delta: float) -> dict[str, float]:
+        """The training report's DP keys (privacy.ledger.REPORT_KEYS)."""
+        return {"dp-epsilon": self.epsilon_after, "dp-delta": delta, "dp-noise-multiplier": self.spent.noise_multiplier,
+                "dp-clip-norm": self.spent.clip_norm, "dp-sample-rate": self.spent.sample_rate,
+                "dp-steps": self.spent.steps}
+
+
+def budget_file(config: Mapping[str, object], data_path: str) -> BudgetFile:
+    """The node's budget file: node config ``privacy-state``, else ``<data file>.privacy.json`` beside its data."""
+    path = config.get(PRIVACY_STATE) or Path(data_path).with_suffix(".privacy.json")
+    return BudgetFile(str(path))
+
+
+@functools.lru_cache(maxsize=16)
+def _calibrated(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
+    return calibrate_noise_multiplier(target_epsilon, delta, sample_rate, steps)
+
+
+def plan_round(cfg: RunConfig, instructions: Instructions, num_examples: int, budget: BudgetFile) -> PrivateRound:
+    """This round's release under ``cfg.privacy`` (sample or local), or ``BudgetRefused`` with the reason."""
+    p = cfg.privacy
+    if not instructions.privacy_run_key:
+        raise BudgetRefused("the server sent no privacy run key (instructions.privacy-run-key), so this node "
+                            "cannot track its budget; use a pollinate coordinator")
+    if p.mode == "sample":
+        if p.delta >= 1 / num_examples:
+            raise BudgetRefused(f"privacy.delta = {p.delta:g} is not below 1/n = 1/{num_examples} for this node's "
+                                f"{num_examples} training examples: the guarantee would allow leaking an example "
+                                f"outright; lower privacy.delta below {1 / num_examples:.2g}")
+        rate, steps = min(1.0, cfg.train.batch_size / num_examples), cfg.train.local_steps
+    else:  # local: one Gaussian release of the whole clipped delta per round
+        rate, steps = 1.0, 1
+    z = p.noise_multiplier or _calibrated(p.target_epsilon, p.delta, rate, steps * cfg.federation.rounds)
+    release = Release(z, rate, steps)
+    spent_before = budget.spent(instructions.privacy_run_key, p.delta)
+    after = budget.epsilon_after(instructions.privacy_run_key, p.delta, release)
+    if after > p.target_epsilon * (1 + 1e-9):
+        raise BudgetRefused(f"privacy budget: round {instructions.round} would raise this node's epsilon from "
+                            f"{spent_before:.4g} to {after:.4g}, over privacy.target-epsilon = {p.target_epsilon:g} "
+                            f"(delta {p.delta:g}); this node trains no more in this run")
+    spent = SpentRound(round=instructions.round, mechanism=MECHANISMS[p.mode], noise_multiplier=z,
+                       sample_rate=rate, steps=steps, clip_norm=p.clip_norm)
+    return PrivateRound(instructions.privacy_run_key, spent, after)
+
+
+def train_sample_dp(model: PeftModel, train_set: list[Example], tokenizer: PreTrainedTokenizerBase, cfg: RunConfig,
+                    device: torch.device, instructions: Instructions, plan: PrivateRound) -> float:
+    """DP-SGD for this round's planned steps: Poisson batches at the planned rate, clipping, noise."""
+    batches = poisson_batches(train_set, tokenizer, cfg.model, plan.spent.sample_rate, seed=None)
+    generator = torch.Generator(device=device)
+    generator.seed()  # fresh entropy for the noise
+    return train_dp(model, batches, cfg.train, device, noise_multiplier=plan.spent.noise_multiplier,
+                    clip_norm=plan.spent.clip_norm, expected_batch_size=cfg.train.batch_size,
+                    train_factors=instructions.train_factors, generator=generator)
+
+
+def privatise_upload(received: Mapping[str, np.ndarray], trained: Mapping[str, np.ndarray], train_factors: str,
+                     plan: PrivateRound) -> dict[str, np.ndarray]:
+    """Local DP: received + clip(trained - received, C) + N(0, (2 z C)^2) on the trained tensors only.
+
+    A node's whole update is the unit: two clipped deltas differ by at most 2C in L2, so the Gaussian
+    mechanism with multiplier z needs std 2 z C (Dwork & Roth 2014, Thm. A.1 with sensitivity 2C).
+    A frozen factor comes back exactly as received.
+    """
+    names = trained_names(trained, train_factors)
+    clipped, _ = clip_delta(delta_of({k: trained[k] for k in names}, received), plan.spent.clip_norm)
+    std = 2 * plan.spent.noise_multiplier * plan.spent.clip_norm
+    noisy = add_gaussian_noise(clipped, std, names, np.random.default_rng())  # fresh OS entropy
+    return {k: (received[k] + noisy[k]).astype(np.float32) if k in noisy else np.array(trained[k]) for k in trained}

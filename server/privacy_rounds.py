@@ -1,0 +1,170 @@
+"""The coordinator's side of differential privacy: the run key, client-level central DP, the ledger entries.
+
+``CentralPrivacy`` plugs into ``RoundExchange.mean``: it clips each node's adapter delta (its reply
+minus what it was sent), averages with equal weights 1/m and adds Gaussian noise to the trained
+tensors only (``privacy/central.py``). Its state (accountant history, adaptive clip norm) is rebuilt
+from the privacy ledger, so a resumed run continues where the stored rounds left off.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC
+
+import numpy as np
+
+from privacy.accountant import Release, calibrate_noise_multiplier, epsilon
+from privacy.central import (default_count_stddev, delta_of, next_clip_norm, private_mean,
+                             update_noise_multiplier)
+from privacy.ledger import MECHANISMS, REFUSAL_CODE, PrivacyEntry, entry_from_report, releases
+from proto.instructions import trained_names
+from proto.run_config import ConfigError, RunConfig
+from server.store import ClientRecord, RoundStore, RunSummary
+from strategies import ClientUpdate, MeanUpdate, Request, Strategy
+
+
+class BudgetSpent(RuntimeError):
+    """The privacy budget (the run's, or too many nodes' own) is spent: the run ends cleanly here."""
+
+
+def privacy_run_key(run: RunSummary) -> str:
+    """The key nodes file their budget under: stable across a resume (same store row), unique across stores."""
+    started = run.started_at.replace(tzinfo=UTC) if run.started_at.tzinfo is None else run.started_at.astimezone(UTC)
+    return f"pollinate-run-{run.id}-{started:%Y%m%dT%H%M%S%f}"
+
+
+def check_privacy_config(cfg: RunConfig, strategy: Strategy) -> None:
+    """Refuse, before round 1, a privacy mode the strategy cannot honour; the message says what to use."""
+    if cfg.privacy.mode != "central":
+        return
+    if not strategy.linear or strategy.heterogeneous_ranks:
+        raise ConfigError(f"privacy.mode = 'central' clips and noises each node's adapter delta inside the mean, but "
+                          f"{strategy.name!r} does not aggregate a plain mean of deltas of what it sent (it is "
+                          f"{'not linear' if not strategy.linear else 'rank-heterogeneous'}); use fedavg, fedprox, "
+                          f"fedadam, fedyogi, ffa-lora, rolora or fedsa-lora, or privacy.mode = 'sample' or 'local'")
+    if cfg.secagg.enabled:
+        raise ConfigError("privacy.mode = 'central' needs the server to clip each delta, which secure aggregation "
+                          "hides; turn secagg.enabled off, or use privacy.mode = 'local' (nodes clip and noise)")
+
+
+class CentralPrivacy:
+    """DP-FedAvg on the server (McMahan et al. 2018) with optional adaptive clipping (Andrew et al. 2021)."""
+
+    def __init__(self, cfg: RunConfig, ledger: Sequence[PrivacyEntry] = (),
+                 rng: np.random.Generator | None = None) -> None:
+        self.p, self.rounds = cfg.privacy, cfg.federation.rounds
+        self.history = releases(ledger, node_id=None)
+        own = [e for e in ledger if e.node_id is None and e.status == "spent"]
+        self.clip_norm = float(own[-1].metrics.get("next-clip-norm", own[-1].clip_norm)) if own else self.p.clip_norm
+        self.rng = rng if rng is not None else np.random.default_rng()  # fresh OS entropy
+        self.noise_multiplier = self.p.noise_multiplier
+        self._pending: tuple[Release, float] | None = None
+        self.entry: PrivacyEntry | None = None
+
+    def spent(self) -> float:
+        return epsilon(self.history, self.p.delta)
+
+    def start_round(self, number: int, sampled: int, connected: int) -> None:
+        """Plan this round's release; ``BudgetSpent`` when it would take epsilon over the target."""
+        if self.p.delta >= 1 / connected:
+            raise ConfigError(f"privacy.delta = {self.p.delta:g} is not below 1/n = 1/{connected} for {connected} "
+                              f"clients: lower privacy.delta below {1 / connected:.2g}")
+        rate = sampled / connected
+        if not self.noise_multiplier:  # calibrated once, for every planned round at this sampling rate
+            self.noise_multiplier = calibrate_noise_multiplier(self.p.target_epsilon, self.p.delta, rate, self.rounds)
+        release = Release(self.noise_multiplier, rate, 1)
+        after = epsilon([*self.history, release], self.p.delta)
+        if after > self.p.target_epsilon * (1 + 1e-9):
+            raise BudgetSpent(f"round {number} would take the run's epsilon from {self.spent():.4g} to {after:.4g}, "
+                              f"over privacy.target-epsilon = {self.p.target_epsilon:g} (delta {self.p.delta:g})")
+        self._pending, self.entry = (release, after), None
+
+    def mean(self, requests: Mapping[int, Request], updates: Sequence[ClientUpdate]) -> MeanUpdate:
+        """sent + (1/m) sum_i clip(reply_i - sent, C) + N(0, (z C / m)^2) on the trained tensors."""
+        if self._pending is None:
+            raise RuntimeError("central DP: one private mean per round (start_round first)")
+        release, after = self._pending
+        sent = requests[updates[0].node_id]
+        for u in updates:
+            if any(not np.array_equal(requests[u.node_id].tensors[k], sent.tensors[k]) for k in u.tensors):
+                raise ConfigError(f"central DP needs every node sent the same tensors; node {u.node_id} got others")
+        m = len(updates)
+        z = release.noise_multiplier
+        count_std = (self.p.clipped_count_stddev or default_count_stddev(m, z)) if self.p.adaptive_clipping else 0.0
+        update_z = update_noise_multiplier(z, count_std) if self.p.adaptive_clipping else z
+        noised = trained_names(updates[0].tensors, sent.instructions.train_factors)
+        private = private_mean([delta_of(u.tensors, sent.tensors) for u in updates], self.clip_norm, update_z,
+                               noised, self.rng)
+        metrics = {"clients": float(m), "update-noise-multiplier": update_z,
+                   "noise-std": update_z * self.clip_norm / m}
+        next_clip = self.clip_norm
+        if self.p.adaptive_clipping:
+            next_clip, fraction = next_clip_norm(self.clip_norm, private.unclipped, m, count_std,
+                                                 self.p.target_unclipped_quantile, self.p.clip_learning_rate, self.rng)
+            metrics.update({"count-stddev": count_std, "unclipped-fraction": fraction})
+        metrics["next-clip-norm"] = next_clip
+        self.entry = PrivacyEntry(node_id=None, mechanism=MECHANISMS["central"], status="spent",
+                                  noise_multiplier=z, clip_norm=self.clip_norm, sample_rate=release.sample_rate,
+                                  steps=1, epsilon=after, delta=self.p.delta, metrics=metrics)
+        self.history.append(release)
+        self.clip_norm, self._pending = next_clip, None
+        tensors = {k: (sent.tensors[k] + private.delta[k]).astype(np.float32) for k in private.delta}
+        return MeanUpdate(tensors, tuple(u.node_id for u in updates), sum(u.num_examples for u in updates),
+                          {u.node_id: dict(u.metrics) for u in updates})
+
+
+class NodeLedger:
+    """Turns a round's client records into ledger entries (sample, local): spent as reported, or refused."""
+
+    def __init__(self, cfg: RunConfig, ledger: Sequence[PrivacyEntry] = ()) -> None:
+        self.mode, self.delta = cfg.privacy.mode, cfg.privacy.delta
+        self.epsilon = {e.node_id: e.epsilon for e in ledger if e.node_id is not None and e.status == "spent"}
+
+    def entries(self, clients: Sequence[ClientRecord]) -> list[PrivacyEntry]:
+        out = []
+        for c in clients:
+            if c.phase != "train":
+                continue
+            entry = entry_from_report(c.node_id, self.mode, c.metrics) if c.status == "accepted" else None
+            if entry is not None:
+                self.epsilon[c.node_id] = entry.epsilon
+                out.append(entry)
+            elif is_refusal(c):
+                out.append(PrivacyEntry(node_id=c.node_id, mechanism=MECHANISMS[self.mode], status="refused",
+                                        noise_multiplier=0.0, clip_norm=0.0, sample_rate=0.0, steps=0,
+                                        epsilon=self.epsilon.get(c.node_id, 0.0), delta=self.delta, reason=c.reason))
+        return out
+
+
+def is_refusal(record: ClientRecord) -> bool:
+    """A node that refused to train because its privacy budget would be exceeded."""
+    return record.status == "failed" and record.metrics.get("error-code") == REFUSAL_CODE
+
+
+@dataclass
+class RunPrivacy:
+    """A run's privacy on the coordinator: the key nodes budget under, central DP, the nodes' ledger entries."""
+
+    run_key: str = ""
+    central: CentralPrivacy | None = None
+    nodes: NodeLedger | None = None
+
+    @classmethod
+    def open(cls, cfg: RunConfig, store: RoundStore, run_id: int) -> RunPrivacy:
+        """The run's privacy state, rebuilt from its stored ledger (empty for a new run)."""
+        if cfg.privacy.mode == "off":
+            return cls()
+        ledger = [entry for _, entry in store.privacy_ledger(run_id)]
+        key = privacy_run_key(store.run(run_id))
+        if cfg.privacy.mode == "central":
+            return cls(key, central=CentralPrivacy(cfg, ledger))
+        return cls(key, nodes=NodeLedger(cfg, ledger))
+
+    def entries(self, clients: Sequence[ClientRecord]) -> list[PrivacyEntry]:
+        """This round's ledger entries, from its client records and the server's own release."""
+        out = self.nodes.entries(clients) if self.nodes is not None else []
+        if self.central is not None and self.central.entry is not None:
+            out.append(self.central.entry)
+            self.central.entry = None
+        return out
