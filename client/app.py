@@ -29,6 +29,7 @@ from models import BaseModel, adapter_state, build_peft_model, load_adapter_stat
 from proto.adapter_record import (ADAPTER, INSTRUCTIONS, REPORT, from_record, refuse_outside, specs_of,
                                   to_record)
 from proto.instructions import Instructions
+from privacy.central import clip_delta, delta_of
 from privacy.ledger import REFUSAL_CODE
 from proto.run_config import RunConfig
 from proto.secagg_record import STAGE_ACTIONS
@@ -163,6 +164,9 @@ def train_adapter(msg: Message, context: Context) -> Message:
                      instructions.proximal_mu)
     trained = adapter_state(model)
     report = MetricRecord({"num-examples": len(train_set), "train-loss": loss})
+    if instructions.clip_norm > 0:  # central DP under secure aggregation: the server cannot clip, the node does
+        clipped, _ = clip_delta(delta_of(trained, received), instructions.clip_norm)
+        trained = {k: (received[k] + clipped[k]).astype(np.float32) for k in trained}
     if plan is not None:  # everything below is post-processing of a private adapter
         if cfg.privacy.mode == "local":
             trained = privatise_upload(received, trained, instructions.train_factors, plan)

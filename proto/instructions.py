@@ -42,6 +42,7 @@ class Instructions:
     # resume, which gets a new Flower run id.
     privacy_run_key: str = ""
     upload_rank: int = 0  # linear hetlora: zero-pad the uploaded LoRA factors to this rank, B in its scaling
+    clip_norm: float = 0.0  # central DP under secure aggregation: clip ||upload - received|| to this (0: off)
 
     def __post_init__(self) -> None:
         if self.train_factors not in TRAIN_FACTORS:

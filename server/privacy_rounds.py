@@ -15,7 +15,7 @@ from datetime import UTC
 import numpy as np
 
 from privacy.accountant import Release, calibrate_noise_multiplier, epsilon
-from privacy.central import (default_count_stddev, delta_of, next_clip_norm, private_mean,
+from privacy.central import (add_gaussian_noise, default_count_stddev, delta_of, next_clip_norm, private_mean,
                              update_noise_multiplier)
 from privacy.ledger import MECHANISMS, REFUSAL_CODE, PrivacyEntry, entry_from_report, releases
 from proto.instructions import trained_names
@@ -43,9 +43,9 @@ def check_privacy_config(cfg: RunConfig, strategy: Strategy) -> None:
                           f"{strategy.name!r} does not aggregate a plain mean of deltas of what it sent (it is "
                           f"{'not linear' if not strategy.linear else 'rank-heterogeneous'}); use fedavg, fedprox, "
                           f"fedadam, fedyogi, ffa-lora, rolora or fedsa-lora, or privacy.mode = 'sample' or 'local'")
-    if cfg.secagg.enabled:
-        raise ConfigError("privacy.mode = 'central' needs the server to clip each delta, which secure aggregation "
-                          "hides; turn secagg.enabled off, or use privacy.mode = 'local' (nodes clip and noise)")
+    if cfg.secagg.enabled and cfg.privacy.adaptive_clipping:
+        raise ConfigError("privacy.adaptive-clipping needs each node's clipped-or-not bit, which secure aggregation "
+                          "hides; use fixed clipping (privacy.adaptive-clipping = false) with secagg.enabled")
 
 
 class CentralPrivacy:
@@ -79,6 +79,31 @@ class CentralPrivacy:
             raise BudgetSpent(f"round {number} would take the run's epsilon from {self.spent():.4g} to {after:.4g}, "
                               f"over privacy.target-epsilon = {self.p.target_epsilon:g} (delta {self.p.delta:g})")
         self._pending, self.entry = (release, after), None
+
+    def noised_mean(self, requests: Mapping[int, Request], mean: MeanUpdate) -> MeanUpdate:
+        """Under secure aggregation: nodes clipped their own deltas to C (``Instructions.clip_norm``) and the
+        server holds only their equal-weight mean; add N(0, (z C / m)^2) to the trained tensors of it.
+
+        The guarantee assumes nodes clip honestly (as with Flower's client-side clipping): a node that
+        does not is bounded only by secagg.clip-range.
+        """
+        if self._pending is None:
+            raise RuntimeError("central DP: one private mean per round (start_round first)")
+        release, after = self._pending
+        sent = requests[mean.node_ids[0]]
+        if any(not np.array_equal(requests[n].tensors[k], sent.tensors[k]) for n in mean.node_ids for k in sent.tensors):
+            raise ConfigError("central DP needs every node sent the same tensors; this strategy sends others")
+        m, z = len(mean.node_ids), release.noise_multiplier
+        noised = trained_names(mean.tensors, sent.instructions.train_factors)
+        tensors = add_gaussian_noise(mean.tensors, z * self.clip_norm / m, noised, self.rng)
+        metrics = {"clients": float(m), "update-noise-multiplier": z, "noise-std": z * self.clip_norm / m,
+                   "next-clip-norm": self.clip_norm, "secure-aggregation": 1.0}
+        self.entry = PrivacyEntry(node_id=None, mechanism=MECHANISMS["central"], status="spent",
+                                  noise_multiplier=z, clip_norm=self.clip_norm, sample_rate=release.sample_rate,
+                                  steps=1, epsilon=after, delta=self.p.delta, metrics=metrics)
+        self.history.append(release)
+        self._pending = None
+        return MeanUpdate(tensors, mean.node_ids, mean.num_examples, mean.node_metrics)
 
     def mean(self, requests: Mapping[int, Request], updates: Sequence[ClientUpdate]) -> MeanUpdate:
         """sent + (1/m) sum_i clip(reply_i - sent, C) + N(0, (z C / m)^2) on the trained tensors."""

@@ -224,13 +224,17 @@ def read_report(reply: Message) -> dict[str, float]:
 class SecureMean(Protocol):
     """Computes the example-weighted mean of the replies to ``requests`` without seeing any one reply."""
 
-    def __call__(self, requests: Mapping[int, Request]) -> MeanUpdate: ...
+    def __call__(self, requests: Mapping[int, Request], equal_weights: bool = False) -> MeanUpdate: ...
 
 
 class PrivateMean(Protocol):
     """Client-level central DP: the clipped, noised mean of the replies (server/privacy_rounds.py)."""
 
+    clip_norm: float
+
     def mean(self, requests: Mapping[int, Request], updates: Sequence[ClientUpdate]) -> MeanUpdate: ...
+
+    def noised_mean(self, requests: Mapping[int, Request], mean: MeanUpdate) -> MeanUpdate: ...
 
 
 class RoundExchange:
@@ -262,10 +266,13 @@ class RoundExchange:
         if self.secure is None:
             updates = self(requests)
             return self.private.mean(requests, updates) if self.private is not None else mean_of(updates)
-        mean = self.secure(self._keyed(requests))
+        requests = self._keyed(requests)
+        if self.private is not None:  # nodes clip their own deltas; the noise goes on the unmasked mean
+            requests = {n: with_instructions(r, clip_norm=self.private.clip_norm) for n, r in requests.items()}
+        mean = self.secure(requests, equal_weights=self.private is not None)
         self._require(len(mean.node_ids), len(requests))
         self.reports.update(mean.node_metrics)
-        return mean
+        return self.private.noised_mean(requests, mean) if self.private is not None else mean
 
     def _keyed(self, requests: Mapping[int, Request]) -> dict[int, Request]:
         """Requests carrying the run key nodes file their privacy budget under."""

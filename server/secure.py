@@ -45,16 +45,17 @@ class SecureAggregation:
         self.exchanges = 0
         self.clipped = 0  # weighted values clipped to [-c, c] by the nodes this round (secagg.clip-range)
 
-    def __call__(self, requests: Mapping[int, Request]) -> MeanUpdate:
+    def __call__(self, requests: Mapping[int, Request], equal_weights: bool = False) -> MeanUpdate:
+        """The mean of the uploads, weighted by examples (or equally: central DP's 1/m) over the survivors."""
         self.exchanges += 1
         try:
-            return self._run(requests)
+            return self._run(requests, equal_weights)
         except SecAggError as err:
             raise RoundFailed(f"round {self.round_number}: secure aggregation failed: {err}. If nodes dropped, "
                               f"start more nodes, or lower secagg.threshold (it must stay above half the degree) "
                               f"or raise secagg.degree") from err
 
-    def _run(self, requests: Mapping[int, Request]) -> MeanUpdate:
+    def _run(self, requests: Mapping[int, Request], equal_weights: bool) -> MeanUpdate:
         nodes = sorted(requests)
         layout = _layout(requests)
         session = ServerSession(self._round_config(nodes, sum(size for _, size, _ in layout)))
@@ -83,7 +84,8 @@ class SecureAggregation:
         deliveries = session.route_shares()
         in_round = [node for node in nodes if index[node] in deliveries]
         total_examples = sum(reports[node]["num-examples"] for node in in_round)
-        weights = {node: reports[node]["num-examples"] / total_examples for node in in_round}
+        weights = {node: 1 / len(in_round) if equal_weights else reports[node]["num-examples"] / total_examples
+                   for node in in_round}
         q = session.config.quantization
 
         def masked(node: int, reply: Message) -> None:

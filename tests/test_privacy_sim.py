@@ -103,3 +103,34 @@ def test_central_dp_spends_the_run_budget_then_stops_cleanly(tmp_path: Path) -> 
     assert "round 3 would take the run's epsilon from 7.077 to 9.01" in done.stdout.replace("\n", "")
     report = _report(store, run.id)
     assert report["stopped_by_budget"] and report["epsilon"] == pytest.approx(second.epsilon)
+
+
+def test_central_dp_composes_with_secure_aggregation(tmp_path: Path) -> None:
+    # Nodes clip their own deltas (the server sees only the masked sum), the server noises the unmasked mean.
+    done = simulate("tiny.toml", tmp_path, "--dp", "central", "--secagg", "--noise-multiplier", "1.0",
+                    "--epsilon", "8", "--clip-norm", "0.5", "--rounds", "2")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    store = RoundStore(f"sqlite:///{tmp_path / 'store.db'}")
+    [run] = store.runs()
+    assert run.status == "completed" and run.strategy == "ffa-lora"
+    ledger = store.privacy_ledger(run.id)
+    assert [(n, e.node_id, e.mechanism) for n, e in ledger] == [(1, None, "central-gaussian"),
+                                                                (2, None, "central-gaussian")]
+    assert all(e.metrics["secure-aggregation"] == 1.0 and e.metrics["noise-std"] == pytest.approx(1.0 * 0.5 / 4)
+               for _, e in ledger)
+    updates = store.client_updates(run.id)
+    assert all(u.bytes_up < 1024 for u in updates if u.phase == "train")  # keys and a report, never an adapter
+    assert sorted({u.phase for u in updates if u.status == "accepted"}) == [
+        "evaluate", "query", "train", "train.secagg_mask", "train.secagg_share", "train.secagg_unmask"]
+
+
+def test_adaptive_clipping_is_refused_under_secure_aggregation(tiny_cfg) -> None:
+    import strategies
+    from proto.run_config import ConfigError
+    from server.privacy_rounds import check_privacy_config
+
+    cfg = tiny_cfg.replace(**{"privacy.mode": "central", "privacy.noise-multiplier": 1.0, "privacy.clip-norm": 0.5,
+                              "privacy.adaptive-clipping": True, "secagg.enabled": True,
+                              "federation.strategy": "ffa-lora"})
+    with pytest.raises(ConfigError, match="use fixed clipping"):
+        check_privacy_config(cfg, strategies.build(cfg))
