@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import re
+import subprocess
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 from peft import PeftModel
 
@@ -75,3 +78,53 @@ def _open(url: str) -> RoundStore | None:
         return RoundStore(url)
     except Exception:  # the coordinator may be creating it right now
         return None
+
+
+@pytest.mark.timeout(1800)
+def test_a_node_killed_mid_round_is_recorded_failed_and_the_run_completes_with_the_other(
+        tmp_path: Path, procs: Processes) -> None:
+    url, port = f"sqlite:///{tmp_path / 'store.db'}", free_port()
+    data = write_node_data(tmp_path, 2)
+    nodes = [procs.pollinate(f"node-{i}", "client", "--superlink", f"127.0.0.1:{port}", "--data", str(path),
+                             "--device", "cpu", "--wait", "600") for i, path in enumerate(data)]
+    server = procs.pollinate("server", "server", "--scenario", TINY, "--db", url, "--output", str(tmp_path / "out"),
+                             "--port", str(port), "--rounds", "2", "--set", "federation.min-nodes=1",
+                             "--set", "federation.round-timeout=600")
+    store = poll("the store to be created", lambda: _open(url), 300)
+    run_id = poll("a run", lambda: store.runs()[0].id if store.runs() else None, 600)
+    poll("round 1 in the store", lambda: 1 in _completed(store, run_id) or None, 900, every_s=0.2)
+    assert store.rounds(run_id)[0].participants == 2, "both nodes must have joined before round 1"
+    victim = int(poll("node 1's id", lambda: _node_id(procs.log("node-1")), 60))
+    poll("node 1 training round 2", lambda: _running_clientapp(nodes[1]), 600, every_s=0.2)
+    procs.kill_tree(nodes[1])  # the node dies in the middle of its round-2 training
+
+    assert server.wait(timeout=1200) == 0, procs.log("server")[-4000:]
+    run = store.run(run_id)
+    assert run.status == "completed", run.error
+    round_2 = store.rounds(run_id)[1]
+    assert (round_2.status, round_2.participants, round_2.accepted) == ("completed", 2, 1)
+    train = {int(u.node_id): u for u in store.client_updates(run_id, 2) if u.phase == "train"}
+    assert train[victim].status == "failed" and "Node Unavailable" in (train[victim].reason or "")
+    assert [u.status for n, u in train.items() if n != victim] == ["accepted"]
+    assert Path(run.adapter_dir, "adapter_model.safetensors").is_file()
+
+
+def _node_id(log: str) -> str | None:
+    found = re.search(r"SuperNode ID: (\d+)", log)
+    return found.group(1) if found else None
+
+
+def _running_clientapp(node: subprocess.Popen[bytes]) -> bool | None:
+    """True while the node's SuperNode runs a ClientApp process (it is handling a message)."""
+    try:
+        tree = psutil.Process(node.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return None
+    return any("flwr-clientapp" in " ".join(_cmdline(p)) for p in tree) or None
+
+
+def _cmdline(p: psutil.Process) -> list[str]:
+    try:
+        return p.cmdline()
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return []
