@@ -50,8 +50,11 @@ def run_federation(grid: Grid, cfg: RunConfig, flower_run_id: int = 0) -> int:
                   f": {strategy.name} on {cfg.model.name} + {cfg.adapter.method} (r={cfg.adapter.r}), "
                   f"{cfg.federation.rounds} rounds, store {store.url}")
     try:
-        nodes = wait_for_nodes(grid, cfg.federation.min_nodes, cfg.federation.wait_for_nodes)
-        if not start.resumed:
+        try:
+            nodes = wait_for_nodes(grid, cfg.federation.min_nodes, cfg.federation.wait_for_nodes)
+        except RoundFailed:
+            nodes = []  # no round 0 evaluation; round 1 waits again and, failing, is stored as a failed round
+        if nodes and not start.resumed:
             initial = evaluate_global(grid, cfg, nodes, strategy.evaluation_request(state), 0, RoundLedger())
             if initial is not None:
                 store.set_initial_metrics(run_id, {"eval-loss": initial.loss, "eval-accuracy": initial.accuracy})
