@@ -23,8 +23,8 @@ from rich.console import Console
 import strategies
 from models import adapter_state, build_peft_model, export_adapter
 from proto.run_config import ConfigError, RunConfig
-from server.rounds import (Evaluation, RoundExchange, RoundLedger, evaluate_global, mean_metric, query_capacities,
-                           sample_nodes, wait_for_nodes)
+from server.rounds import (Evaluation, RoundExchange, RoundFailed, RoundLedger, evaluate_global, mean_metric,
+                           query_capacities, sample_nodes, wait_for_nodes)
 from server.secure import SecureAggregation
 from server.resume import round_state, start_or_resume
 from server.store import ClientRecord, RoundRecord, RoundStore, adapter_bytes, sha256
