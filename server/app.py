@@ -115,18 +115,21 @@ class _RoundProgress:
     """What a round got to before it failed, for its failed-round record."""
 
     sampled: list[int] = field(default_factory=list)
-    exchange: RoundExchange | None = None
+
+    ledger: RoundLedger = field(default_factory=RoundLedger)
 
     @property
     def accepted(self) -> int:
-        return len(self.exchange.reports) if self.exchange is not None else 0
+        """Training updates accepted before the round failed."""
+        return sum(1 for c in self.ledger.clients if c.phase == "train" and c.status == "accepted")
 
 
 def _run_round(grid: Grid, cfg: RunConfig, strategy: strategies.Strategy, store: RoundStore, run_id: int,
                number: int, state: strategies.NamedArrays, capacities: dict[int, int]) -> strategies.NamedArrays:
     """One round, stored in one transaction: completed (with adapter and state), or failed (with its reason)."""
     started = time.monotonic()
-    ledger, progress = RoundLedger(), _RoundProgress()
+    progress = _RoundProgress()
+    ledger = progress.ledger
     parent = sha256(adapter_bytes(strategy.export(state)))
     before = strategy.state_arrays()  # a failed round must leave the strategy as it found it
     try:
@@ -134,8 +137,7 @@ def _run_round(grid: Grid, cfg: RunConfig, strategy: strategies.Strategy, store:
         progress.sampled = sample_nodes(connected, cfg, number)
         ranks = _assign_ranks(grid, cfg, strategy, progress.sampled, number, capacities, ledger)
         secure = SecureAggregation(grid, cfg, number, ledger) if cfg.secagg.enabled else None
-        progress.exchange = exchange = RoundExchange(grid, cfg, number, ledger, check_update=strategy.check_update,
-                                                     secure=secure)
+        exchange = RoundExchange(grid, cfg, number, ledger, check_update=strategy.check_update, secure=secure)
         new_state = strategy.run_round(state, ranks, exchange, number)
     except (RoundFailed, AggregationError) as e:
         strategy.load_state_arrays(before)
