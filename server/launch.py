@@ -49,7 +49,8 @@ class SuperLinkSecurity:
         missing = [n for n, v in (("CA certificate", self.ca_cert), ("key", self.key)) if v is None]
         if missing:
             raise ConfigError(f"TLS needs the certificate, its key and the CA certificate; {missing} missing")
-        flags = ["--ssl-ca-certfile", str(self.ca_cert), "--ssl-certfile", str(self.cert), "--ssl-keyfile", str(self.key)]
+        flags = ["--ssl-ca-certfile", str(self.ca_cert), "--ssl-certfile", str(self.cert),
+                 "--ssl-keyfile", str(self.key)]
         return flags + (["--enable-supernode-auth"] if self.node_auth else [])
 
 

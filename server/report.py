@@ -23,7 +23,8 @@ def rounds_table(store: RoundStore, run_id: int) -> Table:
     init = run.initial_metrics
     table.add_row("0", "-", _fmt(init.get("eval-loss")), _fmt(init.get("eval-accuracy")), "-", "-", "-", "-")
     for r in store.rounds(run_id):
-        table.add_row(str(r.number) if r.status == "completed" else f"{r.number} [red]failed[/]", _fmt(r.train_loss), _fmt(r.eval_loss), _fmt(r.eval_accuracy),
+        number = str(r.number) if r.status == "completed" else f"{r.number} [red]failed[/]"
+        table.add_row(number, _fmt(r.train_loss), _fmt(r.eval_loss), _fmt(r.eval_accuracy),
                       f"{r.accepted}/{r.participants}", _fmt(r.bytes_up / max(1, r.accepted) / 1024, ".1f"),
                       _fmt(r.bytes_down / max(1, r.participants) / 1024, ".1f"), _fmt(r.duration_s, ".1f"))
     return table
