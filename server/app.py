@@ -47,8 +47,8 @@ def run_federation(grid: Grid, cfg: RunConfig, flower_run_id: int = 0) -> int:
     start = start_or_resume(store, cfg, strategy, adapter_state(model), flower_run_id)
     run_id, state, capacities = start.run_id, start.state, {}
     resumed = f" resumed at round {start.first_round}" if start.resumed else ""
-    console.print(f"[bold]pollinate[/] run {run_id}{resumed}: {strategy.name} on {cfg.model.name} + {cfg.adapter.method} (r={cfg.adapter.r}), "
-                  f"{cfg.federation.rounds} rounds, store {store.url}")
+    console.print(f"[bold]pollinate[/] run {run_id}{resumed}: {strategy.name} on {cfg.model.name} + "
+                  f"{cfg.adapter.method} (r={cfg.adapter.r}), {cfg.federation.rounds} rounds, store {store.url}")
     try:
         try:
             nodes = wait_for_nodes(grid, cfg.federation.min_nodes, cfg.federation.wait_for_nodes)
