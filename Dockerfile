@@ -4,3 +4,6 @@ ENV PIP_NO_CACHE_DIR=1 FLWR_TELEMETRY_ENABLED=0 HF_HUB_OFFLINE=1
 WORKDIR /app
 COPY . /app
 RUN pip install ".[postgres]"
+# The coordinator's SuperLink port (`pollinate server --port`); nodes only connect out.
+EXPOSE 9092
+CMD ["pollinate", "--help"]

@@ -20,6 +20,18 @@ def _simulate(args: argparse.Namespace) -> int:
     return simulate(args)
 
 
+def _server(args: argparse.Namespace) -> int:
+    from server.cli import serve
+
+    return serve(args)
+
+
+def _client(args: argparse.Namespace) -> int:
+    from client.node import run_node
+
+    return run_node(args)
+
+
 def _runs(args: argparse.Namespace) -> int:
     from server.report import rounds_table, runs_json, runs_table
     from server.store import RoundStore
@@ -94,6 +106,8 @@ def _certs(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from client.node import add_arguments as add_client_arguments
+    from server.cli import add_arguments as add_server_arguments
     from simulations.cli import add_arguments
 
     parser = argparse.ArgumentParser(prog="pollinate", description="federated fine-tuning of adapters (LoRA) "
@@ -102,6 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
     sim = sub.add_parser("simulate", help="run a scenario on Flower's Simulation Engine")
     add_arguments(sim)
     sim.set_defaults(func=_simulate)
+    server = sub.add_parser("server", help="coordinate a real deployment: a Flower SuperLink + the pollinate "
+                            "ServerApp (or --resume a run whose coordinator died)")
+    add_server_arguments(server)
+    server.set_defaults(func=_server)
+    client = sub.add_parser("client", help="join a deployment as a node: a Flower SuperNode + the pollinate "
+                            "ClientApp, training on --data that never leaves this machine")
+    add_client_arguments(client)
+    client.set_defaults(func=_client)
     runs = sub.add_parser("runs", help="list runs and their rounds from the round store")
     runs.add_argument("run", nargs="?", type=int, help="show this run's rounds")
     runs.add_argument("--db", default="sqlite:///pollinate.db", help="round store URL")

@@ -117,6 +117,8 @@ class FederationConfig:
     wait_for_nodes: float = 120.0  # seconds to wait for min-nodes before failing the round
     round_timeout: float = 900.0  # seconds to wait for replies in one exchange
     wire_dtype: str = "float32"  # float32 | float16: adapter tensors on the wire
+    on_round_failure: str = "stop"  # stop | continue: what follows a failed round (it is stored either way)
+    max_consecutive_failures: int = 3  # continue: the run fails after this many failed rounds in a row
 
     def validate(self) -> None:
         _require(self.rounds > 0, "federation.rounds", self.rounds, "use at least 1 round")
@@ -127,6 +129,11 @@ class FederationConfig:
         _require(self.round_timeout > 0, "federation.round-timeout", self.round_timeout, "use seconds > 0")
         _require(self.wire_dtype in ("float32", "float16"), "federation.wire-dtype", self.wire_dtype,
                  "use float32 or float16 (bfloat16 does not travel in a Flower ArrayRecord)")
+        _require(self.on_round_failure in ("stop", "continue"), "federation.on-round-failure",
+                 self.on_round_failure, "use 'stop' (the run fails) or 'continue' (the next round starts from "
+                 "the last completed round's adapter)")
+        _require(self.max_consecutive_failures >= 1, "federation.max-consecutive-failures",
+                 self.max_consecutive_failures, "use at least 1")
 
 
 @dataclass(frozen=True)
@@ -225,6 +232,11 @@ class SecAggConfig:
 class StoreConfig:
     db: str = "sqlite:///pollinate.db"  # any SQLAlchemy URL
     output_dir: str = "runs"  # the final adapter is exported to <output-dir>/run-<id>/adapter
+    resume_run: int = 0  # continue this stored run from its last completed round (`pollinate server --resume`); 0: new
+
+    def validate(self) -> None:
+        _require(self.resume_run >= 0, "store.resume-run", self.resume_run, "use a run id from `pollinate runs`, "
+                 "or 0 for a new run")
 
 
 @dataclass(frozen=True)

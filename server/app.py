@@ -2,16 +2,22 @@
 
 Per round: wait for nodes (bounded), sample, let the strategy run its exchanges through
 ``GridExchange``, evaluate the new global adapter on the nodes, and store the round in
-one transaction. At the end the global adapter is exported in PEFT's format.
+one transaction (with the full state a resumed coordinator needs, ``server.resume``). A round
+that fails (too few nodes or accepted updates, secure aggregation unable to unmask) is stored
+as failed with its reason and ledger; ``federation.on-round-failure`` decides whether the run
+stops or the next round starts from the last completed state. At the end the global adapter is
+exported in PEFT's format.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
+from peft import PeftModel
 from rich.console import Console
 
 import strategies
@@ -21,8 +27,9 @@ from server.privacy_rounds import BudgetSpent, RunPrivacy, check_privacy_config,
 from server.rounds import (Evaluation, RoundExchange, RoundFailed, RoundLedger, evaluate_global, mean_metric,
                            query_capacities, sample_nodes, wait_for_nodes)
 from server.secure import SecureAggregation
-from server.store import ClientRecord, RoundRecord, RoundStore
-from strategies.base import lora_rank
+from server.resume import round_state, start_or_resume
+from server.store import ClientRecord, RoundRecord, RoundStore, adapter_bytes, sha256
+from strategies.base import AggregationError, lora_rank
 
 app = ServerApp()
 console = Console(highlight=False, width=max(120, Console().width))
@@ -30,45 +37,67 @@ console = Console(highlight=False, width=max(120, Console().width))
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    run_federation(grid, RunConfig.from_flat(context.run_config))
+    run_federation(grid, RunConfig.from_flat(context.run_config), flower_run_id=context.run_id)
 
 
-def run_federation(grid: Grid, cfg: RunConfig) -> int:
-    """Run every round of ``cfg`` over ``grid``; returns the run id in the round store."""
+def run_federation(grid: Grid, cfg: RunConfig, flower_run_id: int = 0) -> int:
+    """Run (or, with ``store.resume-run``, resume) every round of ``cfg`` over ``grid``; returns the run id."""
     strategy = strategies.build(cfg)
     store = RoundStore(cfg.store.db)
     model, _ = build_peft_model(cfg)
-    state = adapter_state(model)
-    capacities: dict[int, int] = {}
     check_privacy_config(cfg, strategy)
-    run_id = store.start_run(cfg.to_flat(), strategy.name, cfg.model.name)
-    console.print(f"[bold]pollinate[/] run {run_id}: {strategy.name} on {cfg.model.name} + {cfg.adapter.method} "
-                  f"(r={cfg.adapter.r}), {cfg.federation.rounds} rounds, store {store.url}")
-    privacy = RunPrivacy.open(cfg, store, run_id)
+    start = start_or_resume(store, cfg, strategy, adapter_state(model), flower_run_id)
+    run_id, state, capacities = start.run_id, start.state, {}
+    resumed = f" resumed at round {start.first_round}" if start.resumed else ""
+    console.print(f"[bold]pollinate[/] run {run_id}{resumed}: {strategy.name} on {cfg.model.name} + "
+                  f"{cfg.adapter.method} (r={cfg.adapter.r}), {cfg.federation.rounds} rounds, store {store.url}")
+    privacy = RunPrivacy.open(cfg, store, run_id)  # rebuilt from the stored ledger on a resume
     try:
-        nodes = wait_for_nodes(grid, cfg.federation.min_nodes, cfg.federation.wait_for_nodes)
-        initial = evaluate_global(grid, cfg, nodes, strategy.evaluation_request(state), 0, RoundLedger())
-        if initial is not None:
-            store.set_initial_metrics(run_id, {"eval-loss": initial.loss, "eval-accuracy": initial.accuracy})
-            console.print(f"round 0: eval loss {initial.loss:.4f}, accuracy {initial.accuracy:.4f}")
-        for number in range(1, cfg.federation.rounds + 1):
+        try:
+            nodes = wait_for_nodes(grid, cfg.federation.min_nodes, cfg.federation.wait_for_nodes)
+        except RoundFailed:
+            nodes = []  # no round 0 evaluation; round 1 waits again and, failing, is stored as a failed round
+        if nodes and not start.resumed:
+            initial = evaluate_global(grid, cfg, nodes, strategy.evaluation_request(state), 0, RoundLedger())
+            if initial is not None:
+                store.set_initial_metrics(run_id, {"eval-loss": initial.loss, "eval-accuracy": initial.accuracy})
+                console.print(f"round 0: eval loss {initial.loss:.4f}, accuracy {initial.accuracy:.4f}")
+        failures = start.consecutive_failures
+        for number in range(start.first_round, cfg.federation.rounds + 1):
             try:
                 state = _run_round(grid, cfg, strategy, store, run_id, number, state, capacities, privacy)
+                failures = 0
             except BudgetSpent as e:
-                console.print(f"[yellow]privacy budget spent: {e}; the run ends with the adapter of round "
-                              f"{number - 1}[/]")
+                console.print(f"[yellow]privacy budget spent: {e}; the run ends with the adapter of the last "
+                              f"completed round[/]")
                 break
-        final = strategy.export(state)
-        rank = lora_rank(final) or cfg.adapter.r
-        if rank != cfg.adapter.r:  # base deltas folded into the LoRA (flora, fedex-lora)
-            model, _ = build_peft_model(cfg.replace(**{"adapter.r": rank}))
-        adapter_dir = export_adapter(model, final, Path(cfg.store.output_dir) / f"run-{run_id}" / "adapter")
-        store.finish_run(run_id, "completed", adapter_dir=str(adapter_dir.resolve()))
-        console.print(f"run {run_id} completed; adapter exported to {adapter_dir}")
+            except RoundFailed:
+                failures += 1
+                if cfg.federation.on_round_failure == "stop" or failures >= cfg.federation.max_consecutive_failures:
+                    raise
+                console.print(f"  [yellow]round {number} failed ({failures} in a row, the run stops at "
+                              f"{cfg.federation.max_consecutive_failures}); the next round starts from the last "
+                              f"completed round's adapter[/]")
+        _finish(cfg, strategy, store, run_id, state, model)
+    except (KeyboardInterrupt, SystemExit) as e:
+        store.finish_run(run_id, "interrupted", error=f"{type(e).__name__}: the coordinator was stopped; "
+                         f"`pollinate server --resume {run_id}` continues it")
+        raise
     except BaseException as e:
         store.finish_run(run_id, "failed", error=f"{type(e).__name__}: {e}")
         raise
     return run_id
+
+
+def _finish(cfg: RunConfig, strategy: strategies.Strategy, store: RoundStore, run_id: int,
+            state: strategies.NamedArrays, model: PeftModel) -> None:
+    final = strategy.export(state)
+    rank = lora_rank(final) or cfg.adapter.r
+    if rank != cfg.adapter.r:  # base deltas folded into the LoRA (flora, fedex-lora)
+        model, _ = build_peft_model(cfg.replace(**{"adapter.r": rank}))
+    adapter_dir = export_adapter(model, final, Path(cfg.store.output_dir) / f"run-{run_id}" / "adapter")
+    store.finish_run(run_id, "completed", adapter_dir=str(adapter_dir.resolve()))
+    console.print(f"run {run_id} completed; adapter exported to {adapter_dir}")
 
 
 def _assign_ranks(grid: Grid, cfg: RunConfig, strategy: strategies.Strategy, nodes: list[int], number: int,
@@ -88,52 +117,79 @@ def _assign_ranks(grid: Grid, cfg: RunConfig, strategy: strategies.Strategy, nod
     return ranks
 
 
+@dataclass
+class _RoundProgress:
+    """What a round got to before it failed, for its failed-round record."""
+
+    sampled: list[int] = field(default_factory=list)
+
+    ledger: RoundLedger = field(default_factory=RoundLedger)
+
+    @property
+    def accepted(self) -> int:
+        """Training updates accepted before the round failed."""
+        return sum(1 for c in self.ledger.clients if c.phase == "train" and c.status == "accepted")
+
+
 def _run_round(grid: Grid, cfg: RunConfig, strategy: strategies.Strategy, store: RoundStore, run_id: int,
                number: int, state: strategies.NamedArrays, capacities: dict[int, int],
                privacy: RunPrivacy) -> strategies.NamedArrays:
+    """One round, stored in one transaction: completed (with adapter and state), or failed (with its reason)."""
     started = time.monotonic()
-    ledger = RoundLedger()
-    connected = wait_for_nodes(grid, cfg.federation.min_nodes, cfg.federation.wait_for_nodes)
-    sampled = sample_nodes(connected, cfg, number)
-    if privacy.central is not None:  # the run's own budget: stop before a round that would exceed it
-        privacy.central.start_round(number, len(sampled), len(connected))
-    ranks = _assign_ranks(grid, cfg, strategy, sampled, number, capacities, ledger)
-    secure = SecureAggregation(grid, cfg, number, ledger) if cfg.secagg.enabled else None
-    exchange = RoundExchange(grid, cfg, number, ledger, check_update=strategy.check_update, secure=secure,
-                             private=privacy.central, privacy_run_key=privacy.run_key)
+    progress = _RoundProgress()
+    ledger = progress.ledger
+    parent = sha256(adapter_bytes(strategy.export(state)))
+    before = strategy.state_arrays()  # a failed round must leave the strategy as it found it
     try:
-        state = strategy.run_round(state, ranks, exchange, number)
-    except RoundFailed:
-        if not any(is_refusal(c) for c in ledger.clients):
-            raise
-        # Too few nodes may still train within their budgets: record the refusals, end the run cleanly.
-        record = RoundRecord(number=number, participants=len(sampled), accepted=0, train_loss=None, eval_loss=None,
-                             eval_accuracy=None, bytes_up=ledger.bytes("up"), bytes_down=ledger.bytes("down"),
-                             duration_s=time.monotonic() - started, clients=ledger.clients,
-                             metrics={"privacy-budget-spent": 1.0}, privacy=privacy.entries(ledger.clients))
-        store.record_round(run_id, record, strategy.export(state))
+        connected = wait_for_nodes(grid, cfg.federation.min_nodes, cfg.federation.wait_for_nodes)
+        progress.sampled = sample_nodes(connected, cfg, number)
+        if privacy.central is not None:  # the run's own budget: stop before a round that would exceed it
+            privacy.central.start_round(number, len(progress.sampled), len(connected))
+        ranks = _assign_ranks(grid, cfg, strategy, progress.sampled, number, capacities, ledger)
+        secure = SecureAggregation(grid, cfg, number, ledger) if cfg.secagg.enabled else None
+        exchange = RoundExchange(grid, cfg, number, ledger, check_update=strategy.check_update, secure=secure,
+                                 private=privacy.central, privacy_run_key=privacy.run_key)
+        new_state = strategy.run_round(state, ranks, exchange, number)
+    except (RoundFailed, AggregationError) as e:
+        strategy.load_state_arrays(before)
+        refused = any(is_refusal(c) for c in ledger.clients)
+        reason = (f"too few nodes could train within their privacy.target-epsilon = {cfg.privacy.target_epsilon:g}"
+                  if refused else str(e))
+        record = RoundRecord(
+            number=number, participants=len(progress.sampled), accepted=progress.accepted, train_loss=None,
+            eval_loss=None, eval_accuracy=None, bytes_up=ledger.bytes("up"), bytes_down=ledger.bytes("down"),
+            duration_s=time.monotonic() - started, clients=ledger.clients, status="failed", reason=reason,
+            parent_sha256=parent, metrics={"privacy-budget-spent": 1.0} if refused else {},
+            privacy=privacy.entries(ledger.clients))
+        store.record_round(run_id, record, None)
         _print_round(cfg, record, None, ledger)
-        raise BudgetSpent(f"in round {number} too few nodes could train within their privacy.target-epsilon "
-                          f"= {cfg.privacy.target_epsilon:g}") from None
-    global_adapter = strategy.export(state)
-    evaluation = evaluate_global(grid, cfg, connected, strategy.evaluation_request(state), number, ledger)
+        if refused:  # the nodes' budgets, not a fault: the run ends cleanly with the last completed adapter
+            raise BudgetSpent(f"in round {number} {reason}") from None
+        raise RoundFailed(str(e)) from e
+    evaluation = evaluate_global(grid, cfg, connected, strategy.evaluation_request(new_state), number, ledger)
     record = RoundRecord(
-        number=number, participants=len(sampled), accepted=len(exchange.reports),
+        number=number, participants=len(progress.sampled), accepted=len(exchange.reports),
         train_loss=mean_metric(exchange.reports, "train-loss"),
         eval_loss=evaluation.loss if evaluation else None,
         eval_accuracy=evaluation.accuracy if evaluation else None,
         bytes_up=ledger.bytes("up"), bytes_down=ledger.bytes("down"),
-        duration_s=time.monotonic() - started, clients=ledger.clients, privacy=privacy.entries(ledger.clients))
-    store.record_round(run_id, record, global_adapter)
+        duration_s=time.monotonic() - started, clients=ledger.clients, parent_sha256=parent,
+        privacy=privacy.entries(ledger.clients))
+    store.record_round(run_id, record, strategy.export(new_state), round_state(new_state, strategy))
     _print_round(cfg, record, evaluation, ledger)
     if secure is not None and secure.clipped:
         console.print(f"  [yellow]secure aggregation clipped {secure.clipped} weighted value(s) to "
                       f"+-{cfg.secagg.clip_range}; raise secagg.clip-range[/]")
-    return state
+    return new_state
 
 
 def _print_round(cfg: RunConfig, record: RoundRecord, evaluation: Evaluation | None, ledger: RoundLedger) -> None:
     per_client = record.bytes_up / max(1, record.accepted) / 1024
+    if record.status == "failed":
+        console.print(f"[red]round {record.number}/{cfg.federation.rounds} failed[/]: {record.reason}")
+        for c in ledger.failures():
+            console.print(f"  [yellow]node {c.node_id} {c.phase} {c.status}[/]: {c.reason}")
+        return
     line = (f"round {record.number}/{cfg.federation.rounds}: {record.accepted}/{record.participants} updates "
             f"accepted, train loss {record.train_loss or float('nan'):.4f}")
     if evaluation is not None:

@@ -23,7 +23,8 @@ def rounds_table(store: RoundStore, run_id: int) -> Table:
     init = run.initial_metrics
     table.add_row("0", "-", _fmt(init.get("eval-loss")), _fmt(init.get("eval-accuracy")), "-", "-", "-", "-")
     for r in store.rounds(run_id):
-        table.add_row(str(r.number), _fmt(r.train_loss), _fmt(r.eval_loss), _fmt(r.eval_accuracy),
+        number = str(r.number) if r.status == "completed" else f"{r.number} [red]failed[/]"
+        table.add_row(number, _fmt(r.train_loss), _fmt(r.eval_loss), _fmt(r.eval_accuracy),
                       f"{r.accepted}/{r.participants}", _fmt(r.bytes_up / max(1, r.accepted) / 1024, ".1f"),
                       _fmt(r.bytes_down / max(1, r.participants) / 1024, ".1f"), _fmt(r.duration_s, ".1f"))
     return table
@@ -49,9 +50,11 @@ def runs_json(store: RoundStore) -> list[dict[str, Any]]:
             "id": run.id, "status": run.status, "strategy": run.strategy, "model": run.model,
             "started_at": run.started_at.isoformat(), "ended_at": run.ended_at.isoformat() if run.ended_at else None,
             "error": run.error, "adapter_dir": run.adapter_dir, "initial_metrics": dict(run.initial_metrics),
+            "flower_run_ids": [a.flower_run_id for a in store.attempts(run.id)],
             "rounds": [{"number": r.number, "participants": r.participants, "accepted": r.accepted,
                         "train_loss": r.train_loss, "eval_loss": r.eval_loss, "eval_accuracy": r.eval_accuracy,
-                        "bytes_up": r.bytes_up, "bytes_down": r.bytes_down, "duration_s": r.duration_s}
+                        "bytes_up": r.bytes_up, "bytes_down": r.bytes_down, "duration_s": r.duration_s,
+                        "status": r.status, "reason": r.reason, "parent_sha256": r.parent_sha256}
                        for r in store.rounds(run.id)],
         })
     return out

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 
 from proto.adapter_record import (ADAPTER, INSTRUCTIONS, REPORT, TensorSpec, UpdateRejected, from_record,
@@ -76,8 +77,8 @@ def send_and_collect(grid: Grid, contents: Mapping[int, RecordDict], message_typ
     """Send one message per node and return the one genuine reply of each node that answered.
 
     A reply to nothing sent in this call, a second reply to one message, a reply from another node
-    than the one asked, an error reply, or no reply within ``timeout``: each is recorded (rejected or
-    failed, with the reason) and left out.
+    than the one asked, an error reply (also the SuperLink's, for a node that died), or no reply within
+    ``timeout``: each is recorded (rejected or failed, with the reason) and left out.
     """
     messages = {node: Message(content, dst_node_id=node, message_type=message_type, group_id=str(round_number))
                 for node, content in contents.items()}
@@ -96,7 +97,10 @@ def send_and_collect(grid: Grid, contents: Mapping[int, RecordDict], message_typ
             continue
         answered.add(key)
         node = sent[key]
-        if int(reply.metadata.src_node_id) != node:
+        if reply.has_error() and int(reply.metadata.src_node_id) == SUPERLINK_NODE_ID:
+            # The SuperLink answers for a node that stopped sending heartbeats (died mid-round).
+            record(node, "failed", f"node lost: {reply.error.reason}", bytes_down=down[node])
+        elif int(reply.metadata.src_node_id) != node:
             record(node, "rejected", f"reply came from node {reply.metadata.src_node_id}, not {node}",
                    bytes_down=down[node])
         elif reply.has_error():

@@ -2,9 +2,11 @@
 
 SQLite by default (a file, zero set-up), PostgreSQL for production. Callers use the
 narrow API of ``RoundStore`` and never build SQL; ``record_round`` writes a whole round
-(its row, every client's row and the global adapter) in one transaction, so a round is
-either fully stored or not at all. Adapters are stored as safetensors bytes with their
-sha256, checked again on load.
+(its row, every client's row, the global adapter and the round loop's full state) in one
+transaction, so a round is either fully stored or not at all, and a coordinator that dies at
+any moment resumes from the last stored round (``last_checkpoint``). A failed round is stored
+too, with its reason and client ledger, but without an adapter. Adapters and states are stored
+as safetensors bytes with their sha256, checked again on load.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ def migrate(engine: Engine) -> None:
 class RunRow(_Base):
     __tablename__ = "runs"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    status: Mapped[str] = mapped_column(String(16))  # running | completed | failed
+    status: Mapped[str] = mapped_column(String(16))  # running | completed | failed | interrupted
     strategy: Mapped[str] = mapped_column(String(64))
     model: Mapped[str] = mapped_column(String(256))
     config: Mapped[dict[str, Any]] = mapped_column(JSON)
@@ -83,6 +85,9 @@ class RoundRow(_Base):
     bytes_down: Mapped[int] = mapped_column(BigInteger)
     duration_s: Mapped[float] = mapped_column(Float)
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    status: Mapped[str] = mapped_column(String(16), server_default="completed")  # completed | failed
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)  # why a failed round failed
+    parent_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)  # the adapter it started from
 
 
 class ClientUpdateRow(_Base):
@@ -128,6 +133,28 @@ class AdapterRow(_Base):
     data: Mapped[bytes] = mapped_column(LargeBinary)  # safetensors
 
 
+class RoundStateRow(_Base):
+    """The round loop's full state after a completed round (base deltas included) and the strategy's own."""
+
+    __tablename__ = "round_states"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id"), unique=True)
+    sha256: Mapped[str] = mapped_column(String(64))
+    nbytes: Mapped[int] = mapped_column(BigInteger)
+    data: Mapped[bytes] = mapped_column(LargeBinary)  # safetensors
+
+
+class RunAttemptRow(_Base):
+    """One coordinator process working on a run: the first start, then one per resume."""
+
+    __tablename__ = "run_attempts"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"), index=True)
+    flower_run_id: Mapped[str] = mapped_column(String(32))  # Flower run ids are unsigned 64-bit
+    first_round: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
 @dataclass(frozen=True)
 class ClientRecord:
     """One node's part in one exchange of a round."""
@@ -159,6 +186,18 @@ class RoundRecord:
     clients: Sequence[ClientRecord]
     metrics: Mapping[str, float] = field(default_factory=dict)
     privacy: Sequence[PrivacyEntry] = ()  # the round's privacy ledger entries
+    status: str = "completed"  # completed | failed (then no adapter is stored)
+    reason: str | None = None  # why it failed
+    parent_sha256: str | None = None  # sha256 of the global adapter this round started from
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Where a run stands after its last completed round: what a resumed coordinator starts from."""
+
+    number: int
+    adapter_sha256: str
+    state: NamedArrays  # the round loop's state, sha256-checked, as ``record_round`` got it
 
 
 @dataclass(frozen=True)
@@ -227,16 +266,21 @@ class RoundStore:
         with Session(self.engine) as s, s.begin():
             s.get_one(RunRow, run_id).initial_metrics = {k: _finite(v) for k, v in metrics.items()}
 
-    def record_round(self, run_id: int, record: RoundRecord, global_adapter: NamedArrays) -> str:
-        """Store a round, its client records and its global adapter atomically; returns the adapter's sha256."""
-        blob = adapter_bytes(global_adapter)
-        digest = sha256(blob)
+    def record_round(self, run_id: int, record: RoundRecord, global_adapter: NamedArrays | None,
+                     round_state: NamedArrays | None = None) -> str | None:
+        """Store a round, its client records, its global adapter and the round loop's state atomically.
+
+        Returns the adapter's sha256. A failed round (``record.status == "failed"``) has no adapter or state.
+        """
+        if (record.status == "completed") != (global_adapter is not None):
+            raise ValueError("a completed round is stored with its global adapter, a failed one without")
         with Session(self.engine) as s, s.begin():
             row = RoundRow(run_id=run_id, number=record.number, participants=record.participants,
                            accepted=record.accepted, train_loss=_finite(record.train_loss),
                            eval_loss=_finite(record.eval_loss), eval_accuracy=_finite(record.eval_accuracy),
                            bytes_up=record.bytes_up, bytes_down=record.bytes_down, duration_s=record.duration_s,
-                           metrics={k: _finite(v) for k, v in record.metrics.items()})
+                           metrics={k: _finite(v) for k, v in record.metrics.items()}, status=record.status,
+                           reason=record.reason, parent_sha256=record.parent_sha256)
             s.add(row)
             s.flush()
             for c in record.clients:
@@ -250,8 +294,51 @@ class RoundStore:
                                        clip_norm=e.clip_norm, sample_rate=e.sample_rate, steps=e.steps,
                                        epsilon=_finite(e.epsilon), delta=e.delta, reason=e.reason,
                                        metrics={k: _finite(v) for k, v in e.metrics.items()}))
+            if global_adapter is None:
+                return None
+            blob = adapter_bytes(global_adapter)
+            digest = sha256(blob)
             s.add(AdapterRow(round_id=row.id, sha256=digest, nbytes=len(blob), data=blob))
+            if round_state is not None:
+                state_blob = adapter_bytes(round_state)
+                s.add(RoundStateRow(round_id=row.id, sha256=sha256(state_blob), nbytes=len(state_blob),
+                                    data=state_blob))
         return digest
+
+    def begin_attempt(self, run_id: int, flower_run_id: int, first_round: int) -> None:
+        """A coordinator (re)starts work on ``run_id`` as Flower run ``flower_run_id``: the run is running again."""
+        with Session(self.engine) as s, s.begin():
+            row = s.get_one(RunRow, run_id)
+            row.status, row.error, row.ended_at = "running", None, None
+            s.add(RunAttemptRow(run_id=run_id, flower_run_id=str(flower_run_id), first_round=first_round,
+                                started_at=_now()))
+
+    def attempts(self, run_id: int) -> list[RunAttemptRow]:
+        with Session(self.engine, expire_on_commit=False) as s:
+            return list(s.scalars(select(RunAttemptRow).where(RunAttemptRow.run_id == run_id)
+                                  .order_by(RunAttemptRow.id)))
+
+    def run_of_flower_run(self, flower_run_id: int) -> int | None:
+        """The pollinate run a Flower run worked on, if it got as far as starting one."""
+        with Session(self.engine) as s:
+            return s.scalar(select(RunAttemptRow.run_id).where(RunAttemptRow.flower_run_id == str(flower_run_id))
+                            .order_by(RunAttemptRow.id.desc()).limit(1))
+
+    def last_checkpoint(self, run_id: int) -> Checkpoint | None:
+        """The last completed round's state (None before round 1 completes), sha256-checked."""
+        with Session(self.engine) as s:
+            found = s.execute(select(RoundRow.number, AdapterRow.sha256, RoundStateRow.sha256, RoundStateRow.data)
+                              .join(AdapterRow, AdapterRow.round_id == RoundRow.id)
+                              .join(RoundStateRow, RoundStateRow.round_id == RoundRow.id)
+                              .where(RoundRow.run_id == run_id, RoundRow.status == "completed")
+                              .order_by(RoundRow.number.desc()).limit(1)).first()
+        if found is None:
+            return None
+        number, adapter_digest, state_digest, blob = found
+        if sha256(blob) != state_digest:
+            raise StoreError(f"the stored state of run {run_id} round {number} fails its sha256 check; the store "
+                             f"was altered or damaged, so the run cannot be resumed from it")
+        return Checkpoint(number=number, adapter_sha256=adapter_digest, state=dict(load_safetensors(blob)))
 
     def finish_run(self, run_id: int, status: str, error: str | None = None, adapter_dir: str | None = None) -> None:
         with Session(self.engine) as s, s.begin():
@@ -319,6 +406,11 @@ class RoundStore:
             rows = s.execute(select(RoundRow.number, AdapterRow.sha256, AdapterRow.data).join(AdapterRow)
                              .where(RoundRow.run_id == run_id))
             return {n: (d, b) for n, d, b in rows}
+
+    def adapter_sha256(self, run_id: int, number: int) -> str | None:
+        with Session(self.engine) as s:
+            return s.scalar(select(AdapterRow.sha256).join(RoundRow)
+                            .where(RoundRow.run_id == run_id, RoundRow.number == number))
 
 
 def _privacy_entry(r: PrivacyLedgerRow) -> PrivacyEntry:

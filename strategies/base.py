@@ -160,6 +160,20 @@ class Strategy(ABC):
         """The global adapter, PEFT-named at rank ``ctx.rank``: what is evaluated, stored and exported."""
         return state
 
+    def state_arrays(self) -> NamedArrays:
+        """What the strategy itself carries from round to round (e.g. server moments), stored with every round.
+
+        The round loop's ``state`` is stored beside it; together they let a coordinator that died resume
+        exactly. Default: nothing.
+        """
+        return {}
+
+    def load_state_arrays(self, arrays: NamedArrays) -> None:
+        """Take back what ``state_arrays`` returned after the last completed round (when a run resumes)."""
+        if arrays:
+            raise AggregationError(f"{self.name} keeps no state of its own, but the store holds {sorted(arrays)[:3]} "
+                                   f"for it; the run was started by another version of this strategy")
+
 
 def with_instructions(request: Request, **changes: object) -> Request:
     return replace(request, instructions=replace(request.instructions, **changes))

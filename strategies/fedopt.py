@@ -36,6 +36,14 @@ class FedAdam(FedAvg):
                                                                 o.beta2, o.tau, self.variant)
         return out
 
+    def state_arrays(self) -> NamedArrays:
+        """The moments m and v (Reddi et al. 2021, Alg. 2), which a resumed run must continue from."""
+        return {**{f"m/{k}": v for k, v in self.m.items()}, **{f"v/{k}": v for k, v in self.v.items()}}
+
+    def load_state_arrays(self, arrays: NamedArrays) -> None:
+        self.m = {k.removeprefix("m/"): v for k, v in arrays.items() if k.startswith("m/")}
+        self.v = {k.removeprefix("v/"): v for k, v in arrays.items() if k.startswith("v/")}
+
 
 class FedYogi(FedAdam):
     name = "fedyogi"

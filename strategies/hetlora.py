@@ -55,6 +55,16 @@ class HetLora(HeterogeneousLora):
         self._note_pruning(mean.node_metrics)
         return dict(mean.tensors)
 
+    def state_arrays(self) -> NamedArrays:
+        """The ranks nodes pruned themselves to: node ids (uint64, as Flower's) beside their ranks."""
+        nodes = sorted(self.pruned)
+        return {"pruned/node-ids": np.array(nodes, dtype=np.uint64),
+                "pruned/ranks": np.array([self.pruned[n] for n in nodes], dtype=np.int64)}
+
+    def load_state_arrays(self, arrays: NamedArrays) -> None:
+        nodes, ranks = arrays.get("pruned/node-ids", np.zeros(0)), arrays.get("pruned/ranks", np.zeros(0))
+        self.pruned = {int(n): int(r) for n, r in zip(nodes, ranks, strict=True)}
+
     def _note_pruning(self, metrics: Mapping[int, Mapping[str, float]]) -> None:
         for node, reported in metrics.items():
             if "pruned-rank" in reported:

@@ -44,6 +44,7 @@ def _reset_postgres(url: str) -> None:
 
     engine = create_engine(url)
     with engine.begin() as conn:
-        for table in ("privacy_ledger", "adapters", "client_updates", "rounds", "runs", "alembic_version"):
+        for table in ("privacy_ledger", "round_states", "run_attempts", "adapters", "client_updates", "rounds",
+                      "runs", "alembic_version"):
             conn.execute(text(f"DROP TABLE IF EXISTS {table} CASCADE"))
     engine.dispose()

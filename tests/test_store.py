@@ -91,3 +91,35 @@ def test_the_schema_is_managed_by_alembic_and_matches_the_models(store_url: str)
         assert context.get_current_revision() is not None
         assert compare_metadata(context, metadata) == []  # no model change without a migration
     RoundStore(store_url)  # opening an up-to-date store again migrates nothing and keeps the data
+
+
+def test_a_failed_round_is_stored_with_its_reason_and_ledger_but_no_adapter(store_url: str) -> None:
+    store = RoundStore(store_url)
+    run_id = store.start_run({}, "fedavg", "tiny-bert")
+    store.record_round(run_id, _round(1), _adapter(1), {"state/x": np.ones(3, np.float32)})
+    failed = RoundRecord(number=2, participants=2, accepted=1, train_loss=None, eval_loss=None, eval_accuracy=None,
+                         bytes_up=0, bytes_down=0, duration_s=60.0, status="failed", reason="only 1 of 2 updates",
+                         clients=[ClientRecord(node_id=5, phase="train", status="failed", reason="node offline")])
+    assert store.record_round(run_id, failed, None) is None
+    rows = store.rounds(run_id)
+    assert [(r.number, r.status, r.reason) for r in rows] == [(1, "completed", None), (2, "failed", "only 1 of 2 updates")]
+    assert [(u.node_id, u.reason) for u in store.client_updates(run_id, 2)] == [("5", "node offline")]
+    assert sorted(store.adapter_digests(run_id)) == [1]
+    checkpoint = store.last_checkpoint(run_id)  # the failed round is no checkpoint: round 1 is
+    assert checkpoint is not None and checkpoint.number == 1
+    assert checkpoint.adapter_sha256 == store.adapter_digests(run_id)[1][0]
+    assert np.array_equal(checkpoint.state["state/x"], np.ones(3, np.float32))
+
+
+def test_a_tampered_round_state_is_refused_for_resume(store_url: str) -> None:
+    from server.store import RoundStateRow
+
+    store = RoundStore(store_url)
+    run_id = store.start_run({}, "fedavg", "tiny-bert")
+    assert store.last_checkpoint(run_id) is None
+    store.record_round(run_id, _round(1), _adapter(1), {"state/x": np.ones(3, np.float32)})
+    with Session(store.engine) as s, s.begin():
+        row = s.scalars(select(RoundStateRow)).one()
+        row.data = row.data[:-1] + bytes([row.data[-1] ^ 1])
+    with pytest.raises(StoreError, match="cannot be resumed"):
+        store.last_checkpoint(run_id)

@@ -1,0 +1,95 @@
+"""``pollinate client``: a node of a real deployment, a Flower SuperNode running the pollinate ClientApp.
+
+The node's settings reach the ClientApp as Flower node config (``client.app``: ``data-path``,
+``max-rank``, ``device``); its data never leaves it. The SuperNode keeps reconnecting when the
+coordinator restarts (a resumed run finds the same nodes), and runs every ClientApp in a
+subprocess (``--isolation subprocess``) on its own Runtime API port.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from pollinate.processes import (Daemon, executable, flower_env, free_port, require_free_port, stop_on_sigterm,
+                                 wait_healthy)
+from proto.run_config import ConfigError
+
+
+@dataclass(frozen=True)
+class NodeSecurity:
+    """TLS and SuperNode authentication (files from `pollinate certs`); both None: insecure."""
+
+    root_certificates: Path | None = None  # --root-certificates: the CA that signed the SuperLink's certificate
+    auth_private_key: Path | None = None  # --auth-supernode-private-key: this node's registered key
+
+    def flags(self) -> list[str]:
+        flags = ["--root-certificates", str(self.root_certificates)] if self.root_certificates else ["--insecure"]
+        if self.auth_private_key is not None:
+            flags += ["--auth-supernode-private-key", str(self.auth_private_key)]
+        return flags
+
+
+def node_config(data: Path, max_rank: int, device: str) -> str:
+    """Flower's ``--node-config`` string (TOML values, space separated)."""
+    from client.app import DATA_PATH, DEVICE, MAX_RANK  # imported here: client.app loads torch
+
+    if not data.is_file():
+        raise ConfigError(f"--data {data}: no such file on this node; pass the node's CSV or JSONL file "
+                        f"(`text` + integer `label`, or `instruction` + `response`)")
+    path = str(data.resolve())
+    if "'" in path or " " in path:
+        raise ConfigError(f"--data {path}: Flower's node config cannot carry quotes or spaces in a path; "
+                        f"move or link the file to a plain path")
+    if max_rank < 0:
+        raise ConfigError(f"--max-rank {max_rank} is invalid: use the largest LoRA rank this node can train, "
+                          f"or 0 for no limit")
+    return f"{DATA_PATH}='{path}' {MAX_RANK}={max_rank} {DEVICE}='{device}'"
+
+
+def supernode_command(superlink: str, config: str, runtime_port: int, security: NodeSecurity) -> list[str]:
+    return [executable("flower-supernode"), *security.flags(), "--superlink", superlink, "--node-config", config,
+            "--isolation", "subprocess", "--port", str(runtime_port)]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--superlink", required=True, metavar="HOST:PORT",
+                        help="the coordinator's SuperLink (`pollinate server --port`)")
+    parser.add_argument("--data", required=True, type=Path, help="this node's CSV/JSONL examples (stay here)")
+    parser.add_argument("--max-rank", type=int, default=0, help="largest LoRA rank this node can train (0: no limit)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    parser.add_argument("--runtime-port", type=int, help="local port of the SuperNode's Runtime API "
+                        "(default: a free one; nodes on one machine need different ports)")
+    parser.add_argument("--wait", type=float, default=120.0,
+                        help="seconds to wait for the SuperLink to answer before giving up (default 120)")
+    parser.add_argument("--root-certificates", type=Path, help="TLS: the CA certificate (from `pollinate certs`)")
+    parser.add_argument("--auth-supernode-private-key", type=Path,
+                        help="node authentication: this node's private key (its public key is registered)")
+
+
+def run_node(args: argparse.Namespace) -> int:
+    """Start the SuperNode and serve until stopped (Ctrl-C / SIGTERM) or the SuperNode exits."""
+    stop_on_sigterm()
+    config = node_config(args.data, args.max_rank, args.device)
+    security = NodeSecurity(args.root_certificates, args.auth_supernode_private_key)
+    runtime_port = args.runtime_port or free_port()
+    require_free_port("127.0.0.1", runtime_port, "SuperNode's Runtime API", "--runtime-port")
+    scheme = "https" if security.root_certificates else "http"
+    verify: str | bool = str(security.root_certificates) if security.root_certificates else False
+    if not wait_healthy(f"{scheme}://{args.superlink}", args.wait, verify):
+        raise ConfigError(f"the SuperLink at {args.superlink} did not answer within {args.wait:.0f} s; start the "
+                          f"coordinator first (`pollinate server --port ...`), check --superlink HOST:PORT and the "
+                          f"firewall, or wait longer with --wait")
+    with tempfile.TemporaryDirectory(prefix="pollinate-node-") as home:
+        node = Daemon("SuperNode", supernode_command(args.superlink, config, runtime_port, security),
+                      flower_env(Path(home)))
+        print(f"node serving {args.data} (max-rank {args.max_rank or 'unlimited'}, device {args.device}) for the "
+              f"SuperLink at {args.superlink}; SuperNode pid {node.pid}", flush=True)
+        try:
+            return node.process.wait()
+        except KeyboardInterrupt:
+            return 130
+        finally:
+            node.stop()

@@ -1,0 +1,122 @@
+"""The Flower daemons the ``pollinate`` command starts (SuperLink, SuperNode, ``flwr``), and how they stop.
+
+Flower detaches some of its own children (the SuperExec and the ServerApp it spawns run in their
+own sessions), so stopping a process group is not enough: ``Daemon.stop`` signals the whole
+process tree (psutil), SIGTERM first, SIGKILL after a grace period. Every process is stopped by
+PID, never by name, so other Flower processes on the machine are never touched.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO, NoReturn
+
+import httpx
+import psutil
+
+from proto.run_config import ConfigError
+
+
+def executable(name: str) -> str:
+    """A Flower console script from this environment (beside the running Python), else from PATH."""
+    beside = Path(sys.executable).parent / name
+    found = str(beside) if beside.is_file() else shutil.which(name)
+    if found is None:
+        raise ConfigError(f"`{name}` is not installed; install pollinate into this environment "
+                          f"(`pip install -e .`), which brings flwr 1.42 and its `{name}` command")
+    return found
+
+
+def flower_env(flwr_home: Path) -> dict[str, str]:
+    """The environment of every Flower process we start: its own FLWR_HOME (never ~/.flwr), no telemetry,
+    and this environment's scripts first on PATH (the SuperLink starts ``flower-superexec`` by name)."""
+    env = dict(os.environ)
+    env.update(FLWR_HOME=str(flwr_home), FLWR_TELEMETRY_ENABLED="0",
+               PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]))
+    return env
+
+
+def require_free_port(host: str, port: int, what: str, flag: str) -> None:
+    """Fail fast, saying what to do, when ``host:port`` is taken (e.g. by an earlier SuperLink)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # As the servers bind (SO_REUSEADDR): a listener blocks us, closed connections in TIME_WAIT do not.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise ConfigError(f"{host}:{port} is in use ({e.strerror}), so the {what} cannot listen there; stop the "
+                              f"process holding it (`ss -ltnp | grep {port}`) or choose another {flag}") from None
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_healthy(url: str, timeout_s: float, verify: str | bool = True, alive: Daemon | None = None) -> bool:
+    """Poll a Flower HTTP API's ``/health`` until it answers (True) or ``timeout_s`` passes (False)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if alive is not None and not alive.running():
+            return False
+        try:
+            if httpx.get(f"{url}/health", timeout=2.0, verify=verify).is_success:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    return False
+
+
+class Daemon:
+    """One started process (and, when stopped, every process it started)."""
+
+    def __init__(self, name: str, args: Sequence[str], env: dict[str, str], log: IO[str] | None = None) -> None:
+        self.name = name
+        # Its own session: a Ctrl-C in the terminal reaches us, and we stop it in order.
+        self.process = subprocess.Popen(list(args), env=env, stdout=log, stderr=subprocess.STDOUT if log else None,
+                                        start_new_session=True)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        """SIGTERM the process and all its descendants, SIGKILL whatever is left after ``grace_s``."""
+        try:
+            tree = [psutil.Process(self.pid), *psutil.Process(self.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            tree = []
+        for p in tree:
+            try:
+                p.terminate()
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(tree, timeout=grace_s)
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(alive, timeout=grace_s)
+        self.process.poll()
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM (`docker stop`, systemd) unwinds like Ctrl-C, so every process we started is stopped by PID."""
+    def interrupt(signum: int, frame: object) -> NoReturn:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)

@@ -1,0 +1,124 @@
+"""``pollinate server``: the coordinator of a real deployment (Flower SuperLink + the pollinate ServerApp).
+
+A new run takes its config from a scenario TOML (its ``[simulation]`` table is ignored) plus ``--set``;
+``--resume RUN_ID`` continues a stored run from its last completed round with the config it was started
+with: only ``server.resume.RESUMABLE_KEYS`` (more rounds, longer waits, the store's location) may change.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from rich.console import Console
+from sqlalchemy.engine import make_url
+
+import strategies
+from models import check_model_config
+from proto.run_config import ConfigError, RunConfig, Scalar
+from pollinate.processes import stop_on_sigterm
+from server.launch import SuperLinkSecurity, coordinate
+from server.report import rounds_table
+from server.resume import check_resumable, resumed_config
+from server.store import RoundStore
+from simulations.cli import DEFAULT_SCENARIO, load_scenario
+
+DEFAULT_PORT = 9092
+console = Console(highlight=False, width=max(100, Console().width))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--scenario", help="run config TOML (a path or a name in simulations/scenarios/); "
+                        "default: the default scenario. Not with --resume")
+    parser.add_argument("--db", help="round store URL (store.db), e.g. postgresql+psycopg://user@host:5432/db")
+    parser.add_argument("--host", default="127.0.0.1", help="address the SuperLink listens on (0.0.0.0: all)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="the SuperLink's port: nodes connect to "
+                        "it (`pollinate client --superlink HOST:PORT`)")
+    parser.add_argument("--rounds", type=int, help="federation.rounds (on --resume: the new total)")
+    parser.add_argument("--output", help="where the adapter is exported (store.output-dir)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a run config key, e.g. --set federation.min-nodes=3 (repeatable)")
+    parser.add_argument("--resume", type=int, metavar="RUN_ID",
+                        help="continue this stored run from its last completed round (`pollinate runs` lists runs)")
+    parser.add_argument("--state-dir", help="the SuperLink's state and log (default: <output>/superlink)")
+    parser.add_argument("--ssl-ca-certfile", type=Path, help="TLS: CA certificate (from `pollinate certs`)")
+    parser.add_argument("--ssl-certfile", type=Path, help="TLS: the SuperLink's certificate")
+    parser.add_argument("--ssl-keyfile", type=Path, help="TLS: the SuperLink's private key")
+    parser.add_argument("--enable-supernode-auth", action="store_true",
+                        help="accept only SuperNodes whose public keys were registered")
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict[str, Scalar]:
+    flat: dict[str, Scalar] = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r} must look like KEY=VALUE, e.g. --set federation.min-nodes=3")
+        flat[key.strip()] = value.strip()
+    for key, value in (("federation.rounds", args.rounds), ("store.db", args.db), ("store.output-dir", args.output)):
+        if value is not None:
+            flat[key] = value
+    for key in ("store.db", "store.output-dir"):  # the ServerApp runs in another process: no relative paths
+        if key in flat:
+            flat[key] = _absolute(str(flat[key]), key)
+    return flat
+
+
+def run_config(args: argparse.Namespace) -> RunConfig:
+    """The config of a new run (scenario + overrides), or of the resumed one (stored + harmless overrides)."""
+    overrides = overrides_from_args(args)
+    if args.resume is None:
+        cfg, _ = load_scenario(args.scenario or DEFAULT_SCENARIO, overrides)
+        cfg = cfg.replace(**{k: _absolute(str(v), k) for k, v in cfg.to_flat().items()
+                             if k in ("store.db", "store.output-dir")})
+        strategies.build(cfg)  # fail fast: an unknown or incompatible strategy
+        check_model_config(cfg.model)
+        RoundStore(cfg.store.db)  # fail fast: an unreachable database
+        return cfg
+    if args.scenario:
+        raise ConfigError("--resume continues a stored run with the config it was started with; drop --scenario "
+                          "(change only what a resume may change, e.g. --rounds)")
+    store = RoundStore(str(overrides.get("store.db", _absolute(RunConfig().store.db, "store.db"))))
+    run = store.run(args.resume)
+    check_resumable(run)
+    return resumed_config(run.config, {**overrides, "store.db": store.engine.url.render_as_string(False),
+                                       "store.resume-run": args.resume})
+
+
+def serve(args: argparse.Namespace) -> int:
+    stop_on_sigterm()  # `docker stop`, systemd: stop the SuperLink and its runs too
+    cfg = run_config(args)
+    security = SuperLinkSecurity(args.ssl_ca_certfile, args.ssl_certfile, args.ssl_keyfile, args.enable_supernode_auth)
+    state_dir = Path(args.state_dir or Path(cfg.store.output_dir) / "superlink")
+    console.print(f"SuperLink on {args.host}:{args.port} ({'TLS' if security.tls else 'insecure'}); nodes join with "
+                  f"`pollinate client --superlink HOST:{args.port} --data PATH`")
+    result = coordinate(cfg, args.host, args.port, state_dir, security)
+    store = RoundStore(cfg.store.db)
+    run_id = store.run_of_flower_run(result.flower_run_id) if result.flower_run_id is not None else None
+    if run_id is None:
+        console.print(f"[red]no run was recorded (Flower run {result.flower_run_id}); see {result.log}[/]")
+        return 1
+    run = store.run(run_id)
+    if run.status == "running":  # the ServerApp was stopped before it could say so
+        store.finish_run(run_id, "interrupted", error="the coordinator was stopped; "
+                         f"`pollinate server --resume {run_id}` continues it")
+        run = store.run(run_id)
+    console.print(rounds_table(store, run_id))
+    console.print(f"round store: {store.url} (run {run_id}, status {run.status})")
+    if run.status == "completed":
+        console.print(f"PEFT adapter: {run.adapter_dir}")
+        return 0
+    if result.superlink_exit is not None:
+        console.print(f"[red]the SuperLink exited with code {result.superlink_exit}; see {result.log}[/]")
+    console.print(f"[red]run {run_id} {run.status}: {run.error}[/]\nresume it: pollinate server --resume {run_id} "
+                  f"--db {store.url}")
+    return 130 if result.interrupted else 1
+
+
+def _absolute(value: str, key: str) -> str:
+    if key == "store.output-dir":
+        return str(Path(value).resolve())
+    url = make_url(value)
+    if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
+        return url.set(database=str(Path(url.database).resolve())).render_as_string(hide_password=False)
+    return value

@@ -1,0 +1,140 @@
+"""``pollinate server``'s coordinator: a Flower SuperLink plus the pollinate ServerApp as one Flower run on it.
+
+How the run is started (flwr 1.42): the SuperLink serves its Fleet, Control and Runtime APIs on one
+HTTP port (``--host``/``--port``; the per-API address flags are deprecated) and, with
+``--isolation subprocess``, starts ``flower-superexec``, which launches the ServerApp of every
+submitted run as ``flwr-serverapp``. We submit the run through the Control API with Flower's own
+supported client, ``flwr run APP CONNECTION --format json`` (APP is a Flower App directory whose
+``[tool.flwr.app.config]`` is the typed run config, exactly what ``pollinate simulate`` builds;
+CONNECTION is written to a private ``$FLWR_HOME/config.toml``, so ``~/.flwr`` is never touched), then
+follow it with ``flwr log RUN_ID CONNECTION --stream``, which prints the coordinator's output and
+returns when the run finishes. Not ``flwr run --stream`` alone: we need the Flower run id to find the
+pollinate run in the round store afterwards. The SuperLink's own state lives in a file
+(``--database``), so nodes stay registered, with the same ids, when a coordinator is restarted.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import tomli_w
+
+from pollinate.processes import Daemon, executable, flower_env, require_free_port, wait_healthy
+from proto.run_config import ConfigError, RunConfig
+from simulations.engine import write_app_dir
+
+CONNECTION = "pollinate"  # the SuperLink connection's name in our private FLWR_HOME
+
+
+@dataclass(frozen=True)
+class SuperLinkSecurity:
+    """TLS and SuperNode authentication for the SuperLink (files from `pollinate certs`); all None: insecure."""
+
+    ca_cert: Path | None = None  # --ssl-ca-certfile; also what `flwr` verifies the SuperLink with
+    cert: Path | None = None  # --ssl-certfile
+    key: Path | None = None  # --ssl-keyfile
+    node_auth: bool = False  # --enable-supernode-auth: only registered SuperNode public keys may connect
+
+    @property
+    def tls(self) -> bool:
+        return self.cert is not None
+
+    def flags(self) -> list[str]:
+        if not self.tls:
+            return ["--insecure"]
+        missing = [n for n, v in (("CA certificate", self.ca_cert), ("key", self.key)) if v is None]
+        if missing:
+            raise ConfigError(f"TLS needs the certificate, its key and the CA certificate; {missing} missing")
+        flags = ["--ssl-ca-certfile", str(self.ca_cert), "--ssl-certfile", str(self.cert),
+                 "--ssl-keyfile", str(self.key)]
+        return flags + (["--enable-supernode-auth"] if self.node_auth else [])
+
+
+def superlink_command(host: str, port: int, state_db: Path, security: SuperLinkSecurity) -> list[str]:
+    # Dependencies are installed with pollinate already; Flower's runtime `uv sync` of the app is not wanted.
+    return [executable("flower-superlink"), *security.flags(), "--host", host, "--port", str(port),
+            "--isolation", "subprocess", "--database", str(state_db), "--disable-runtime-dependency-installation"]
+
+
+def write_connection(flwr_home: Path, host: str, port: int, security: SuperLinkSecurity) -> None:
+    """``$FLWR_HOME/config.toml`` with one SuperLink connection, the default, for `flwr run` and `flwr log`."""
+    connection: dict[str, object] = {"address": f"{_client_host(host)}:{port}", "insecure": not security.tls}
+    if security.tls:
+        connection["root-certificates"] = str(security.ca_cert)
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    (flwr_home / "config.toml").write_text(tomli_w.dumps({"superlink": {"default": CONNECTION,
+                                                                       CONNECTION: connection}}))
+
+
+@dataclass
+class Coordinated:
+    """What ``coordinate`` leaves to report: the Flower run id, and how the coordinator ended."""
+
+    log: Path
+    flower_run_id: int | None = None
+    superlink_exit: int | None = None  # the SuperLink's exit code if it died during the run
+    interrupted: bool = False  # Ctrl-C / SIGTERM: everything we started was stopped
+
+
+def coordinate(cfg: RunConfig, host: str, port: int, state_dir: Path,
+               security: SuperLinkSecurity = SuperLinkSecurity(), startup_timeout_s: float = 120.0) -> Coordinated:
+    """Start a SuperLink, run the ServerApp on it with ``cfg`` until the run ends, stop the SuperLink."""
+    require_free_port(host, port, "SuperLink", "--port")
+    state_dir.mkdir(parents=True, exist_ok=True)
+    result = Coordinated(log=state_dir / "superlink.log")
+    with tempfile.TemporaryDirectory(prefix="pollinate-coordinator-") as tmp, result.log.open("a") as log:
+        home = Path(tmp) / "flwr-home"
+        write_connection(home, host, port, security)
+        env = flower_env(home)
+        superlink = Daemon("SuperLink", superlink_command(host, port, state_dir / "state.db", security), env, log)
+        try:
+            scheme = "https" if security.tls else "http"
+            verify: str | bool = str(security.ca_cert) if security.tls else False
+            if not wait_healthy(f"{scheme}://{_client_host(host)}:{port}", startup_timeout_s, verify, superlink):
+                raise ConfigError(f"the SuperLink did not come up on {host}:{port} within {startup_timeout_s:.0f} s "
+                                  f"(exit code {superlink.process.poll()}); see {result.log}")
+            result.flower_run_id = _submit(write_app_dir(cfg, Path(tmp) / "app"), env)
+            _follow(result, superlink, env)
+        except KeyboardInterrupt:
+            result.interrupted = True
+        finally:
+            superlink.stop()
+    return result
+
+
+def _follow(result: Coordinated, superlink: Daemon, env: dict[str, str]) -> None:
+    """Print the run's output until it finishes, or until the SuperLink dies under it."""
+    follower = Daemon("flwr log", [executable("flwr"), "log", str(result.flower_run_id), CONNECTION, "--stream"], env)
+    try:
+        while follower.running():
+            if not superlink.running():
+                result.superlink_exit = superlink.process.returncode
+                return
+            try:
+                follower.process.wait(timeout=1.0)
+            except subprocess.TimeoutExpired:
+                pass
+    finally:
+        follower.stop()
+
+
+def _submit(app_dir: Path, env: dict[str, str]) -> int:
+    done = subprocess.run([executable("flwr"), "run", str(app_dir), CONNECTION, "--format", "json"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    try:
+        payload = json.loads(done.stdout[done.stdout.index("{"):])
+        if payload.get("success") and payload.get("run-id"):
+            return int(payload["run-id"])
+    except ValueError:
+        pass
+    raise ConfigError(f"the SuperLink refused the run (`flwr run` exit code {done.returncode}): "
+                      f"{(done.stdout + done.stderr).strip()[-2000:]}")
+
+
+def _client_host(host: str) -> str:
+    """Where a local client reaches a SuperLink listening on ``host`` (0.0.0.0 listens everywhere)."""
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
