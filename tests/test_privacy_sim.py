@@ -103,3 +103,18 @@ def test_central_dp_spends_the_run_budget_then_stops_cleanly(tmp_path: Path) -> 
     assert "round 3 would take the run's epsilon from 7.077 to 9.01" in done.stdout.replace("\n", "")
     report = _report(store, run.id)
     assert report["stopped_by_budget"] and report["epsilon"] == pytest.approx(second.epsilon)
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--dp", "sample"], "privacy.mode = 'sample' needs a clip norm C (missing): the bound on each per-example "
+                         "gradient, e.g. --clip-norm 1.0"),
+    (["--dp", "central", "--clip-norm", "1", "--epsilon", "0"], "privacy.target-epsilon = 0.0 is invalid"),
+    (["--dp", "central", "--clip-norm", "1", "--strategy", "flexlora"],
+     "'flexlora' does not aggregate a plain mean of deltas"),
+    (["--dp", "central", "--clip-norm", "1", "--secagg"], "which secure aggregation hides"),
+])
+def test_simulate_refuses_bad_dp_settings_before_any_round(tmp_path: Path, args: list[str], says: str) -> None:
+    done = simulate("tiny.toml", tmp_path, *args)
+    assert done.returncode == 2
+    assert says in " ".join(done.stdout.split())
+    assert not (tmp_path / "out").exists()  # nothing was partitioned or run
