@@ -134,3 +134,16 @@ def test_adaptive_clipping_is_refused_under_secure_aggregation(tiny_cfg) -> None
                               "federation.strategy": "ffa-lora"})
     with pytest.raises(ConfigError, match="use fixed clipping"):
         check_privacy_config(cfg, strategies.build(cfg))
+@pytest.mark.parametrize("args, says", [
+    (["--dp", "sample"], "privacy.mode = 'sample' needs a clip norm C (missing): the bound on each per-example "
+                         "gradient, e.g. --clip-norm 1.0"),
+    (["--dp", "central", "--clip-norm", "1", "--epsilon", "0"], "privacy.target-epsilon = 0.0 is invalid"),
+    (["--dp", "central", "--clip-norm", "1", "--strategy", "flexlora"],
+     "'flexlora' does not aggregate a plain mean of deltas"),
+    (["--dp", "central", "--clip-norm", "1", "--secagg", "--adaptive-clipping"], "use fixed clipping"),
+])
+def test_simulate_refuses_bad_dp_settings_before_any_round(tmp_path: Path, args: list[str], says: str) -> None:
+    done = simulate("tiny.toml", tmp_path, *args)
+    assert done.returncode == 2
+    assert says in " ".join(done.stdout.split())
+    assert not (tmp_path / "out").exists()  # nothing was partitioned or run

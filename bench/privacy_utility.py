@@ -1,6 +1,6 @@
 """Utility under differential privacy, fedavg vs ffa-lora, and the cost of DP-SGD against plain training.
 
-    python bench/privacy.py [--local-steps N] [--rounds R] [--from-db runs/bench-privacy-*/bench.db]
+    python bench/privacy_utility.py [--local-steps N] [--rounds R] [--from-db runs/bench-privacy-*/bench.db]
 
 Part 1 runs the default scenario (MiniLM-L6 + LoRA r=8, 4 nodes, IID) through the real
 ``pollinate simulate`` path for each strategy in {fedavg, ffa-lora} and each per-node budget
@@ -173,7 +173,7 @@ def main() -> None:
     if args.probe:
         print(json.dumps(overhead_probe(args.probe, args.probe_steps)))
         return
-    command = (f"python bench/privacy.py --rounds {args.rounds} --local-steps {args.local_steps} "
+    command = (f"python bench/privacy_utility.py --rounds {args.rounds} --local-steps {args.local_steps} "
                f"--eval-examples {args.eval_examples} --overhead-steps {args.overhead_steps}")
     if args.from_db:
         saved = Path(args.from_db).parent / "overhead.json"
