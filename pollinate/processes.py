@@ -77,6 +77,15 @@ def wait_healthy(url: str, timeout_s: float, verify: str | bool = True, alive: D
     return False
 
 
+def process_tree(pid: int) -> list[psutil.Process]:
+    """A process and all its descendants (Flower starts its SuperExec and apps in sessions of their own)."""
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
 class Daemon:
     """One started process (and, when stopped, every process it started)."""
 
@@ -95,10 +104,7 @@ class Daemon:
 
     def stop(self, grace_s: float = 10.0) -> None:
         """SIGTERM the process and all its descendants, SIGKILL whatever is left after ``grace_s``."""
-        try:
-            tree = [psutil.Process(self.pid), *psutil.Process(self.pid).children(recursive=True)]
-        except psutil.NoSuchProcess:
-            tree = []
+        tree = process_tree(self.pid)
         for p in tree:
             try:
                 p.terminate()

@@ -291,6 +291,17 @@ class RunConfig:
         return RunConfig.from_flat({**self.to_flat(), **flat_overrides})
 
 
+def parse_assignments(items: list[str], example: str = "train.lr=5e-4") -> dict[str, Scalar]:
+    """``--set KEY=VALUE`` arguments as flat run-config keys (values coerced later by ``from_flat``)."""
+    flat: dict[str, Scalar] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r} must look like KEY=VALUE, e.g. --set {example}")
+        flat[key.strip()] = value.strip()
+    return flat
+
+
 def load_toml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():

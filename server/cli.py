@@ -15,7 +15,7 @@ from sqlalchemy.engine import make_url
 
 import strategies
 from models import check_model_config
-from proto.run_config import ConfigError, RunConfig, Scalar
+from proto.run_config import ConfigError, RunConfig, Scalar, parse_assignments
 from pollinate.processes import stop_on_sigterm
 from server.launch import SuperLinkSecurity, coordinate
 from server.report import rounds_table
@@ -49,12 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Scalar]:
-    flat: dict[str, Scalar] = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set {item!r} must look like KEY=VALUE, e.g. --set federation.min-nodes=3")
-        flat[key.strip()] = value.strip()
+    flat = parse_assignments(args.set, "federation.min-nodes=3")
     for key, value in (("federation.rounds", args.rounds), ("store.db", args.db), ("store.output-dir", args.output)):
         if value is not None:
             flat[key] = value

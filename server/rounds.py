@@ -72,6 +72,11 @@ CheckUpdate = Callable[[Request, NamedArrays], str | None]
 RecordOutcome = Callable[..., None]  # (node, status, reason, **ClientRecord fields)
 
 
+def instructions_record(request: Request, round_number: int) -> ConfigRecord:
+    """The request's instructions as the node receives them, stamped with the round."""
+    return ConfigRecord(replace(request.instructions, round=round_number).to_record_values())
+
+
 def send_and_collect(grid: Grid, contents: Mapping[int, RecordDict], message_type: str, round_number: int,
                      timeout: float, record: RecordOutcome) -> dict[int, Message]:
     """Send one message per node and return the one genuine reply of each node that answered.
@@ -170,7 +175,7 @@ class GridExchange:
         return updates
 
     def instructions(self, request: Request) -> ConfigRecord:
-        return ConfigRecord(replace(request.instructions, round=self.round_number).to_record_values())
+        return instructions_record(request, self.round_number)
 
     def _accept(self, node: int, reply: Message, request: Request, down: int) -> ClientUpdate | None:
         try:

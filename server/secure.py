@@ -16,7 +16,6 @@ quantisation error of ``secagg.quantize`` (per value <= n c / 2^bits). The proto
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import replace
 from typing import TypeVar
 
 import numpy as np
@@ -30,7 +29,7 @@ from proto.secagg_record import (CLIPPED, LAYOUT, SECAGG, STAGE_ACTIONS, WEIGHT,
                                  masked_from_record, to_config)
 from secagg import (EncryptedShares, PublicKeys, Quantization, RoundConfig, SecAggError, ServerSession,
                     UnmaskShares, dequantize_sum, minimum_threshold, regular_graph, suggested_degree)
-from server.rounds import RoundFailed, RoundLedger, read_report, send_and_collect
+from server.rounds import RoundFailed, RoundLedger, instructions_record, read_report, send_and_collect
 from server.store import ClientRecord
 from strategies import MeanUpdate, NamedArrays, Request
 
@@ -64,7 +63,7 @@ class SecureAggregation:
 
         # Stage 1: train, then advertise keys.
         contents = {node: RecordDict({ADAPTER: to_record(requests[node].tensors, self.cfg.federation.wire_dtype),
-                                      INSTRUCTIONS: self._instructions(requests[node]),
+                                      INSTRUCTIONS: instructions_record(requests[node], self.round_number),
                                       SECAGG: to_config(setups[index[node]]),
                                       LAYOUT: layout_record([n for n, _, _ in layout], [s for _, s, _ in layout])})
                     for node in nodes}
@@ -127,9 +126,6 @@ class SecureAggregation:
         except ValueError as err:
             raise RoundFailed(f"round {self.round_number}: secure aggregation config does not fit {n} nodes: "
                               f"{err}") from err
-
-    def _instructions(self, request: Request) -> ConfigRecord:
-        return ConfigRecord(replace(request.instructions, round=self.round_number).to_record_values())
 
     def _stage(self, action: str, contents: Mapping[int, RecordDict],
                accept: Callable[[int, Message], None]) -> None:

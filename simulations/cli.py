@@ -14,7 +14,7 @@ from rich.console import Console
 import strategies
 from client.app import MAX_RANK, node_settings_file
 from models import check_model_config
-from proto.run_config import PRIVACY_MODES, ConfigError, RunConfig, Scalar, flatten, load_toml
+from proto.run_config import PRIVACY_MODES, ConfigError, RunConfig, Scalar, flatten, load_toml, parse_assignments
 from server.privacy_rounds import check_privacy_config
 from server.report import rounds_table
 from server.store import RoundStore
@@ -97,12 +97,7 @@ def load_scenario(path: str | Path, overrides: Mapping[str, Scalar] | None = Non
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Scalar]:
     """Flat run-config keys from --set KEY=VALUE and the named flags (named flags win)."""
-    flat: dict[str, Scalar] = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set {item!r} must look like KEY=VALUE, e.g. --set train.lr=5e-4")
-        flat[key.strip()] = value.strip()
+    flat = parse_assignments(args.set, "train.lr=5e-4")
     for key, value in (("federation.rounds", args.rounds), ("federation.strategy", args.strategy),
                        ("adapter.r", args.rank), ("store.db", args.db), ("store.output-dir", args.output),
                        ("data.dataset", args.data)):

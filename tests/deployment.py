@@ -14,6 +14,7 @@ from typing import TypeVar
 
 import psutil
 
+from pollinate.processes import process_tree
 from simulations.datasets import load_corpus
 from tests.conftest import REPO
 
@@ -54,11 +55,7 @@ class Processes:
     @staticmethod
     def kill_tree(proc: subprocess.Popen[bytes]) -> None:
         """SIGKILL a process and every descendant (Flower's SuperExec and apps run in sessions of their own)."""
-        try:
-            root = psutil.Process(proc.pid)
-            tree = [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            tree = []
+        tree = process_tree(proc.pid)
         for p in tree:
             try:
                 p.kill()

@@ -7,9 +7,6 @@ replies are replayed or forged. The end-to-end runs on Flower's Simulation Engin
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -28,7 +25,7 @@ from server.secure import SecureAggregation
 from server.store import RoundStore
 from strategies import ClientUpdate, Request, build
 from strategies.base import mean_of
-from tests.conftest import REPO
+from tests.test_simulation import simulate
 
 SHAPES = {"m.lora_A.weight": (4, 30), "m.lora_B.weight": (20, 4), "head.weight": (2, 16)}
 STAGES = ("train", "train.secagg_share", "train.secagg_mask", "train.secagg_unmask")
@@ -212,14 +209,8 @@ def test_secure_aggregation_refuses_strategies_that_need_each_update(tiny_cfg) -
 # ---- end to end on Flower's Simulation Engine -------------------------------------------------------
 
 
-def _simulate(scenario: str, workdir: Path, *extra: str) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "pollinate.cli", "simulate", str(REPO / "tests" / "scenarios" / scenario),
-           "--db", f"sqlite:///{workdir / 'store.db'}", "--output", str(workdir / "out"), *extra]
-    return subprocess.run(cmd, cwd=workdir, env=os.environ.copy(), capture_output=True, text=True, timeout=600)
-
-
 def test_simulation_with_secagg_survives_a_dropout_and_never_sees_an_adapter(tmp_path: Path) -> None:
-    done = _simulate("secagg-dropout.toml", tmp_path)
+    done = simulate("secagg-dropout.toml", tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     store = RoundStore(f"sqlite:///{tmp_path / 'store.db'}")
     [run] = store.runs()
@@ -243,7 +234,7 @@ def test_simulation_with_secagg_survives_a_dropout_and_never_sees_an_adapter(tmp
 
 
 def test_simulate_refuses_secagg_with_a_non_linear_strategy_before_any_round(tmp_path: Path) -> None:
-    done = _simulate("tiny.toml", tmp_path, "--secagg", "--strategy", "flexlora")
+    done = simulate("tiny.toml", tmp_path, "--secagg", "--strategy", "flexlora")
     assert done.returncode != 0
     assert "use a linear strategy" in done.stdout + done.stderr
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("adapter_model.safetensors"))
