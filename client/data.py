@@ -59,8 +59,13 @@ def split(examples: list[Example], eval_fraction: float, seed: int) -> tuple[lis
         raise DataError(f"a node needs at least 2 examples to train and evaluate, it has {len(examples)}")
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
-    n_eval = min(len(examples) - 1, max(1, round(eval_fraction * len(examples))))
+    n_eval = len(examples) - train_size(len(examples), eval_fraction)
     return [examples[i] for i in order[n_eval:]], [examples[i] for i in order[:n_eval]]
+
+
+def train_size(n: int, eval_fraction: float) -> int:
+    """How many of a node's ``n`` examples ``split`` trains on (the n of DP-SGD's sampling rate and delta < 1/n)."""
+    return n - min(n - 1, max(1, round(eval_fraction * n)))
 
 
 def batches(examples: list[Example], tokenizer: PreTrainedTokenizerBase, model: ModelConfig, batch_size: int,

@@ -13,9 +13,10 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import dp_accounting
-from dp_accounting.rdp import RdpAccountant
+if TYPE_CHECKING:  # dp-accounting pulls in scipy (about 1 s): imported when epsilon is computed, not with the store
+    import dp_accounting
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,8 @@ class Release:
 
 
 def _event(release: Release) -> dp_accounting.DpEvent:
+    import dp_accounting
+
     gaussian = dp_accounting.GaussianDpEvent(release.noise_multiplier)
     sampled = (gaussian if release.sample_rate >= 1.0
                else dp_accounting.PoissonSampledDpEvent(release.sample_rate, gaussian))
@@ -36,6 +39,8 @@ def _event(release: Release) -> dp_accounting.DpEvent:
 
 def epsilon(history: Iterable[Release], delta: float) -> float:
     """The (epsilon, delta)-DP epsilon of composing every release in ``history`` (0 for no release)."""
+    from dp_accounting.rdp import RdpAccountant
+
     accountant = RdpAccountant()
     releases = [r for r in history if r.steps > 0]
     for release in releases:
@@ -47,6 +52,9 @@ def epsilon(history: Iterable[Release], delta: float) -> float:
 
 def calibrate_noise_multiplier(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
     """The smallest z whose ``steps`` releases at rate ``sample_rate`` spend at most ``target_epsilon``."""
+    import dp_accounting
+    from dp_accounting.rdp import RdpAccountant
+
     z = dp_accounting.calibrate_dp_mechanism(
         RdpAccountant, lambda z: _event(Release(z, sample_rate, steps)), target_epsilon, delta,
         dp_accounting.LowerEndpointAndGuess(1e-3, 1.0), tol=1e-4)

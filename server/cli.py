@@ -13,14 +13,8 @@ from pathlib import Path
 from rich.console import Console
 from sqlalchemy.engine import make_url
 
-import strategies
-from models import check_model_config
 from proto.run_config import ConfigError, RunConfig, Scalar, parse_assignments
 from pollinate.processes import stop_on_sigterm
-from server.launch import SuperLinkSecurity, coordinate
-from server.report import rounds_table
-from server.resume import check_resumable, resumed_config
-from server.store import RoundStore
 from simulations.cli import DEFAULT_SCENARIO, load_scenario
 
 DEFAULT_PORT = 9092
@@ -61,11 +55,17 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Scalar]:
 
 def run_config(args: argparse.Namespace) -> RunConfig:
     """The config of a new run (scenario + overrides), or of the resumed one (stored + harmless overrides)."""
+    import strategies  # here, not at the top: they pull in torch, and `pollinate --help` should not wait for it
+    from models import check_model_config
+    from server.resume import check_resumable, resumed_config
+    from server.store import RoundStore, withhold_password
+
     overrides = overrides_from_args(args)
     if args.resume is None:
         cfg, _ = load_scenario(args.scenario or DEFAULT_SCENARIO, overrides)
         cfg = cfg.replace(**{k: _absolute(str(v), k) for k, v in cfg.to_flat().items()
                              if k in ("store.db", "store.output-dir")})
+        cfg = cfg.replace(**{"store.db": withhold_password(cfg.store.db)})  # every node gets the run config
         strategies.build(cfg)  # fail fast: an unknown or incompatible strategy
         check_model_config(cfg.model)
         RoundStore(cfg.store.db)  # fail fast: an unreachable database
@@ -73,14 +73,17 @@ def run_config(args: argparse.Namespace) -> RunConfig:
     if args.scenario:
         raise ConfigError("--resume continues a stored run with the config it was started with; drop --scenario "
                           "(change only what a resume may change, e.g. --rounds)")
-    store = RoundStore(str(overrides.get("store.db", _absolute(RunConfig().store.db, "store.db"))))
-    run = store.run(args.resume)
+    url = withhold_password(str(overrides.get("store.db", _absolute(RunConfig().store.db, "store.db"))))
+    run = RoundStore(url).run(args.resume)
     check_resumable(run)
-    return resumed_config(run.config, {**overrides, "store.db": store.engine.url.render_as_string(False),
-                                       "store.resume-run": args.resume})
+    return resumed_config(run.config, {**overrides, "store.db": url, "store.resume-run": args.resume})
 
 
 def serve(args: argparse.Namespace) -> int:
+    from server.launch import SuperLinkSecurity, coordinate
+    from server.report import rounds_table
+    from server.store import RoundStore
+
     stop_on_sigterm()  # `docker stop`, systemd: stop the SuperLink and its runs too
     cfg = run_config(args)
     security = SuperLinkSecurity(args.ssl_ca_certfile, args.ssl_certfile, args.ssl_keyfile, args.enable_supernode_auth)

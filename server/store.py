@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -37,6 +38,23 @@ NamedArrays = dict[str, np.ndarray]
 
 class StoreError(RuntimeError):
     """The round store cannot be reached or holds something inconsistent; says what to check."""
+
+
+# Flower sends the whole run config to every node, and the config is stored with the run: the store URL
+# travels with its password withheld ("***"), and the coordinator's processes read it from this variable.
+PASSWORD_ENV = "POLLINATE_STORE_PASSWORD"
+_WITHHELD = "***"
+
+
+def withhold_password(url: str) -> str:
+    """``url`` as it may be sent to nodes and stored with the run: its password (if any) replaced by ``***``
+    and put in this process's environment, where the coordinator reads it back (the ServerApp runs in this
+    process on the Simulation Engine, and inherits the environment through the SuperLink in a deployment)."""
+    parsed = make_url(url)
+    if parsed.password is None or parsed.password == _WITHHELD:
+        return url
+    os.environ[PASSWORD_ENV] = str(parsed.password)
+    return parsed.render_as_string(hide_password=True)
 
 
 class _Base(DeclarativeBase):
@@ -239,13 +257,19 @@ class RoundStore:
         except ArgumentError as e:
             raise StoreError(f"--db {url!r} is not a database URL; use e.g. sqlite:///pollinate.db or "
                              f"postgresql+psycopg://user@host:5432/dbname") from e
+        if parsed.password == _WITHHELD:
+            if not os.environ.get(PASSWORD_ENV):
+                raise StoreError(f"the round store URL {url} has its password withheld ({_WITHHELD}) and "
+                                 f"{PASSWORD_ENV} is not set; set {PASSWORD_ENV} to the database password in the "
+                                 f"coordinator's environment (`pollinate server` sets it from --db)")
+            parsed = parsed.set(password=os.environ[PASSWORD_ENV])
         connect_args: dict[str, Any] = {}
         if parsed.get_backend_name() == "postgresql":
             connect_args["connect_timeout"] = connect_timeout_s
         elif parsed.get_backend_name() == "sqlite":
             connect_args["timeout"] = 30  # several processes may write one file; wait for the lock
         try:
-            self.engine: Engine = create_engine(url, connect_args=connect_args)
+            self.engine: Engine = create_engine(parsed, connect_args=connect_args)
             migrate(self.engine)
         except (OperationalError, ModuleNotFoundError) as e:
             raise StoreError(f"cannot open the round store at {parsed.render_as_string(hide_password=True)}: "

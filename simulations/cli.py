@@ -11,16 +11,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-import strategies
-from client.app import MAX_RANK, node_settings_file
-from models import check_model_config
 from proto.run_config import PRIVACY_MODES, ConfigError, RunConfig, Scalar, flatten, load_toml, parse_assignments
-from server.privacy_rounds import check_privacy_config
-from server.report import rounds_table
-from server.store import RoundStore
 from simulations import engine
-from simulations.datasets import load_corpus
-from simulations.partition import write_partitions
 
 SCENARIOS = Path(__file__).parent / "scenarios"
 DP_DEFAULT_STRATEGY = "ffa-lora"  # FFA-LoRA under DP (Sun et al. 2024): noise on one factor, exact aggregation
@@ -119,8 +111,33 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Scalar]:
     return flat
 
 
+def check_sample_delta(cfg: RunConfig, partition_sizes: list[int]) -> None:
+    """Under DP-SGD every node needs delta < 1/n for its n training examples; nodes check it too, but here the
+    partitions are known, so a bad delta is refused before any round rather than by every node in round 1."""
+    if cfg.privacy.mode != "sample":
+        return
+    from client.data import train_size
+
+    n = min(train_size(size, cfg.data.eval_fraction) for size in partition_sizes)
+    if cfg.privacy.delta >= 1 / n:
+        raise ConfigError(f"privacy.delta = {cfg.privacy.delta:g} is not below 1/n = 1/{n} for the smallest node's "
+                          f"{n} training examples: the guarantee would allow leaking an example outright; "
+                          f"use --delta below {1 / n:.2g} (or fewer clients, so each holds more examples)")
+
+
 def simulate(args: argparse.Namespace) -> int:
+    # Imported here, not at the top: they pull in torch, so `pollinate --help` would take seconds.
+    import strategies
+    from client.app import MAX_RANK, node_settings_file
+    from models import check_model_config
+    from server.privacy_rounds import check_privacy_config
+    from server.report import rounds_table
+    from server.store import RoundStore, withhold_password
+    from simulations.datasets import load_corpus
+    from simulations.partition import write_partitions
+
     cfg, sim = load_scenario(args.scenario, overrides_from_args(args), args.clients)
+    cfg = cfg.replace(**{"store.db": withhold_password(cfg.store.db)})  # the run config goes to every node
     check_privacy_config(cfg, strategies.build(cfg))  # fail fast on an unknown or incompatible strategy, or model
     check_model_config(cfg.model)
     store = RoundStore(cfg.store.db)  # fail fast on an unreachable database
@@ -130,6 +147,7 @@ def simulate(args: argparse.Namespace) -> int:
     for i, max_rank in enumerate(sim.max_ranks):
         node_settings_file(work / "partitions", i).write_text(json.dumps({MAX_RANK: max_rank}))
     cfg = cfg.replace(**{"data.partition-dir": str((work / "partitions").resolve())})
+    check_sample_delta(cfg, sizes)
     console.print(f"simulating {sim.clients} clients ({cfg.data.partitioning} split of {cfg.data.dataset}: "
                   f"{sizes} examples), {cfg.federation.rounds} rounds of {cfg.federation.strategy}")
     engine.run(cfg, sim.clients, work / "app", cpus_per_client=sim.cpus_per_client,

@@ -15,10 +15,6 @@ import os
 from pathlib import Path
 
 import tomli_w
-from flwr.app import Context, RecordDict
-from flwr.simulation.run_simulation import _run_simulation
-from flwr.supercore.telemetry import EventType
-
 from proto.run_config import RunConfig
 
 SERVER_APP = "server.app:app"
@@ -42,6 +38,10 @@ def write_app_dir(cfg: RunConfig, directory: Path, server_app: str = SERVER_APP,
 def run(cfg: RunConfig, num_clients: int, app_dir: Path, cpus_per_client: float = 1.0, gpus_per_client: float = 0.0,
         server_app: str = SERVER_APP, client_app: str = CLIENT_APP) -> None:
     """Simulate ``num_clients`` nodes running ``client_app`` against ``server_app``; blocks until the run ends."""
+    from flwr.app import Context, RecordDict  # the Simulation Engine (Ray) only when a simulation runs
+    from flwr.simulation.run_simulation import _run_simulation
+    from flwr.supercore.telemetry import EventType
+
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # keep Ray from touching CUDA_VISIBLE_DEVICES

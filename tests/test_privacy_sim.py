@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from privacy.accountant import Release, epsilon
@@ -124,6 +125,35 @@ def test_central_dp_composes_with_secure_aggregation(tmp_path: Path) -> None:
         "evaluate", "query", "train", "train.secagg_mask", "train.secagg_share", "train.secagg_unmask"]
 
 
+
+def test_local_dp_noises_every_upload_on_the_node_and_each_node_stops_at_its_budget(tmp_path: Path) -> None:
+    # One Gaussian release per node and round, z = 1: epsilon 4.73, 7.08, then 9.01 > 8 in round 3.
+    done = simulate("tiny.toml", tmp_path, "--dp", "local", "--noise-multiplier", "1.0", "--epsilon", "8",
+                    "--clip-norm", "0.5")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    store = RoundStore(f"sqlite:///{tmp_path / 'store.db'}")
+    [run] = store.runs()
+    assert run.status == "completed" and run.strategy == "ffa-lora" and run.adapter_dir
+    assert [(r.number, r.accepted) for r in store.rounds(run.id)] == [(1, 4), (2, 4), (3, 0)]
+    ledger = store.privacy_ledger(run.id)
+    spent = [(n, e) for n, e in ledger if e.status == "spent"]
+    assert len(spent) == 8 and {e.mechanism for _, e in spent} == {"local-gaussian"}
+    assert all((e.noise_multiplier, e.clip_norm, e.sample_rate, e.steps) == (1.0, 0.5, 1.0, 1) for _, e in spent)
+    assert sorted({round(e.epsilon, 6) for _, e in spent}) == [
+        round(epsilon([Release(1.0, 1.0, 1)] * k, 1e-5), 6) for k in (1, 2)]
+    assert [e.status for n, e in ledger if n == 3] == ["refused"] * 4
+    # The noise is the node's, before upload: each B holds clip(delta, C) + N(0, (2 z C)^2), and the weighted
+    # mean of 4 nearly equal nodes has std 2 z C / 2 = 0.5 per value. Training alone (clipped to 0.5 in
+    # norm over ~1,200 values) would move each value by ~0.015.
+    before: dict[str, np.ndarray] = {}
+    for number in (1, 2):
+        adapter = store.load_adapter(run.id, number)
+        moved = np.concatenate([(v - before.get(k, 0.0)).ravel() for k, v in adapter.items() if "lora_B" in k])
+        assert moved.size >= 1000 and 0.45 < float(moved.std()) < 0.55, (number, moved.std())
+        before = adapter
+    assert _report(store, run.id)["stopped_by_budget"]
+
+
 def test_adaptive_clipping_is_refused_under_secure_aggregation(tiny_cfg) -> None:
     import strategies
     from proto.run_config import ConfigError
@@ -147,3 +177,13 @@ def test_simulate_refuses_bad_dp_settings_before_any_round(tmp_path: Path, args:
     assert done.returncode == 2
     assert says in " ".join(done.stdout.split())
     assert not (tmp_path / "out").exists()  # nothing was partitioned or run
+
+
+def test_simulate_refuses_a_delta_not_below_one_over_n_before_any_round(tmp_path: Path) -> None:
+    # The smallest of tiny.toml's 4 nodes trains on 2,562 examples, so delta must be below 1/2562.
+    done = simulate("tiny.toml", tmp_path, "--dp", "sample", "--clip-norm", "1", "--delta", "0.001")
+    assert done.returncode == 2
+    said = " ".join(done.stdout.split())
+    assert "privacy.delta = 0.001 is not below 1/n = 1/2562 for the smallest node" in said
+    assert "use --delta below 0.00039" in said
+    assert RoundStore(f"sqlite:///{tmp_path / 'store.db'}").runs() == []  # no round ran

@@ -123,3 +123,42 @@ def test_a_tampered_round_state_is_refused_for_resume(store_url: str) -> None:
         row.data = row.data[:-1] + bytes([row.data[-1] ^ 1])
     with pytest.raises(StoreError, match="cannot be resumed"):
         store.last_checkpoint(run_id)
+
+
+
+def test_the_store_password_never_travels_with_the_run_config(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """Flower sends the run config to every node: `pollinate server --db URL-with-password` sends ``***``."""
+    import argparse
+    import os
+
+    from sqlalchemy.engine import make_url
+
+    from server.cli import add_arguments, run_config
+    from server.store import PASSWORD_ENV
+    from simulations.engine import write_app_dir
+    from tests.conftest import POSTGRES_ENV, _reset_postgres
+    from tests.deployment import TINY
+
+    if not os.environ.get(POSTGRES_ENV):
+        pytest.skip(f"set {POSTGRES_ENV}; .ci/run sets it")
+    _reset_postgres(os.environ[POSTGRES_ENV])
+    url = make_url(os.environ[POSTGRES_ENV]).set(password="s3cret-pw").render_as_string(hide_password=False)
+    monkeypatch.delenv(PASSWORD_ENV, raising=False)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+
+    cfg = run_config(parser.parse_args(["--scenario", TINY, "--db", url, "--output", str(tmp_path)]))
+    assert make_url(cfg.store.db).password == "***"
+    assert "s3cret-pw" not in (write_app_dir(cfg, tmp_path / "app") / "pyproject.toml").read_text()
+    assert os.environ[PASSWORD_ENV] == "s3cret-pw"  # the SuperLink, and the ServerApp it starts, inherit it
+    store = RoundStore(cfg.store.db)
+    assert store.engine.url.password == "s3cret-pw" and "s3cret-pw" not in store.url
+    run_id = store.start_run(cfg.to_flat(), "fedavg", "tiny-bert")
+    assert "s3cret-pw" not in str(store.run(run_id).config)
+    # A resume hands on the withheld URL too.
+    resumed = run_config(parser.parse_args(["--resume", str(run_id), "--db", url]))
+    assert (resumed.store.db, resumed.store.resume_run) == (cfg.store.db, run_id)
+
+    monkeypatch.delenv(PASSWORD_ENV)
+    with pytest.raises(StoreError, match=f"password withheld .* set {PASSWORD_ENV}"):
+        RoundStore(cfg.store.db)
