@@ -1,6 +1,6 @@
 """Utility under differential privacy, fedavg vs ffa-lora, and the cost of DP-SGD against plain training.
 
-    python bench/privacy_utility.py [--local-steps N] [--rounds R] [--from-db runs/bench-privacy-*/bench.db]
+    python bench/privacy_utility.py [--batch-size B] [--local-steps N] [--rounds R] [--from-db runs/.../bench.db]
 
 Part 1 runs the default scenario (MiniLM-L6 + LoRA r=8, 4 nodes, IID) through the real
 ``pollinate simulate`` path for each strategy in {fedavg, ffa-lora} and each per-node budget
@@ -8,6 +8,10 @@ epsilon in {1, 3, 8, inf} (inf: no DP), with DP-SGD on the nodes (``--dp sample`
 delta 1e-5, the noise multiplier calibrated from epsilon for the whole run). Part 2 trains the
 same adapter for the same steps with plain AdamW and with DP-SGD, each in a fresh process, and
 reports the wall time and peak RSS side by side. Writes ``docs/privacy-bench.md``.
+
+The defaults train on as many examples per round as the default scenario (16 x 40), as 10 steps of an
+expected batch of 64: at batch 16, DP-SGD's noise per coordinate (z C / batch) drowns the signal at every
+epsilon here and no DP run beats the majority class (docs/privacy-bench.md keeps that grid too).
 """
 
 from __future__ import annotations
@@ -30,10 +34,12 @@ EPSILONS = (1.0, 3.0, 8.0, math.inf)
 CLIP_NORM = 1.0
 
 
-def simulate(strategy: str, epsilon: float, workdir: Path, rounds: int, local_steps: int, eval_examples: int) -> None:
+def simulate(strategy: str, epsilon: float, workdir: Path, rounds: int, local_steps: int, eval_examples: int,
+             batch_size: int) -> None:
     dp = [] if math.isinf(epsilon) else ["--dp", "sample", "--epsilon", str(epsilon), "--clip-norm", str(CLIP_NORM)]
     cmd = [sys.executable, "-m", "pollinate.cli", "simulate", str(SCENARIO), "--strategy", strategy,
            "--rounds", str(rounds), "--set", f"train.local-steps={local_steps}",
+           "--set", f"train.batch-size={batch_size}",
            "--set", f"train.eval-max-examples={eval_examples}", *dp,
            "--db", f"sqlite:///{workdir / 'bench.db'}", "--output", str(workdir / f"{strategy}-{epsilon}")]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
@@ -58,6 +64,7 @@ def utility_rows(db: Path) -> list[dict[str, object]]:
         rows.append({"strategy": run.strategy, "budget": run.config["privacy.target-epsilon"] if dp else math.inf,
                      "spent": report["epsilon"] if dp else math.inf, "z": z[0] if z else 0.0,
                      "rounds": len(rounds), "steps": run.config["train.local-steps"],
+                     "batch": run.config["train.batch-size"],
                      "eval_examples": run.config["train.eval-max-examples"],
                      "loss": rounds[-1].eval_loss, "accuracy": rounds[-1].eval_accuracy,
                      "initial": run.initial_metrics.get("eval-accuracy"),
@@ -134,8 +141,8 @@ def render(rows: list[dict[str, object]], cost: dict[str, list[dict[str, float]]
     text = [f"# Privacy bench: utility under DP-SGD, and its cost\n\n`{command}`\n",
             f"Default scenario (MiniLM-L6 + LoRA r=8 on query/value, 4 nodes, IID Rotten Tomatoes), "
             f"{rows[0]['rounds'] if rows else '?'} rounds of {rows[0]['steps'] if rows else '?'} local steps "
-            f"(batch 16), evaluation on up to {rows[0]['eval_examples'] if rows else '?'} held-out examples per node, "
-            f"`--dp sample` (DP-SGD on every node, Poisson sampling q = 16 / n, per-example clip norm {CLIP_NORM}, "
+            f"(expected batch {rows[0]['batch'] if rows else '?'}), evaluation on up to {rows[0]['eval_examples'] if rows else '?'} held-out examples per node, "
+            f"`--dp sample` (DP-SGD on every node, Poisson sampling q = batch / n, per-example clip norm {CLIP_NORM}, "
             f"delta 1e-5, z calibrated so the whole run spends the budget). Accuracy is the federated evaluation "
             f"after the last round.\n", "\n".join(lines), "",
             "Values DP-SGD clips and noises per step (LoRA factors + classifier head): " + ", ".join(
@@ -160,7 +167,8 @@ def render(rows: list[dict[str, object]], cost: dict[str, list[dict[str, float]]
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--local-steps", type=int, default=20)
+    parser.add_argument("--local-steps", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=64, help="train.batch-size (DP-SGD's expected batch)")
     parser.add_argument("--eval-examples", type=int, default=256, help="train.eval-max-examples")
     parser.add_argument("--overhead-steps", type=int, default=20)
     parser.add_argument("--from-db", help="re-render from an earlier run's bench.db instead of simulating")
@@ -174,6 +182,7 @@ def main() -> None:
         print(json.dumps(overhead_probe(args.probe, args.probe_steps)))
         return
     command = (f"python bench/privacy_utility.py --rounds {args.rounds} --local-steps {args.local_steps} "
+               f"--batch-size {args.batch_size} "
                f"--eval-examples {args.eval_examples} --overhead-steps {args.overhead_steps}")
     if args.from_db:
         saved = Path(args.from_db).parent / "overhead.json"
@@ -188,7 +197,7 @@ def main() -> None:
         saved.write_text(json.dumps(cost))
     for epsilon in (float(e) for e in args.epsilons.split(",")):  # in the order given: the most telling first
         for strategy in STRATEGIES:
-            simulate(strategy, epsilon, workdir, args.rounds, args.local_steps, args.eval_examples)
+            simulate(strategy, epsilon, workdir, args.rounds, args.local_steps, args.eval_examples, args.batch_size)
             render(utility_rows(workdir / "bench.db"), cost, command)
             print(f"done: {strategy} at epsilon {epsilon} ({workdir})", flush=True)
 

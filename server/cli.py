@@ -90,8 +90,9 @@ def serve(args: argparse.Namespace) -> int:
     state_dir = Path(args.state_dir or Path(cfg.store.output_dir) / "superlink")
     console.print(f"SuperLink on {args.host}:{args.port} ({'TLS' if security.tls else 'insecure'}); nodes join with "
                   f"`pollinate client --superlink HOST:{args.port} --data PATH`")
-    result = coordinate(cfg, args.host, args.port, state_dir, security)
     store = RoundStore(cfg.store.db)
+    stale = [int(a.flower_run_id) for a in store.attempts(cfg.store.resume_run)] if cfg.store.resume_run else []
+    result = coordinate(cfg, args.host, args.port, state_dir, security, stale_runs=stale)
     run_id = store.run_of_flower_run(result.flower_run_id) if result.flower_run_id is not None else None
     if run_id is None:
         console.print(f"[red]no run was recorded (Flower run {result.flower_run_id}); see {result.log}[/]")

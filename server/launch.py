@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,8 +82,14 @@ class Coordinated:
 
 
 def coordinate(cfg: RunConfig, host: str, port: int, state_dir: Path,
-               security: SuperLinkSecurity = SuperLinkSecurity(), startup_timeout_s: float = 120.0) -> Coordinated:
-    """Start a SuperLink, run the ServerApp on it with ``cfg`` until the run ends, stop the SuperLink."""
+               security: SuperLinkSecurity = SuperLinkSecurity(), startup_timeout_s: float = 120.0,
+               stale_runs: Sequence[int] = ()) -> Coordinated:
+    """Start a SuperLink, run the ServerApp on it with ``cfg`` until the run ends, stop the SuperLink.
+
+    ``stale_runs``: Flower runs of earlier coordinators of this pollinate run (a resume). The SuperLink's
+    state keeps them, and the messages of the round they were in, after their ServerApp died: they are
+    stopped first, so no node trains for a dead coordinator.
+    """
     require_free_port(host, port, "SuperLink", "--port")
     state_dir.mkdir(parents=True, exist_ok=True)
     result = Coordinated(log=state_dir / "superlink.log")
@@ -97,6 +104,8 @@ def coordinate(cfg: RunConfig, host: str, port: int, state_dir: Path,
             if not wait_healthy(f"{scheme}://{_client_host(host)}:{port}", startup_timeout_s, verify, superlink):
                 raise ConfigError(f"the SuperLink did not come up on {host}:{port} within {startup_timeout_s:.0f} s "
                                   f"(exit code {superlink.process.poll()}); see {result.log}")
+            for stale in stale_runs:
+                _stop(stale, env)
             result.flower_run_id = _submit(write_app_dir(cfg, Path(tmp) / "app"), env)
             _follow(result, superlink, env)
         except KeyboardInterrupt:
@@ -133,6 +142,17 @@ def _submit(app_dir: Path, env: dict[str, str]) -> int:
         pass
     raise ConfigError(f"the SuperLink refused the run (`flwr run` exit code {done.returncode}): "
                       f"{(done.stdout + done.stderr).strip()[-2000:]}")
+
+
+def _stop(flower_run_id: int, env: dict[str, str]) -> None:
+    """``flwr stop``, saying what became of the run; one the SuperLink does not know (another state dir) is left."""
+    done = subprocess.run([executable("flwr"), "stop", str(flower_run_id), CONNECTION, "--format", "json"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    said = done.stdout + done.stderr
+    if '"success": true' in said:
+        print(f"Flower run {flower_run_id} of the coordinator that died: stopped", flush=True)
+    elif "already finished" in said:
+        print(f"Flower run {flower_run_id} of the coordinator that died: already finished", flush=True)
 
 
 def _client_host(host: str) -> str:

@@ -111,6 +111,21 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Scalar]:
     return flat
 
 
+def write_node_data(cfg: RunConfig, sim: SimulationSettings, directory: Path) -> tuple[RunConfig, list[int]]:
+    """Each simulated node's examples and settings (its max-rank) in ``directory``; the config that points the
+    nodes at them (``data.partition-dir``), and each node's number of examples."""
+    from client.app import MAX_RANK, node_settings_file
+    from simulations.datasets import load_corpus
+    from simulations.partition import write_partitions
+
+    sizes = write_partitions(load_corpus(cfg.data.dataset), cfg.data, sim.clients, cfg.seed, directory)
+    for i, max_rank in enumerate(sim.max_ranks):
+        node_settings_file(directory, i).write_text(json.dumps({MAX_RANK: max_rank}))
+    cfg = cfg.replace(**{"data.partition-dir": str(directory.resolve())})
+    check_sample_delta(cfg, sizes)
+    return cfg, sizes
+
+
 def check_sample_delta(cfg: RunConfig, partition_sizes: list[int]) -> None:
     """Under DP-SGD every node needs delta < 1/n for its n training examples; nodes check it too, but here the
     partitions are known, so a bad delta is refused before any round rather than by every node in round 1."""
@@ -128,13 +143,10 @@ def check_sample_delta(cfg: RunConfig, partition_sizes: list[int]) -> None:
 def simulate(args: argparse.Namespace) -> int:
     # Imported here, not at the top: they pull in torch, so `pollinate --help` would take seconds.
     import strategies
-    from client.app import MAX_RANK, node_settings_file
     from models import check_model_config
     from server.privacy_rounds import check_privacy_config
     from server.report import rounds_table
     from server.store import RoundStore, withhold_password
-    from simulations.datasets import load_corpus
-    from simulations.partition import write_partitions
 
     cfg, sim = load_scenario(args.scenario, overrides_from_args(args), args.clients)
     cfg = cfg.replace(**{"store.db": withhold_password(cfg.store.db)})  # the run config goes to every node
@@ -143,11 +155,7 @@ def simulate(args: argparse.Namespace) -> int:
     store = RoundStore(cfg.store.db)  # fail fast on an unreachable database
     before = {r.id for r in store.runs()}
     work = Path(cfg.store.output_dir) / f"simulation-{time.strftime('%Y%m%d-%H%M%S')}"
-    sizes = write_partitions(load_corpus(cfg.data.dataset), cfg.data, sim.clients, cfg.seed, work / "partitions")
-    for i, max_rank in enumerate(sim.max_ranks):
-        node_settings_file(work / "partitions", i).write_text(json.dumps({MAX_RANK: max_rank}))
-    cfg = cfg.replace(**{"data.partition-dir": str((work / "partitions").resolve())})
-    check_sample_delta(cfg, sizes)
+    cfg, sizes = write_node_data(cfg, sim, work / "partitions")
     console.print(f"simulating {sim.clients} clients ({cfg.data.partitioning} split of {cfg.data.dataset}: "
                   f"{sizes} examples), {cfg.federation.rounds} rounds of {cfg.federation.strategy}")
     engine.run(cfg, sim.clients, work / "app", cpus_per_client=sim.cpus_per_client,

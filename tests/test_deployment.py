@@ -66,6 +66,9 @@ def test_a_coordinator_killed_after_round_1_resumes_with_the_same_adapter_and_lo
     assert [a.first_round for a in attempts] == [1, 2]
     assert attempts[0].flower_run_id != attempts[1].flower_run_id  # a new Flower run, the same pollinate run
     assert "resumed at round 2" in procs.log("server-2")
+    # The dead coordinator's Flower run, and its undelivered round-2 messages, are gone from the SuperLink.
+    assert re.search(rf"Flower run {attempts[0].flower_run_id} of the coordinator that died: (stopped|already finished)",
+                     procs.log("server-2"))
 
     cfg = RunConfig.from_flat(run.config)
     model = PeftModel.from_pretrained(load_base_model(cfg.model, cfg.seed).model, run.adapter_dir)
