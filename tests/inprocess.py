@@ -11,6 +11,7 @@ Flower's error reply. The nodes' data and settings are written by the same code 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import random
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -87,5 +88,7 @@ def run_in_process(scenario: str, workdir: Path, clients: int | None = None, **o
         "store.db": f"sqlite:///{workdir / 'store.db'}", "store.output-dir": str(workdir / "out"), **overrides},
         clients)
     cfg, _ = write_node_data(cfg, sim, workdir / "partitions")
+    module, _, name = sim.client_app.partition(":")  # the scenario's ClientApp, e.g. tests.apps.faulty_client:app
+    grid = InProcessGrid(cfg, sim.clients, getattr(importlib.import_module(module), name))
     with serverapp_identity():
-        return run_federation(InProcessGrid(cfg, sim.clients), cfg)  # type: ignore[arg-type]
+        return run_federation(grid, cfg)  # type: ignore[arg-type]

@@ -4,15 +4,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
+from server.rounds import RoundFailed
 from server.store import RoundStore
-from tests.test_simulation import simulate
+from tests.inprocess import run_in_process
 
 
-def test_failed_rounds_are_stored_and_continue_until_too_many_in_a_row(tmp_path: Path) -> None:
+def test_failed_rounds_are_stored_and_continue_until_too_many_in_a_row(tmp_path: Path, capsys) -> None:
     # faulty.toml: 3 of 5 nodes corrupt every upload, so 2 accepted < min-nodes 3 fails every round.
-    done = simulate("faulty.toml", tmp_path, "--set", "federation.min-nodes=3", "--rounds", "3",
-                    "--set", "federation.on-round-failure=continue", "--set", "federation.max-consecutive-failures=2")
-    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+    # The coordinator loop and the faulty ClientApp, in this process (tests/inprocess.py).
+    with pytest.raises(RoundFailed, match="round 2: only 2 of 5 updates were accepted"):  # the ServerApp fails
+        run_in_process("faulty.toml", tmp_path, **{"federation.min-nodes": 3, "federation.rounds": 3,
+                                                   "federation.on-round-failure": "continue",
+                                                   "federation.max-consecutive-failures": 2})
+    out = capsys.readouterr().out
     store = RoundStore(f"sqlite:///{tmp_path / 'store.db'}")
     [run] = store.runs()
     assert run.status == "failed" and "only 2 of 5 updates were accepted" in (run.error or "")
@@ -26,4 +32,4 @@ def test_failed_rounds_are_stored_and_continue_until_too_many_in_a_row(tmp_path:
         assert any("NaN/Inf" in (u.reason or "") for u in train)
     assert store.adapter_digests(run.id) == {} and store.last_checkpoint(run.id) is None
     assert rounds[1].parent_sha256 == rounds[0].parent_sha256  # round 2 started from the last good state again
-    assert "round 1/3 failed" in done.stdout.replace("\n", "") and "1 in a row" in done.stdout
+    assert "round 1/3 failed" in out.replace("\n", "") and "1 in a row" in out

@@ -12,6 +12,7 @@ import pytest
 
 from privacy.accountant import Release, epsilon
 from server.store import RoundStore
+from tests.inprocess import run_in_process
 from tests.test_simulation import simulate
 
 
@@ -108,9 +109,12 @@ def test_central_dp_spends_the_run_budget_then_stops_cleanly(tmp_path: Path) -> 
 
 def test_central_dp_composes_with_secure_aggregation(tmp_path: Path) -> None:
     # Nodes clip their own deltas (the server sees only the masked sum), the server noises the unmasked mean.
-    done = simulate("tiny.toml", tmp_path, "--dp", "central", "--secagg", "--noise-multiplier", "1.0",
-                    "--epsilon", "8", "--clip-norm", "0.5", "--rounds", "2")
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    # The coordinator loop and the ClientApp in this process (tests/inprocess.py): the four exchanges of each
+    # round as Flower messages; the Simulation Engine runs secagg in tests/test_secure_rounds.py.
+    run_in_process("tiny.toml", tmp_path, **{"privacy.mode": "central", "secagg.enabled": True,
+                                             "privacy.noise-multiplier": 1.0, "privacy.target-epsilon": 8,
+                                             "privacy.clip-norm": 0.5, "federation.rounds": 2,
+                                             "federation.strategy": "ffa-lora"})
     store = RoundStore(f"sqlite:///{tmp_path / 'store.db'}")
     [run] = store.runs()
     assert run.status == "completed" and run.strategy == "ffa-lora"
@@ -128,9 +132,10 @@ def test_central_dp_composes_with_secure_aggregation(tmp_path: Path) -> None:
 
 def test_local_dp_noises_every_upload_on_the_node_and_each_node_stops_at_its_budget(tmp_path: Path) -> None:
     # One Gaussian release per node and round, z = 1: epsilon 4.73, 7.08, then 9.01 > 8 in round 3.
-    done = simulate("tiny.toml", tmp_path, "--dp", "local", "--noise-multiplier", "1.0", "--epsilon", "8",
-                    "--clip-norm", "0.5")
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    # In this process (tests/inprocess.py): `--dp sample` and `--dp central` run on the Simulation Engine above.
+    run_in_process("tiny.toml", tmp_path, **{"privacy.mode": "local", "privacy.noise-multiplier": 1.0,
+                                             "privacy.target-epsilon": 8, "privacy.clip-norm": 0.5,
+                                             "federation.strategy": "ffa-lora"})
     store = RoundStore(f"sqlite:///{tmp_path / 'store.db'}")
     [run] = store.runs()
     assert run.status == "completed" and run.strategy == "ffa-lora" and run.adapter_dir
