@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from sqlalchemy.engine import make_url
@@ -17,7 +18,12 @@ from proto.run_config import ConfigError, RunConfig, Scalar, parse_assignments
 from pollinate.processes import stop_on_sigterm
 from simulations.cli import DEFAULT_SCENARIO, load_scenario
 
+if TYPE_CHECKING:
+    from server.launch import SuperLinkSecurity
+    from server.status_service import StatusServer
+
 DEFAULT_PORT = 9092
+STATUS_PORT = 9095  # server.status_service.DEFAULT_PORT (not imported here: it loads grpc for --help)
 console = Console(highlight=False, width=max(100, Console().width))
 
 
@@ -40,6 +46,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ssl-keyfile", type=Path, help="TLS: the SuperLink's private key")
     parser.add_argument("--enable-supernode-auth", action="store_true",
                         help="accept only SuperNodes whose public keys were registered")
+    parser.add_argument("--status-port", type=int, default=STATUS_PORT,
+                        help="pollinate's status service (`pollinate status`, `pollinate download`) on --host; "
+                             "with the --ssl-* files it requires an operator certificate from the same CA")
+    parser.add_argument("--no-status", action="store_true", help="do not start the status service")
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Scalar]:
@@ -92,7 +102,12 @@ def serve(args: argparse.Namespace) -> int:
                   f"`pollinate client --superlink HOST:{args.port} --data PATH`")
     store = RoundStore(cfg.store.db)
     stale = [int(a.flower_run_id) for a in store.attempts(cfg.store.resume_run)] if cfg.store.resume_run else []
-    result = coordinate(cfg, args.host, args.port, state_dir, security, stale_runs=stale)
+    status = None if args.no_status else _start_status(cfg.store.db, args.host, args.status_port, security)
+    try:
+        result = coordinate(cfg, args.host, args.port, state_dir, security, stale_runs=stale)
+    finally:
+        if status is not None:
+            status.stop()
     run_id = store.run_of_flower_run(result.flower_run_id) if result.flower_run_id is not None else None
     if run_id is None:
         console.print(f"[red]no run was recorded (Flower run {result.flower_run_id}); see {result.log}[/]")
@@ -112,6 +127,17 @@ def serve(args: argparse.Namespace) -> int:
     console.print(f"[red]run {run_id} {run.status}: {run.error}[/]\nresume it: pollinate server --resume {run_id} "
                   f"--db {store.url}")
     return 130 if result.interrupted else 1
+
+
+def _start_status(store_url: str, host: str, port: int, security: SuperLinkSecurity) -> StatusServer:
+    from pollinate.processes import require_free_port
+    from server.status_service import serve_status
+
+    require_free_port(host, port, "status service", "--status-port (or --no-status)")
+    status = serve_status(store_url, host, port, tls=security if security.tls else None)
+    console.print(f"status service on {host}:{status.port} ({'mutual TLS' if security.tls else 'insecure'}): "
+                  f"`pollinate status --coordinator HOST:{status.port}`")
+    return status
 
 
 def _absolute(value: str, key: str) -> str:

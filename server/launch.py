@@ -54,6 +54,14 @@ class SuperLinkSecurity:
                  "--ssl-keyfile", str(self.key)]
         return flags + (["--enable-supernode-auth"] if self.node_auth else [])
 
+    def status_server_credentials(self):  # -> grpc.ServerCredentials (grpc is imported only when TLS is on)
+        """The status service beside the SuperLink: the same certificate; operators present one from the same CA."""
+        import grpc
+
+        assert self.ca_cert is not None and self.cert is not None and self.key is not None  # flags() checked them
+        return grpc.ssl_server_credentials([(self.key.read_bytes(), self.cert.read_bytes())],
+                                           root_certificates=self.ca_cert.read_bytes(), require_client_auth=True)
+
 
 def superlink_command(host: str, port: int, state_db: Path, security: SuperLinkSecurity) -> list[str]:
     # Dependencies are installed with pollinate already; Flower's runtime `uv sync` of the app is not wanted.

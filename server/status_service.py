@@ -12,6 +12,7 @@ import threading
 from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass
+from typing import Protocol
 
 import grpc
 from sqlalchemy.exc import OperationalError
@@ -129,7 +130,13 @@ class StatusServer:
         self.server.stop(grace_s).wait()
 
 
-def serve_status(store_url: str, host: str = "127.0.0.1", port: int = DEFAULT_PORT, tls: CertDir | None = None,
+class StatusTLS(Protocol):
+    """Where the status service's TLS comes from: a ``pollinate certs`` directory, or the SuperLink's own files."""
+
+    def status_server_credentials(self) -> grpc.ServerCredentials: ...
+
+
+def serve_status(store_url: str, host: str = "127.0.0.1", port: int = DEFAULT_PORT, tls: StatusTLS | None = None,
                  poll_interval_s: float = 1.0, max_streams: int = 16) -> StatusServer:
     """Start the status service on ``host:port`` (port 0: a free one, see ``.port``).
 

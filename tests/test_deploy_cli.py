@@ -74,3 +74,10 @@ def test_a_node_without_its_data_or_its_superlink_says_what_to_do(capsys, tmp_pa
     data.write_text('{"text": "fine", "label": 1}\n')
     said = _says(capsys, "client", "--superlink", "127.0.0.1:1", "--data", str(data), "--wait", "1")
     assert "the SuperLink at 127.0.0.1:1 did not answer within 1 s" in said and "pollinate server" in said
+
+
+def test_the_server_command_knows_the_status_service_port_without_importing_it() -> None:
+    from server.cli import STATUS_PORT
+    from server.status_service import DEFAULT_PORT
+
+    assert STATUS_PORT == DEFAULT_PORT

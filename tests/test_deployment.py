@@ -1,10 +1,13 @@
 """A real deployment on 127.0.0.1: `pollinate server` (Flower SuperLink + ServerApp) and `pollinate client`
-(Flower SuperNodes), the coordinator killed with SIGKILL and resumed, a node killed mid-round."""
+(Flower SuperNodes), the coordinator killed with SIGKILL and resumed, and, over TLS with the status service
+on mutual TLS, a node killed mid-round."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +18,7 @@ from peft import PeftModel
 from models import adapter_state, load_base_model
 from pollinate.processes import free_port
 from proto.run_config import RunConfig
+from security.certs import create_cert_dir
 from server.store import RoundStore, sha256
 from tests.deployment import TINY, Processes, poll, write_node_data
 
@@ -36,7 +40,8 @@ def test_a_coordinator_killed_after_round_1_resumes_with_the_same_adapter_and_lo
     url, port = f"sqlite:///{tmp_path / 'store.db'}", free_port()
     data = write_node_data(tmp_path, 2)
     server = procs.pollinate("server-1", "server", "--scenario", TINY, "--db", url, "--output", str(tmp_path / "out"),
-                             "--port", str(port), "--rounds", "3", "--set", "federation.round-timeout=600")
+                             "--port", str(port), "--rounds", "3", "--set", "federation.round-timeout=600",
+                             "--status-port", str(free_port()))
     for i, path in enumerate(data):
         procs.pollinate(f"node-{i}", "client", "--superlink", f"127.0.0.1:{port}", "--data", str(path),
                         "--max-rank", "4", "--device", "cpu")
@@ -49,7 +54,8 @@ def test_a_coordinator_killed_after_round_1_resumes_with_the_same_adapter_and_lo
     assert [r.number for r in store.rounds(run_id)] == [1]  # round 2 was under way: nothing of it is stored
     round_1 = store.adapter_digests(run_id)[1][0]
 
-    resumed = procs.pollinate("server-2", "server", "--resume", str(run_id), "--db", url, "--port", str(port))
+    resumed = procs.pollinate("server-2", "server", "--resume", str(run_id), "--db", url, "--port", str(port),
+                              "--no-status")
     assert resumed.wait(timeout=1800) == 0, procs.log("server-2")[-4000:]
 
     run = store.run(run_id)
@@ -67,7 +73,8 @@ def test_a_coordinator_killed_after_round_1_resumes_with_the_same_adapter_and_lo
     assert attempts[0].flower_run_id != attempts[1].flower_run_id  # a new Flower run, the same pollinate run
     assert "resumed at round 2" in procs.log("server-2")
     # The dead coordinator's Flower run, and its undelivered round-2 messages, are gone from the SuperLink.
-    assert re.search(rf"Flower run {attempts[0].flower_run_id} of the coordinator that died: (stopped|already finished)",
+    dead = attempts[0].flower_run_id
+    assert re.search(rf"Flower run {dead} of the coordinator that died: (stopped|already finished)",
                      procs.log("server-2"))
 
     cfg = RunConfig.from_flat(run.config)
@@ -84,19 +91,32 @@ def _open(url: str) -> RoundStore | None:
 
 
 @pytest.mark.timeout(1800)
-def test_a_node_killed_mid_round_is_recorded_failed_and_the_run_completes_with_the_other(
+def test_over_tls_a_node_killed_mid_round_is_recorded_failed_and_the_run_completes_with_the_other(
         tmp_path: Path, procs: Processes) -> None:
-    url, port = f"sqlite:///{tmp_path / 'store.db'}", free_port()
+    url, port, status_port = f"sqlite:///{tmp_path / 'store.db'}", free_port(), free_port()
+    certs = create_cert_dir(tmp_path / "certs", nodes=0)  # `pollinate certs`: CA, server and operator certificates
     data = write_node_data(tmp_path, 2)
     nodes = [procs.pollinate(f"node-{i}", "client", "--superlink", f"127.0.0.1:{port}", "--data", str(path),
-                             "--device", "cpu", "--wait", "600") for i, path in enumerate(data)]
+                             "--device", "cpu", "--wait", "600", "--root-certificates", str(certs.ca_cert))
+             for i, path in enumerate(data)]
     server = procs.pollinate("server", "server", "--scenario", TINY, "--db", url, "--output", str(tmp_path / "out"),
                              "--port", str(port), "--rounds", "2", "--set", "federation.min-nodes=1",
-                             "--set", "federation.round-timeout=600")
+                             "--set", "federation.round-timeout=600", "--status-port", str(status_port),
+                             "--ssl-ca-certfile", str(certs.ca_cert), "--ssl-certfile", str(certs.server_cert),
+                             "--ssl-keyfile", str(certs.server_key))
     store = poll("the store to be created", lambda: _open(url), 300)
     run_id = poll("a run", lambda: store.runs()[0].id if store.runs() else None, 600)
     poll("round 1 in the store", lambda: 1 in _completed(store, run_id) or None, 900, every_s=0.2)
     assert store.rounds(run_id)[0].participants == 2, "both nodes must have joined before round 1"
+    # The status service `pollinate server` runs beside the SuperLink answers, over mutual TLS, from the store.
+    said = subprocess.run([sys.executable, "-m", "pollinate.cli", "status", "--coordinator",
+                           f"127.0.0.1:{status_port}", str(run_id), "--round", "1", "--json",
+                           "--certs", str(certs.root)],
+                          capture_output=True, text=True, timeout=120)
+    assert said.returncode == 0, said.stdout + said.stderr
+    status = json.loads(said.stdout)
+    assert status["run"]["status"] == "running" and status["run"]["rounds"][0]["number"] == 1
+    assert sum(c["phase"] == "train" for c in status["round"]["clients"]) == 2
     victim = int(poll("node 1's id", lambda: _node_id(procs.log("node-1")), 60))
     poll("node 1 training round 2", lambda: _running_clientapp(nodes[1]), 600, every_s=0.2)
     procs.kill_tree(nodes[1])  # the node dies in the middle of its round-2 training
