@@ -12,6 +12,7 @@ import pytest
 
 from privacy.accountant import Release, epsilon
 from server.store import RoundStore
+from tests.conftest import REPO
 from tests.inprocess import run_in_process
 from tests.test_simulation import simulate
 
@@ -21,6 +22,15 @@ def _report(store: RoundStore, run_id: int) -> dict:
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
+
+
+def _simulate_here(capsys: pytest.CaptureFixture[str], workdir: Path, *args: str) -> tuple[int, str]:
+    """`pollinate simulate` in this process, for what is refused before any node starts: (exit code, output)."""
+    from pollinate.cli import main
+
+    code = main(["simulate", str(REPO / "tests" / "scenarios" / "tiny.toml"), "--db", f"sqlite:///{workdir / 'store.db'}",
+                 "--output", str(workdir / "out"), *args])
+    return code, " ".join(capsys.readouterr().out.split())
 
 
 @pytest.fixture(scope="module")
@@ -177,18 +187,18 @@ def test_adaptive_clipping_is_refused_under_secure_aggregation(tiny_cfg) -> None
      "'flexlora' does not aggregate a plain mean of deltas"),
     (["--dp", "central", "--clip-norm", "1", "--secagg", "--adaptive-clipping"], "use fixed clipping"),
 ])
-def test_simulate_refuses_bad_dp_settings_before_any_round(tmp_path: Path, args: list[str], says: str) -> None:
-    done = simulate("tiny.toml", tmp_path, *args)
-    assert done.returncode == 2
-    assert says in " ".join(done.stdout.split())
+def test_simulate_refuses_bad_dp_settings_before_any_round(tmp_path: Path, args: list[str], says: str,
+                                                           capsys) -> None:
+    code, said = _simulate_here(capsys, tmp_path, *args)
+    assert code == 2
+    assert says in said
     assert not (tmp_path / "out").exists()  # nothing was partitioned or run
 
 
-def test_simulate_refuses_a_delta_not_below_one_over_n_before_any_round(tmp_path: Path) -> None:
+def test_simulate_refuses_a_delta_not_below_one_over_n_before_any_round(tmp_path: Path, capsys) -> None:
     # The smallest of tiny.toml's 4 nodes trains on 2,562 examples, so delta must be below 1/2562.
-    done = simulate("tiny.toml", tmp_path, "--dp", "sample", "--clip-norm", "1", "--delta", "0.001")
-    assert done.returncode == 2
-    said = " ".join(done.stdout.split())
+    code, said = _simulate_here(capsys, tmp_path, "--dp", "sample", "--clip-norm", "1", "--delta", "0.001")
+    assert code == 2
     assert "privacy.delta = 0.001 is not below 1/n = 1/2562 for the smallest node" in said
     assert "use --delta below 0.00039" in said
     assert RoundStore(f"sqlite:///{tmp_path / 'store.db'}").runs() == []  # no round ran

@@ -25,6 +25,8 @@ from server.secure import SecureAggregation
 from server.store import RoundStore
 from strategies import ClientUpdate, Request, build
 from strategies.base import mean_of
+from tests.conftest import REPO
+from tests.inprocess import serverapp_identity
 from tests.test_simulation import simulate
 
 SHAPES = {"m.lora_A.weight": (4, 30), "m.lora_B.weight": (20, 4), "head.weight": (2, 16)}
@@ -33,15 +35,9 @@ Tamper = Callable[[str, int, Message], list[Message]]
 
 
 @pytest.fixture(autouse=True)
-def serverapp_identity():
-    """What Flower sets in a ServerApp process before messages can be created (run 1, the SuperLink's node)."""
-    from flwr.common.constant import SUPERLINK_NODE_ID
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+def identity():
+    with serverapp_identity():
+        yield
 
 
 class LoopbackGrid:
@@ -109,7 +105,8 @@ def _setup(n: int = 5, seed: int = 0) -> tuple[dict[int, dict[str, np.ndarray]],
 
 
 def _cfg(**overrides: object) -> RunConfig:
-    return RunConfig().replace(**{"secagg.enabled": True, "federation.round-timeout": 5.0, **overrides})
+    # The loopback nodes answer as the message is pushed: only a dropped node is waited for, until the timeout.
+    return RunConfig().replace(**{"secagg.enabled": True, "federation.round-timeout": 1.0, **overrides})
 
 
 def _secure_mean(grid: LoopbackGrid, cfg: RunConfig, requests: dict[int, Request], ledger: RoundLedger):
@@ -233,8 +230,11 @@ def test_simulation_with_secagg_survives_a_dropout_and_never_sees_an_adapter(tmp
     PeftModel.from_pretrained(base.model, run.adapter_dir)  # the securely aggregated adapter loads
 
 
-def test_simulate_refuses_secagg_with_a_non_linear_strategy_before_any_round(tmp_path: Path) -> None:
-    done = simulate("tiny.toml", tmp_path, "--secagg", "--strategy", "flexlora")
-    assert done.returncode != 0
-    assert "use a linear strategy" in done.stdout + done.stderr
-    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("adapter_model.safetensors"))
+def test_simulate_refuses_secagg_with_a_non_linear_strategy_before_any_round(tmp_path: Path, capsys) -> None:
+    from pollinate.cli import main
+
+    assert main(["simulate", str(REPO / "tests" / "scenarios" / "tiny.toml"), "--db",
+                 f"sqlite:///{tmp_path / 'store.db'}", "--output", str(tmp_path / "out"),
+                 "--secagg", "--strategy", "flexlora"]) == 2
+    assert "use a linear strategy" in " ".join(capsys.readouterr().out.split())
+    assert not (tmp_path / "out").exists()  # refused before any node data was written
