@@ -72,7 +72,7 @@ def utility_rows(db: Path) -> list[dict[str, object]]:
     return rows
 
 
-def overhead_probe(mode: str, steps: int) -> dict[str, float]:
+def overhead_probe(mode: str, steps: int, batch_size: int) -> dict[str, float]:
     """Train the default adapter for ``steps`` steps, plainly or with DP-SGD; time and peak RSS of this process."""
     import torch
 
@@ -86,7 +86,7 @@ def overhead_probe(mode: str, steps: int) -> dict[str, float]:
     from simulations.partition import write_partitions
 
     cfg, _ = load_scenario(SCENARIO)
-    cfg = cfg.replace(**{"train.local-steps": steps})
+    cfg = cfg.replace(**{"train.local-steps": steps, "train.batch-size": batch_size})
     out = REPO / "runs" / "bench-privacy-probe"
     write_partitions(load_corpus(cfg.data.dataset), cfg.data, 4, cfg.seed, out)
     train_set, _ = split(read_examples(out / "partition-0.jsonl", cfg.data, cfg.model), cfg.data.eval_fraction, cfg.seed)
@@ -104,12 +104,13 @@ def overhead_probe(mode: str, steps: int) -> dict[str, float]:
     return {"seconds": seconds, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def overhead(steps: int, repeats: int = 2) -> dict[str, list[dict[str, float]]]:
+def overhead(steps: int, batch_size: int, repeats: int = 2) -> dict[str, list[dict[str, float]]]:
     """Plain and DP-SGD probes alternated in fresh processes, so both see the same machine load."""
     results: dict[str, list[dict[str, float]]] = {"plain": [], "dp-sgd": []}
     for _ in range(repeats):
         for mode in results:
-            done = subprocess.run([sys.executable, __file__, "--probe", mode, "--probe-steps", str(steps)],
+            done = subprocess.run([sys.executable, __file__, "--probe", mode, "--probe-steps", str(steps),
+                                   "--batch-size", str(batch_size)],
                                   capture_output=True, text=True, cwd=REPO, check=True)
             results[mode].append(json.loads(done.stdout.strip().splitlines()[-1]))
     return results
@@ -151,7 +152,8 @@ def render(rows: list[dict[str, object]], cost: dict[str, list[dict[str, float]]
         # The least disturbed run of each (the minimum) estimates the cost best on a shared machine.
         best = {m: {k: min(p[k] for p in ps) for k in ps[0]} for m, ps in cost.items()}
         raw = "; ".join(f"{m}: " + ", ".join(f"{p['seconds']:.1f} s" for p in ps) for m, ps in cost.items())
-        text += ["## Cost of DP-SGD against plain training (same adapter, same steps, one thread, fresh process each)\n",
+        text += ["## Cost of DP-SGD against plain training (same adapter, batch and steps, one thread, fresh process "
+                 "each)\n",
                  "| training | s (fastest of runs) | peak RSS MiB (lowest) |", "|---|---|---|",
                  *(f"| {m} | {v['seconds']:.2f} | {v['peak_rss_mib']:.0f} |" for m, v in best.items()),
                  f"\nDP-SGD / plain: time x{best['dp-sgd']['seconds'] / best['plain']['seconds']:.2f}, "
@@ -173,13 +175,14 @@ def main() -> None:
     parser.add_argument("--overhead-steps", type=int, default=20)
     parser.add_argument("--from-db", help="re-render from an earlier run's bench.db instead of simulating")
     parser.add_argument("--skip-overhead", action="store_true")
+    parser.add_argument("--overhead-only", action="store_true", help="measure the DP-SGD cost, run no simulation")
     parser.add_argument("--epsilons", default="1,3,8,inf", help="per-node budgets to run (inf: no DP)")
     parser.add_argument("--workdir", help="add runs to this earlier bench directory (its bench.db)")
     parser.add_argument("--probe", choices=["plain", "dp-sgd"], help=argparse.SUPPRESS)
     parser.add_argument("--probe-steps", type=int, default=20, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.probe:
-        print(json.dumps(overhead_probe(args.probe, args.probe_steps)))
+        print(json.dumps(overhead_probe(args.probe, args.probe_steps, args.batch_size)))
         return
     command = (f"python bench/privacy_utility.py --rounds {args.rounds} --local-steps {args.local_steps} "
                f"--batch-size {args.batch_size} "
@@ -193,8 +196,11 @@ def main() -> None:
     saved = workdir / "overhead.json"
     cost = json.loads(saved.read_text()) if saved.exists() else None
     if cost is None and not args.skip_overhead:
-        cost = overhead(args.overhead_steps)
+        cost = overhead(args.overhead_steps, args.batch_size)
         saved.write_text(json.dumps(cost))
+    if args.overhead_only:
+        render(utility_rows(workdir / "bench.db"), cost, command)
+        return
     for epsilon in (float(e) for e in args.epsilons.split(",")):  # in the order given: the most telling first
         for strategy in STRATEGIES:
             simulate(strategy, epsilon, workdir, args.rounds, args.local_steps, args.eval_examples, args.batch_size)
