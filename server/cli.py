@@ -46,6 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ssl-keyfile", type=Path, help="TLS: the SuperLink's private key")
     parser.add_argument("--enable-supernode-auth", action="store_true",
                         help="accept only SuperNodes whose public keys were registered")
+    parser.add_argument("--register-node", type=Path, action="append", default=[], metavar="PUBLIC_KEY",
+                        help="with --enable-supernode-auth: register this SuperNode public key (nodes/node-<i>.pub "
+                             "from `pollinate certs`) when the SuperLink is up; repeat per node")
     parser.add_argument("--status-port", type=int, default=STATUS_PORT,
                         help="pollinate's status service (`pollinate status`, `pollinate download`) on --host; "
                              "with the --ssl-* files it requires an operator certificate from the same CA")
@@ -96,7 +99,9 @@ def serve(args: argparse.Namespace) -> int:
 
     stop_on_sigterm()  # `docker stop`, systemd: stop the SuperLink and its runs too
     cfg = run_config(args)
-    security = SuperLinkSecurity(args.ssl_ca_certfile, args.ssl_certfile, args.ssl_keyfile, args.enable_supernode_auth)
+    security = SuperLinkSecurity(args.ssl_ca_certfile, args.ssl_certfile, args.ssl_keyfile, args.enable_supernode_auth,
+                                 tuple(args.register_node))
+    security.flags()  # fail fast: inconsistent TLS / node-auth flags, missing key files
     state_dir = Path(args.state_dir or Path(cfg.store.output_dir) / "superlink")
     console.print(f"SuperLink on {args.host}:{args.port} ({'TLS' if security.tls else 'insecure'}); nodes join with "
                   f"`pollinate client --superlink HOST:{args.port} --data PATH`")

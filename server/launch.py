@@ -39,12 +39,20 @@ class SuperLinkSecurity:
     cert: Path | None = None  # --ssl-certfile
     key: Path | None = None  # --ssl-keyfile
     node_auth: bool = False  # --enable-supernode-auth: only registered SuperNode public keys may connect
+    node_keys: tuple[Path, ...] = ()  # --register-node: public keys registered once the SuperLink is up
 
     @property
     def tls(self) -> bool:
         return self.cert is not None
 
     def flags(self) -> list[str]:
+        if self.node_keys and not self.node_auth:
+            raise ConfigError("--register-node registers keys for SuperNode authentication; add "
+                              "--enable-supernode-auth (and the --ssl-* files: Flower requires TLS for it)")
+        absent = [str(k) for k in self.node_keys if not Path(k).is_file()]
+        if absent:
+            raise ConfigError(f"--register-node {', '.join(absent)}: no such file; give the nodes' public keys "
+                              f"(nodes/node-<i>.pub from `pollinate certs`)")
         if not self.tls:
             return ["--insecure"]
         missing = [n for n, v in (("CA certificate", self.ca_cert), ("key", self.key)) if v is None]
@@ -112,6 +120,8 @@ def coordinate(cfg: RunConfig, host: str, port: int, state_dir: Path,
             if not wait_healthy(f"{scheme}://{_client_host(host)}:{port}", startup_timeout_s, verify, superlink):
                 raise ConfigError(f"the SuperLink did not come up on {host}:{port} within {startup_timeout_s:.0f} s "
                                   f"(exit code {superlink.process.poll()}); see {result.log}")
+            for key in security.node_keys:
+                _register(key, env)
             for stale in stale_runs:
                 _stop(stale, env)
             result.flower_run_id = _submit(write_app_dir(cfg, Path(tmp) / "app"), env)
@@ -150,6 +160,23 @@ def _submit(app_dir: Path, env: dict[str, str]) -> int:
         pass
     raise ConfigError(f"the SuperLink refused the run (`flwr run` exit code {done.returncode}): "
                       f"{(done.stdout + done.stderr).strip()[-2000:]}")
+
+
+def _register(public_key: Path, env: dict[str, str]) -> None:
+    """``flwr supernode register``; a key the SuperLink's state already holds (a restart) is fine as it is."""
+    done = subprocess.run([executable("flwr"), "supernode", "register", str(public_key), CONNECTION, "--format",
+                           "json"], env=env, capture_output=True, text=True, timeout=120)
+    said = done.stdout + done.stderr
+    try:
+        node_id = json.loads(done.stdout[done.stdout.index("{"):]).get("node-id")
+    except ValueError:
+        node_id = None
+    if node_id:
+        print(f"registered SuperNode key {public_key} (node {node_id})", flush=True)
+    elif "already in use" in said:
+        print(f"SuperNode key {public_key} was already registered", flush=True)
+    else:
+        raise ConfigError(f"the SuperLink did not register {public_key}: {said.strip()[-1000:]}")
 
 
 def _stop(flower_run_id: int, env: dict[str, str]) -> None:

@@ -151,3 +151,23 @@ def _cmdline(p: psutil.Process) -> list[str]:
         return p.cmdline()
     except (psutil.NoSuchProcess, psutil.ZombieProcess):
         return []
+
+
+@pytest.mark.timeout(600)
+def test_the_coordinator_registers_the_node_keys_for_supernode_authentication(tmp_path: Path, procs: Processes) -> None:
+    """`--register-node` goes through the SuperLink's Control API over TLS; node admission by a registered key
+    is tested against raw Flower processes in tests/test_security.py."""
+    certs = create_cert_dir(tmp_path / "certs", nodes=2)
+    url, port = f"sqlite:///{tmp_path / 'store.db'}", free_port()
+    keys = [str(certs.node_public_key(i)) for i in (1, 2)]
+    server = procs.pollinate("server", "server", "--scenario", TINY, "--db", url, "--output", str(tmp_path / "out"),
+                             "--port", str(port), "--rounds", "1", "--no-status",
+                             "--set", "federation.wait-for-nodes=3", "--ssl-ca-certfile", str(certs.ca_cert),
+                             "--ssl-certfile", str(certs.server_cert), "--ssl-keyfile", str(certs.server_key),
+                             "--enable-supernode-auth", "--register-node", keys[0], "--register-node", keys[1])
+    assert server.wait(timeout=300) == 1, procs.log("server")[-4000:]  # no node came: round 1 failed, recorded
+    log = procs.log("server")
+    registered = re.findall(r"registered SuperNode key (\S+) \(node (\d+)\)", log)
+    assert [k for k, _ in registered] == keys and len({n for _, n in registered}) == 2, log[-4000:]
+    [run] = RoundStore(url).runs()
+    assert run.status == "failed" and "federation.min-nodes" in (run.error or "")
