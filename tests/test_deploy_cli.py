@@ -81,3 +81,14 @@ def test_the_server_command_knows_the_status_service_port_without_importing_it()
     from server.status_service import DEFAULT_PORT
 
     assert STATUS_PORT == DEFAULT_PORT
+
+
+def test_node_keys_without_node_auth_or_that_do_not_exist_are_refused_before_anything_starts(capsys,
+                                                                                               tmp_path: Path) -> None:
+    common = ["server", "--scenario", TINY, "--db", f"sqlite:///{tmp_path / 's.db'}", "--output", str(tmp_path),
+              "--no-status"]
+    key = tmp_path / "node-1.pub"
+    key.write_text("ecdsa-sha2-nistp384 AAAA... node-1\n")
+    assert "add --enable-supernode-auth" in _says(capsys, *common, "--register-node", str(key))
+    said = _says(capsys, *common, "--enable-supernode-auth", "--register-node", str(tmp_path / "none.pub"))
+    assert "none.pub: no such file" in said and "pollinate certs" in said
