@@ -11,6 +11,7 @@ removed afterwards: the same PeftModel serves evaluation and the next round.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Iterator
 
@@ -22,6 +23,11 @@ from peft import PeftModel
 
 from client.train import autocast, trainable_parameters
 from proto.run_config import TrainConfig
+
+# Importing Opacus runs logging.basicConfig(), which gives the root logger a handler at level NOTSET. Flower's
+# logger (level DEBUG, with its own INFO console handler) propagates to it, so every Flower DEBUG record would
+# be printed a second time, with timestamps, in every process that imports this module.
+logging.getLogger("flwr").propagate = False
 
 Batch = dict[str, torch.Tensor]
 
