@@ -180,7 +180,7 @@ def _register(public_key: Path, env: dict[str, str]) -> None:
 
 
 def _stop(flower_run_id: int, env: dict[str, str]) -> None:
-    """``flwr stop``, saying what became of the run; one the SuperLink does not know (another state dir) is left."""
+    """``flwr stop``, saying what became of the run (one this SuperLink does not know cannot reach its nodes)."""
     done = subprocess.run([executable("flwr"), "stop", str(flower_run_id), CONNECTION, "--format", "json"], env=env,
                           capture_output=True, text=True, timeout=120)
     said = done.stdout + done.stderr
@@ -188,6 +188,9 @@ def _stop(flower_run_id: int, env: dict[str, str]) -> None:
         print(f"Flower run {flower_run_id} of the coordinator that died: stopped", flush=True)
     elif "already finished" in said:
         print(f"Flower run {flower_run_id} of the coordinator that died: already finished", flush=True)
+    else:  # e.g. another --state-dir: this SuperLink never knew the run, so no node can get its messages from it
+        print(f"Flower run {flower_run_id} of the coordinator that died was not stopped: "
+              f"{said.strip().splitlines()[-1] if said.strip() else 'flwr stop said nothing'}", flush=True)
 
 
 def _client_host(host: str) -> str:
