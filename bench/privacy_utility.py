@@ -76,20 +76,17 @@ def overhead_probe(mode: str, steps: int, batch_size: int) -> dict[str, float]:
     """Train the default adapter for ``steps`` steps, plainly or with DP-SGD; time and peak RSS of this process."""
     import torch
 
+    from client.app import partition_file
     from client.data import endless_batches, poisson_batches, read_examples, split
     from client.dp_sgd import train_dp
     from client.train import train
     from models import build_peft_model
-    from proto.run_config import RunConfig
-    from simulations.cli import load_scenario
-    from simulations.datasets import load_corpus
-    from simulations.partition import write_partitions
+    from simulations.cli import load_scenario, write_node_data
 
-    cfg, _ = load_scenario(SCENARIO)
-    cfg = cfg.replace(**{"train.local-steps": steps, "train.batch-size": batch_size})
-    out = REPO / "runs" / "bench-privacy-probe"
-    write_partitions(load_corpus(cfg.data.dataset), cfg.data, 4, cfg.seed, out)
-    train_set, _ = split(read_examples(out / "partition-0.jsonl", cfg.data, cfg.model), cfg.data.eval_fraction, cfg.seed)
+    cfg, sim = load_scenario(SCENARIO, {"train.local-steps": steps, "train.batch-size": batch_size})
+    cfg, _ = write_node_data(cfg, sim, REPO / "runs" / "bench-privacy-probe")  # node 0's data, as simulated
+    train_set, _ = split(read_examples(partition_file(cfg.data.partition_dir, 0), cfg.data, cfg.model),
+                         cfg.data.eval_fraction, cfg.seed)
     model, base = build_peft_model(cfg)
     cpu = torch.device("cpu")
     torch.set_num_threads(1)  # both probes on one core: the ratio, not the absolute time, is the result

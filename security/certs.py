@@ -34,6 +34,14 @@ class CertError(ValueError):
     """A certificate directory is missing files, or would be overwritten; the message says what to do."""
 
 
+def mutual_tls_server_credentials(cert: Path, key: Path, ca_cert: Path):  # -> grpc.ServerCredentials
+    """gRPC server credentials presenting ``cert``, requiring a client certificate signed by ``ca_cert``."""
+    import grpc
+
+    return grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())], root_certificates=ca_cert.read_bytes(),
+                                       require_client_auth=True)
+
+
 @dataclass(frozen=True)
 class CertDir:
     """The files ``pollinate certs`` writes, by role."""
@@ -64,11 +72,8 @@ class CertDir:
 
     def status_server_credentials(self):
         """gRPC server credentials for the status service: server certificate, client certificates from the CA required."""
-        import grpc
-
         self.require(self.server_cert, self.server_key, self.ca_cert)
-        return grpc.ssl_server_credentials([(self.server_key.read_bytes(), self.server_cert.read_bytes())],
-                                           root_certificates=self.ca_cert.read_bytes(), require_client_auth=True)
+        return mutual_tls_server_credentials(self.server_cert, self.server_key, self.ca_cert)
 
     def status_client_credentials(self):
         """gRPC channel credentials for `pollinate status/download`: trust the CA, present the operator certificate."""

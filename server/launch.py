@@ -64,11 +64,10 @@ class SuperLinkSecurity:
 
     def status_server_credentials(self):  # -> grpc.ServerCredentials (grpc is imported only when TLS is on)
         """The status service beside the SuperLink: the same certificate; operators present one from the same CA."""
-        import grpc
+        from security.certs import mutual_tls_server_credentials
 
         assert self.ca_cert is not None and self.cert is not None and self.key is not None  # flags() checked them
-        return grpc.ssl_server_credentials([(self.key.read_bytes(), self.cert.read_bytes())],
-                                           root_certificates=self.ca_cert.read_bytes(), require_client_auth=True)
+        return mutual_tls_server_credentials(self.cert, self.key, self.ca_cert)
 
 
 def superlink_command(host: str, port: int, state_db: Path, security: SuperLinkSecurity) -> list[str]:
@@ -149,48 +148,45 @@ def _follow(result: Coordinated, superlink: Daemon, env: dict[str, str]) -> None
         follower.stop()
 
 
-def _submit(app_dir: Path, env: dict[str, str]) -> int:
-    done = subprocess.run([executable("flwr"), "run", str(app_dir), CONNECTION, "--format", "json"], env=env,
-                          capture_output=True, text=True, timeout=300)
+def _flwr(args: list[str], env: dict[str, str], timeout_s: float = 120.0) -> tuple[dict[str, object], str]:
+    """``flwr ARGS CONNECTION --format json`` against our SuperLink: (its JSON answer, or {}; everything it said)."""
+    done = subprocess.run([executable("flwr"), *args, CONNECTION, "--format", "json"], env=env, capture_output=True,
+                          text=True, timeout=timeout_s)
+    said = (done.stdout + done.stderr).strip()
     try:
-        payload = json.loads(done.stdout[done.stdout.index("{"):])
-        if payload.get("success") and payload.get("run-id"):
-            return int(payload["run-id"])
+        return json.loads(done.stdout[done.stdout.index("{"):]), said
     except ValueError:
-        pass
-    raise ConfigError(f"the SuperLink refused the run (`flwr run` exit code {done.returncode}): "
-                      f"{(done.stdout + done.stderr).strip()[-2000:]}")
+        return {}, said
+
+
+def _submit(app_dir: Path, env: dict[str, str]) -> int:
+    answer, said = _flwr(["run", str(app_dir)], env, timeout_s=300)
+    if answer.get("success") and answer.get("run-id"):
+        return int(str(answer["run-id"]))
+    raise ConfigError(f"the SuperLink refused the run (`flwr run`): {said[-2000:]}")
 
 
 def _register(public_key: Path, env: dict[str, str]) -> None:
     """``flwr supernode register``; a key the SuperLink's state already holds (a restart) is fine as it is."""
-    done = subprocess.run([executable("flwr"), "supernode", "register", str(public_key), CONNECTION, "--format",
-                           "json"], env=env, capture_output=True, text=True, timeout=120)
-    said = done.stdout + done.stderr
-    try:
-        node_id = json.loads(done.stdout[done.stdout.index("{"):]).get("node-id")
-    except ValueError:
-        node_id = None
-    if node_id:
-        print(f"registered SuperNode key {public_key} (node {node_id})", flush=True)
+    answer, said = _flwr(["supernode", "register", str(public_key)], env)
+    if answer.get("node-id"):
+        print(f"registered SuperNode key {public_key} (node {answer['node-id']})", flush=True)
     elif "already in use" in said:
         print(f"SuperNode key {public_key} was already registered", flush=True)
     else:
-        raise ConfigError(f"the SuperLink did not register {public_key}: {said.strip()[-1000:]}")
+        raise ConfigError(f"the SuperLink did not register {public_key}: {said[-1000:]}")
 
 
 def _stop(flower_run_id: int, env: dict[str, str]) -> None:
     """``flwr stop``, saying what became of the run (one this SuperLink does not know cannot reach its nodes)."""
-    done = subprocess.run([executable("flwr"), "stop", str(flower_run_id), CONNECTION, "--format", "json"], env=env,
-                          capture_output=True, text=True, timeout=120)
-    said = done.stdout + done.stderr
-    if '"success": true' in said:
+    answer, said = _flwr(["stop", str(flower_run_id)], env)
+    if answer.get("success"):
         print(f"Flower run {flower_run_id} of the coordinator that died: stopped", flush=True)
     elif "already finished" in said:
         print(f"Flower run {flower_run_id} of the coordinator that died: already finished", flush=True)
     else:  # e.g. another --state-dir: this SuperLink never knew the run, so no node can get its messages from it
         print(f"Flower run {flower_run_id} of the coordinator that died was not stopped: "
-              f"{said.strip().splitlines()[-1] if said.strip() else 'flwr stop said nothing'}", flush=True)
+              f"{said.splitlines()[-1] if said else 'flwr stop said nothing'}", flush=True)
 
 
 def _client_host(host: str) -> str:

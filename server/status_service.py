@@ -19,7 +19,6 @@ from sqlalchemy.exc import OperationalError
 
 from proto import pollinate_status_pb2 as pb
 from proto import pollinate_status_pb2_grpc as pb_grpc
-from security.certs import CertDir
 from server.status_messages import round_message, run_message
 from server.store import RoundRow, RoundStore, RunSummary, StoreError
 

@@ -37,31 +37,40 @@ def _wire(message: Message) -> Message:
 
 
 class InProcessGrid:
-    """A Flower Grid (the part the coordinator uses) whose nodes run ``app`` in this process, in turn."""
+    """A Flower Grid (the part the coordinator uses) whose nodes answer in this process, in turn, when pushed to."""
 
-    def __init__(self, cfg: RunConfig, clients: int, app: ClientApp = pollinate_client, seed: int = 0) -> None:
-        self.app = app
+    def __init__(self, contexts: dict[int, Context], app: ClientApp | None = pollinate_client) -> None:
+        self.contexts, self.app = contexts, app
+        self._replies: list[Message] = []  # not pulled yet
+
+    @classmethod
+    def of_scenario(cls, cfg: RunConfig, clients: int, app: ClientApp = pollinate_client,
+                    seed: int = 0) -> InProcessGrid:
+        """``clients`` nodes as the Simulation Engine makes them: a partition id each, the run config."""
         node_ids = random.Random(seed).sample(range(1, 2**62), clients)  # Flower ids are large, unordered
-        self.contexts = {node: Context(run_id=1, node_id=node, node_config={PARTITION_ID: i}, state=RecordDict(),
-                                       run_config=cfg.to_flat())
-                         for i, node in enumerate(node_ids)}
-        self._replies: list[Message] = []
+        return cls({node: Context(run_id=1, node_id=node, node_config={PARTITION_ID: i}, state=RecordDict(),
+                                  run_config=cfg.to_flat()) for i, node in enumerate(node_ids)}, app)
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.contexts)
+
+    def deliver(self, msg: Message) -> list[Message]:
+        """The node's replies to ``msg``: its ClientApp's, through Flower's serde both ways."""
+        assert self.app is not None
+        received = _wire(msg)
+        try:
+            reply = self.app(received, self.contexts[msg.metadata.dst_node_id])
+        except Exception as e:  # what Flower's ClientApp runner sends back
+            reply = Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"{type(e).__name__}: {e}"),
+                            reply_to=received)
+        return [_wire(reply)]
 
     def push_messages(self, messages: Iterable[Message]) -> list[str]:
         ids = []
         for msg in messages:
             msg.metadata.__dict__["_message_id"] = str(uuid4())  # as Flower's grids do on push
             ids.append(msg.metadata.message_id)
-            received = _wire(msg)
-            try:
-                reply = self.app(received, self.contexts[msg.metadata.dst_node_id])
-            except Exception as e:  # what Flower's ClientApp runner sends back
-                reply = Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"{type(e).__name__}: {e}"),
-                                reply_to=received)
-            self._replies.append(_wire(reply))
+            self._replies += self.deliver(msg)
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
@@ -89,6 +98,6 @@ def run_in_process(scenario: str, workdir: Path, clients: int | None = None, **o
         clients)
     cfg, _ = write_node_data(cfg, sim, workdir / "partitions")
     module, _, name = sim.client_app.partition(":")  # the scenario's ClientApp, e.g. tests.apps.faulty_client:app
-    grid = InProcessGrid(cfg, sim.clients, getattr(importlib.import_module(module), name))
+    grid = InProcessGrid.of_scenario(cfg, sim.clients, getattr(importlib.import_module(module), name))
     with serverapp_identity():
         return run_federation(grid, cfg)  # type: ignore[arg-type]

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from pollinate.cli import main
 from server.resume import RESUMABLE_KEYS, resumed_config
 from proto.run_config import ConfigError, RunConfig
 from server.store import RoundStore
 from tests.deployment import TINY
+from tests.test_cli import pollinate
 
 
 @pytest.fixture(autouse=True)
@@ -23,8 +23,9 @@ def keep_sigterm():
 
 
 def _says(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
-    assert main(list(argv)) == 2
-    return " ".join(capsys.readouterr().out.split())
+    code, said = pollinate(capsys, *argv)
+    assert code == 2
+    return said
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ from privacy.accountant import Release, epsilon
 from server.store import RoundStore
 from tests.conftest import REPO
 from tests.inprocess import run_in_process
+from tests.test_cli import pollinate
 from tests.test_simulation import simulate
 
 
@@ -26,11 +27,8 @@ def _report(store: RoundStore, run_id: int) -> dict:
 
 def _simulate_here(capsys: pytest.CaptureFixture[str], workdir: Path, *args: str) -> tuple[int, str]:
     """`pollinate simulate` in this process, for what is refused before any node starts: (exit code, output)."""
-    from pollinate.cli import main
-
-    code = main(["simulate", str(REPO / "tests" / "scenarios" / "tiny.toml"), "--db", f"sqlite:///{workdir / 'store.db'}",
-                 "--output", str(workdir / "out"), *args])
-    return code, " ".join(capsys.readouterr().out.split())
+    return pollinate(capsys, "simulate", str(REPO / "tests" / "scenarios" / "tiny.toml"), "--db",
+                     f"sqlite:///{workdir / 'store.db'}", "--output", str(workdir / "out"), *args)
 
 
 @pytest.fixture(scope="module")

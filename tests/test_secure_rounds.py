@@ -7,7 +7,7 @@ replies are replayed or forged. The end-to-end runs on Flower's Simulation Engin
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +26,8 @@ from server.store import RoundStore
 from strategies import ClientUpdate, Request, build
 from strategies.base import mean_of
 from tests.conftest import REPO
-from tests.inprocess import serverapp_identity
+from tests.inprocess import InProcessGrid, serverapp_identity
+from tests.test_cli import pollinate
 from tests.test_simulation import simulate
 
 SHAPES = {"m.lora_A.weight": (4, 30), "m.lora_B.weight": (20, 4), "head.weight": (2, 16)}
@@ -40,7 +41,7 @@ def identity():
         yield
 
 
-class LoopbackGrid:
+class LoopbackGrid(InProcessGrid):
     """A Grid whose nodes run pollinate's secure-aggregation handlers in this process.
 
     ``drop_at[node] = stage`` makes the node stop answering from that message type on.
@@ -49,38 +50,21 @@ class LoopbackGrid:
 
     def __init__(self, uploads: dict[int, dict[str, np.ndarray]], examples: dict[int, int],
                  drop_at: dict[int, str] | None = None, tamper: Tamper | None = None) -> None:
+        super().__init__({node: Context(run_id=1, node_id=node, node_config={}, state=RecordDict(), run_config={})
+                          for node in uploads}, app=None)
         self.uploads, self.examples = uploads, examples
         self.drop_at, self.tamper = drop_at or {}, tamper
-        self.contexts = {node: Context(run_id=1, node_id=node, node_config={}, state=RecordDict(), run_config={})
-                         for node in uploads}
         self.adapters_received: list[int] = []  # nodes whose adapter tensors reached the server
-        self._counter = 0
-        self._outbox: list[Message] = []  # replies not pulled yet
 
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self.uploads)
-
-    def push_messages(self, messages: Iterable[Message]) -> list[str]:
-        ids = []
-        for msg in messages:
-            self._counter += 1
-            msg.metadata.__dict__["_message_id"] = f"m{self._counter}"
-            ids.append(msg.metadata.message_id)
-            node, stage = msg.metadata.dst_node_id, msg.metadata.message_type
-            dropped = self.drop_at.get(node)
-            if dropped is not None and STAGES.index(stage) >= STAGES.index(dropped):
-                continue
-            reply = self._answer(stage, msg, self.contexts[node])
-            if ADAPTER in reply.content.array_records:
-                self.adapters_received.append(node)
-            self._outbox.extend(self.tamper(stage, node, reply) if self.tamper else [reply])
-        return ids
-
-    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
-        wanted = set(message_ids)
-        pulled = [r for r in self._outbox if r.metadata.reply_to_message_id in wanted]
-        self._outbox = [r for r in self._outbox if r.metadata.reply_to_message_id not in wanted]
-        return pulled
+    def deliver(self, msg: Message) -> list[Message]:
+        node, stage = msg.metadata.dst_node_id, msg.metadata.message_type
+        dropped = self.drop_at.get(node)
+        if dropped is not None and STAGES.index(stage) >= STAGES.index(dropped):
+            return []
+        reply = self._answer(stage, msg, self.contexts[node])
+        if ADAPTER in reply.content.array_records:
+            self.adapters_received.append(node)
+        return self.tamper(stage, node, reply) if self.tamper else [reply]
 
     def _answer(self, stage: str, msg: Message, context: Context) -> Message:
         if stage == "train":
@@ -231,10 +215,8 @@ def test_simulation_with_secagg_survives_a_dropout_and_never_sees_an_adapter(tmp
 
 
 def test_simulate_refuses_secagg_with_a_non_linear_strategy_before_any_round(tmp_path: Path, capsys) -> None:
-    from pollinate.cli import main
-
-    assert main(["simulate", str(REPO / "tests" / "scenarios" / "tiny.toml"), "--db",
-                 f"sqlite:///{tmp_path / 'store.db'}", "--output", str(tmp_path / "out"),
-                 "--secagg", "--strategy", "flexlora"]) == 2
-    assert "use a linear strategy" in " ".join(capsys.readouterr().out.split())
+    code, said = pollinate(capsys, "simulate", str(REPO / "tests" / "scenarios" / "tiny.toml"), "--db",
+                           f"sqlite:///{tmp_path / 'store.db'}", "--output", str(tmp_path / "out"),
+                           "--secagg", "--strategy", "flexlora")
+    assert code == 2 and "use a linear strategy" in said
     assert not (tmp_path / "out").exists()  # refused before any node data was written

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key, l
 from pollinate.cli import main
 from proto import pollinate_status_pb2 as pb
 from proto import pollinate_status_pb2_grpc as pb_grpc
-from security.certs import CertDir, create_cert_dir
+from security.certs import create_cert_dir
 from security.flower_flags import node_flags, register_command, superlink_flags, supernode_flags, write_flwr_connection
 from server.status_client import connect
 from server.status_service import serve_status
