@@ -154,16 +154,14 @@ def simulate(args: argparse.Namespace) -> int:
     check_privacy_config(cfg, strategies.build(cfg))  # fail fast on an unknown or incompatible strategy, or model
     check_model_config(cfg.model)
     store = RoundStore(cfg.store.db)  # fail fast on an unreachable database
-    before = {r.id for r in store.runs()}
     work = Path(cfg.store.output_dir) / f"simulation-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     cfg, sizes = write_node_data(cfg, sim, work / "partitions")
     console.print(f"simulating {sim.clients} clients ({cfg.data.partitioning} split of {cfg.data.dataset}: "
                   f"{sizes} examples), {cfg.federation.rounds} rounds of {cfg.federation.strategy}")
     engine.run(cfg, sim.clients, work / "app", cpus_per_client=sim.cpus_per_client,
                gpus_per_client=sim.gpus_per_client, client_app=sim.client_app)
-    # Ours is the new run that reads our partitions: another simulation may share this store.
-    new = [r for r in store.runs()
-           if r.id not in before and r.config.get("data.partition-dir") == cfg.data.partition_dir]
+    # Ours is the run that reads our partitions (a directory per invocation): other runs may share this store.
+    new = [r for r in store.runs() if r.config.get("data.partition-dir") == cfg.data.partition_dir]
     if not new:
         console.print("[red]the simulation ended without recording a run; see the log above[/]")
         return 1
