@@ -17,16 +17,28 @@ ROOT = Path(__file__).resolve().parent
 
 
 def generate_grpc_code() -> None:
-    """protoc (from grpcio-tools) over every proto/*.proto, imports rooted at the repository (``from proto import``)."""
+    """protoc (from grpcio-tools) over every proto/*.proto, written beside it with imports as ``pollinate.proto``.
+
+    protoc names a generated module's imports after the .proto's path below its include root, so it reads the
+    sources through a temporary root in which ``pollinate/proto`` is a link to ``proto/``: the card's folder
+    stays at the repository root and the code imports as the installed package does.
+    """
+    import tempfile
+
     import grpc_tools
     from grpc_tools import protoc
 
     well_known = str(Path(grpc_tools.__file__).parent / "_proto")  # google/protobuf/*.proto
-    for source in sorted((ROOT / "proto").glob("*.proto")):
-        status = protoc.main(["grpc_tools.protoc", f"-I{ROOT}", f"-I{well_known}", f"--python_out={ROOT}",
-                              f"--pyi_out={ROOT}", f"--grpc_python_out={ROOT}", str(source.relative_to(ROOT))])
-        if status != 0:
-            raise RuntimeError(f"protoc failed on {source} (exit {status}); fix the .proto and reinstall")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        (root / "pollinate").mkdir()
+        (root / "pollinate" / "proto").symlink_to(ROOT / "proto", target_is_directory=True)
+        for source in sorted((ROOT / "proto").glob("*.proto")):
+            status = protoc.main(["grpc_tools.protoc", f"-I{root}", f"-I{well_known}", f"--python_out={root}",
+                                  f"--pyi_out={root}", f"--grpc_python_out={root}",
+                                  f"pollinate/proto/{source.name}"])
+            if status != 0:
+                raise RuntimeError(f"protoc failed on {source} (exit {status}); fix the .proto and reinstall")
 
 
 class BuildPyWithProtos(build_py):

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-from strategies.fedavg import weighted_mean
-from strategies.flexlora_math import flexlora_redistribute
-from strategies.hetlora_math import hetlora_aggregate
-from strategies.lowrank import pad_rank
-from strategies.merged import add_to_deltas
-from strategies.sketch_math import orthonormal_basis, project_upload, sketch_factors, sketch_matrix, sketch_upload
+from pollinate.strategies.fedavg import weighted_mean
+from pollinate.strategies.flexlora_math import flexlora_redistribute
+from pollinate.strategies.hetlora_math import hetlora_aggregate
+from pollinate.strategies.lowrank import pad_rank
+from pollinate.strategies.merged import add_to_deltas
+from pollinate.strategies.sketch_math import orthonormal_basis, project_upload, sketch_factors, sketch_matrix, sketch_upload
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 

@@ -1,6 +1,6 @@
 """Per-round cost of the deployment path against the simulation, same scenario, side by side in one run.
 
-    python bench/deploy.py [--scenario tests/scenarios/tiny.toml] [--rounds 2] [--nodes 2]
+    python bench/deploy.py [--scenario tests/support/scenarios/tiny.toml] [--rounds 2] [--nodes 2]
 
 Runs the scenario twice through the real commands: ``pollinate simulate`` (Flower's Simulation
 Engine, Ray workers in one process tree) and ``pollinate server`` + ``pollinate client`` x N on
@@ -23,11 +23,11 @@ import time
 from pathlib import Path
 from statistics import mean, median
 
-from models import build_peft_model
+from pollinate.models import build_peft_model
 from pollinate.processes import Daemon, free_port
-from proto.run_config import RunConfig
-from server.store import RoundStore
-from simulations.cli import load_scenario
+from pollinate.proto.run_config import RunConfig
+from pollinate.server.store import RoundStore
+from pollinate.simulations.cli import load_scenario
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs"
@@ -96,7 +96,7 @@ def model_bytes(cfg: RunConfig) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scenario", type=Path, default=REPO / "tests" / "scenarios" / "tiny.toml")
+    parser.add_argument("--scenario", type=Path, default=REPO / "tests" / "support" / "scenarios" / "tiny.toml")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--nodes", type=int, default=2)
     args = parser.parse_args()

@@ -49,8 +49,8 @@ def simulate(strategy: str, epsilon: float, workdir: Path, rounds: int, local_st
 
 def utility_rows(db: Path) -> list[dict[str, object]]:
     """One row per completed run: strategy, epsilon (budget and spent), z, final eval loss and accuracy."""
-    from server.report import privacy_json
-    from server.store import RoundStore
+    from pollinate.server.report import privacy_json
+    from pollinate.server.store import RoundStore
 
     store = RoundStore(f"sqlite:///{db.resolve()}")
     rows = []
@@ -76,12 +76,12 @@ def overhead_probe(mode: str, steps: int, batch_size: int) -> dict[str, float]:
     """Train the default adapter for ``steps`` steps, plainly or with DP-SGD; time and peak RSS of this process."""
     import torch
 
-    from client.app import partition_file
-    from client.data import endless_batches, poisson_batches, read_examples, split
-    from client.dp_sgd import train_dp
-    from client.train import train
-    from models import build_peft_model
-    from simulations.cli import load_scenario, write_node_data
+    from pollinate.client.app import partition_file
+    from pollinate.client.data import endless_batches, poisson_batches, read_examples, split
+    from pollinate.client.dp_sgd import train_dp
+    from pollinate.client.train import train
+    from pollinate.models import build_peft_model
+    from pollinate.simulations.cli import load_scenario, write_node_data
 
     cfg, sim = load_scenario(SCENARIO, {"train.local-steps": steps, "train.batch-size": batch_size})
     cfg, _ = write_node_data(cfg, sim, REPO / "runs" / "bench-privacy-probe")  # node 0's data, as simulated
@@ -115,9 +115,9 @@ def overhead(steps: int, batch_size: int, repeats: int = 2) -> dict[str, list[di
 
 def noised_parameters() -> dict[str, int]:
     """How many adapter values DP-SGD clips and noises at each step, per strategy (the trained ones)."""
-    from models import adapter_state, build_peft_model
-    from proto.instructions import trained_names
-    from simulations.cli import load_scenario
+    from pollinate.models import adapter_state, build_peft_model
+    from pollinate.proto.instructions import trained_names
+    from pollinate.simulations.cli import load_scenario
 
     cfg, _ = load_scenario(SCENARIO)
     state = adapter_state(build_peft_model(cfg)[0])

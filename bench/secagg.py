@@ -38,8 +38,8 @@ STAGES = {"train": "keys (+ upload held)", "train.secagg_share": "shares", "trai
 
 def simulate(plan: Plan) -> None:
     """One simulation of ``plan.nodes`` nodes running the bench apps (in this process)."""
-    from proto.run_config import RunConfig
-    from simulations import engine
+    from pollinate.proto.run_config import RunConfig
+    from pollinate.simulations import engine
 
     cfg = RunConfig().replace(**{"federation.min-nodes": plan.nodes, "federation.round-timeout": 3600.0})
     with tempfile.TemporaryDirectory() as work:

@@ -44,14 +44,14 @@ from flwr.server.workflow.constant import MAIN_PARAMS_RECORD
 from flwr.server.workflow.default_workflows import default_fit_workflow
 from flwr.serverapp import Grid, ServerApp
 
-from client.app import _reply, secagg_mask, secagg_share, secagg_unmask
-from proto.adapter_record import ADAPTER, from_record, specs_of
-from proto.message_size import record_bytes
-from proto.run_config import RunConfig
-from secagg import minimum_threshold, suggested_degree
-from server.rounds import RoundExchange, RoundLedger, wait_for_nodes
-from server.secure import SecureAggregation
-from strategies import Request
+from pollinate.client.app import _reply, secagg_mask, secagg_share, secagg_unmask
+from pollinate.proto.adapter_record import ADAPTER, from_record, specs_of
+from pollinate.proto.message_size import record_bytes
+from pollinate.proto.run_config import RunConfig
+from pollinate.secagg import minimum_threshold, suggested_degree
+from pollinate.server.rounds import RoundExchange, RoundLedger, wait_for_nodes
+from pollinate.server.secure import SecureAggregation
+from pollinate.strategies import Request
 
 PLAN_ENV = "POLLINATE_SECAGG_BENCH"  # path of the plan (JSON); results are appended to <plan>.jsonl
 TIMING = "bench-timing"  # MetricRecord the bench node adds to each reply; excluded from byte counts

@@ -26,10 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
-from secagg import (Quantization, RoundConfig, StageTimes, dequantize_sum, minimum_threshold, quantize,
+from pollinate.secagg import (Quantization, RoundConfig, StageTimes, dequantize_sum, minimum_threshold, quantize,
                     regular_graph, run_round, suggested_degree)
-from secagg.keys import KEY_BYTES
-from secagg.messages import CIPHERTEXT_BYTES, WIRE_SHARE_BYTES
+from pollinate.secagg.keys import KEY_BYTES
+from pollinate.secagg.messages import CIPHERTEXT_BYTES, WIRE_SHARE_BYTES
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 STAGES = ("advertise_keys", "share_keys", "mask_input", "unmask")

@@ -25,11 +25,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from client.data import batches, endless_batches, read_examples, split  # noqa: E402
-from client.train import evaluate, train  # noqa: E402
-from models import build_peft_model  # noqa: E402
-from proto.run_config import RunConfig  # noqa: E402
-from server.store import RoundStore  # noqa: E402
+from pollinate.client.data import batches, endless_batches, read_examples, split  # noqa: E402
+from pollinate.client.train import evaluate, train  # noqa: E402
+from pollinate.models import build_peft_model  # noqa: E402
+from pollinate.proto.run_config import RunConfig  # noqa: E402
+from pollinate.server.store import RoundStore  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SCENARIO = REPO / "simulations" / "scenarios" / "heterogeneous.toml"

@@ -19,24 +19,24 @@ from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from peft import PeftModel
 
-from client.data import Example, batches, endless_batches, read_examples, split
-from client import secure
-from client.private_training import (BudgetRefused, PrivateRound, budget_file, plan_round, privatise_upload,
+from pollinate.client.data import Example, batches, endless_batches, read_examples, split
+from pollinate.client import secure
+from pollinate.client.private_training import (BudgetRefused, PrivateRound, budget_file, plan_round, privatise_upload,
                                      train_sample_dp)
-from client.sketch import sketch_y, sketch_z
-from client.train import evaluate, resolve_device, train
-from models import BaseModel, adapter_state, build_peft_model, load_adapter_state, set_base_deltas
-from proto.adapter_record import (ADAPTER, INSTRUCTIONS, REPORT, from_record, refuse_outside, specs_of,
+from pollinate.client.sketch import sketch_y, sketch_z
+from pollinate.client.train import evaluate, resolve_device, train
+from pollinate.models import BaseModel, adapter_state, build_peft_model, load_adapter_state, set_base_deltas
+from pollinate.proto.adapter_record import (ADAPTER, INSTRUCTIONS, REPORT, from_record, refuse_outside, specs_of,
                                   to_record)
-from proto.instructions import Instructions
-from privacy.central import clip_delta, delta_of
-from privacy.ledger import REFUSAL_CODE
-from proto.run_config import RunConfig
-from proto.secagg_record import STAGE_ACTIONS
-from strategies.base import lora_pairs
-from strategies.heterogeneous import to_global_rank
-from strategies.hetlora_math import prune_tail
-from strategies.merged import split_deltas
+from pollinate.proto.instructions import Instructions
+from pollinate.privacy.central import clip_delta, delta_of
+from pollinate.privacy.ledger import REFUSAL_CODE
+from pollinate.proto.run_config import RunConfig
+from pollinate.proto.secagg_record import STAGE_ACTIONS
+from pollinate.strategies.base import lora_pairs
+from pollinate.strategies.heterogeneous import to_global_rank
+from pollinate.strategies.hetlora_math import prune_tail
+from pollinate.strategies.merged import split_deltas
 
 # Node config keys (set by `pollinate client` or, in a simulation, by the node settings file).
 DATA_PATH = "data-path"

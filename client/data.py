@@ -18,7 +18,7 @@ import torch
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from transformers import PreTrainedTokenizerBase
 
-from proto.run_config import DataConfig, ModelConfig
+from pollinate.proto.run_config import DataConfig, ModelConfig
 
 PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
 

@@ -21,8 +21,8 @@ from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 from peft import PeftModel
 
-from client.train import autocast, trainable_parameters
-from proto.run_config import TrainConfig
+from pollinate.client.train import autocast, trainable_parameters
+from pollinate.proto.run_config import TrainConfig
 
 # Importing Opacus runs logging.basicConfig(), which gives the root logger a handler at level NOTSET. Flower's
 # logger (level DEBUG, with its own INFO console handler) propagates to it, so every Flower DEBUG record would

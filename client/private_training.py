@@ -19,14 +19,14 @@ import torch
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
-from client.data import Example, poisson_batches
-from client.dp_sgd import train_dp
-from privacy.accountant import Release, calibrate_noise_multiplier
-from privacy.budget import BudgetFile, SpentRound
-from privacy.central import add_gaussian_noise, clip_delta, delta_of
-from privacy.ledger import MECHANISMS
-from proto.instructions import Instructions, trained_names
-from proto.run_config import RunConfig
+from pollinate.client.data import Example, poisson_batches
+from pollinate.client.dp_sgd import train_dp
+from pollinate.privacy.accountant import Release, calibrate_noise_multiplier
+from pollinate.privacy.budget import BudgetFile, SpentRound
+from pollinate.privacy.central import add_gaussian_noise, clip_delta, delta_of
+from pollinate.privacy.ledger import MECHANISMS
+from pollinate.proto.instructions import Instructions, trained_names
+from pollinate.proto.run_config import RunConfig
 
 PRIVACY_STATE = "privacy-state"  # node config key: the budget file (default: beside the node's data)
 

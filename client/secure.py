@@ -15,10 +15,10 @@ from collections.abc import Mapping
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from proto.adapter_record import REPORT
-from proto.secagg_record import (CLIPPED, LAYOUT, SECAGG, WEIGHT, from_config, layout_from_record,
+from pollinate.proto.adapter_record import REPORT
+from pollinate.proto.secagg_record import (CLIPPED, LAYOUT, SECAGG, WEIGHT, from_config, layout_from_record,
                                  masked_to_record, to_config)
-from secagg import ClientSession, NeighbourKeys, SecAggError, Setup, ShareDelivery, UnmaskRequest, quantize
+from pollinate.secagg import ClientSession, NeighbourKeys, SecAggError, Setup, ShareDelivery, UnmaskRequest, quantize
 
 SESSION = "secagg-session"  # context.state ConfigRecord: the ClientSession snapshot (private keys)
 UPLOAD = "secagg-upload"  # context.state ArrayRecord: this exchange's upload, flattened, until it is masked

@@ -10,10 +10,10 @@ from __future__ import annotations
 import numpy as np
 from flwr.app import Array, ArrayRecord, RecordDict
 
-from proto.instructions import Instructions
-from strategies.base import NamedArrays, lora_pairs
-from strategies.sketch import SKETCH_Q, SKETCH_Y, SKETCH_Z
-from strategies.sketch_math import project_upload, sketch_matrix, sketch_upload
+from pollinate.proto.instructions import Instructions
+from pollinate.strategies.base import NamedArrays, lora_pairs
+from pollinate.strategies.sketch import SKETCH_Q, SKETCH_Y, SKETCH_Z
+from pollinate.strategies.sketch_math import project_upload, sketch_matrix, sketch_upload
 
 TRAINED = "sketch-trained-adapter"  # context.state key: this round's trained adapter, for exchange 2
 

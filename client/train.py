@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 from peft import PeftModel
 
-from proto.instructions import frozen_factor_tag
-from proto.run_config import TrainConfig
+from pollinate.proto.instructions import frozen_factor_tag
+from pollinate.proto.run_config import TrainConfig
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,8 @@ import torch
 from peft import PeftConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
-from models.base import BASE_MODELS, BaseModel, load_base_model
-from proto.run_config import AdapterConfig, ConfigError, RunConfig
+from pollinate.models.base import BASE_MODELS, BaseModel, load_base_model
+from pollinate.proto.run_config import AdapterConfig, ConfigError, RunConfig
 
 NamedArrays = dict[str, np.ndarray]
 
@@ -133,7 +133,7 @@ def write_adapter_dir(cfg: RunConfig, safetensors_bytes: bytes, directory: str |
     """
     from safetensors.numpy import load as load_safetensors
 
-    from strategies.base import lora_rank
+    from pollinate.strategies.base import lora_rank
 
     tensors = dict(load_safetensors(safetensors_bytes))
     rank = lora_rank(tensors) or cfg.adapter.r

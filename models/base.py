@@ -20,7 +20,7 @@ import transformers
 from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, BertConfig,
                           LlamaConfig, PreTrainedModel, PreTrainedTokenizerBase)
 
-from proto.run_config import ConfigError, ModelConfig
+from pollinate.proto.run_config import ConfigError, ModelConfig
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub: weights come from installed packages
 transformers.logging.set_verbosity_error()  # the "classifier MISSING" load report is expected: the head is the adapter's

@@ -8,33 +8,33 @@ import sys
 
 from rich.console import Console
 
-from proto.run_config import ConfigError
-from server.store import StoreError
+from pollinate.proto.run_config import ConfigError
+from pollinate.server.store import StoreError
 
 console = Console(highlight=False, width=max(100, Console().width))
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from simulations.cli import simulate
+    from pollinate.simulations.cli import simulate
 
     return simulate(args)
 
 
 def _server(args: argparse.Namespace) -> int:
-    from server.cli import serve
+    from pollinate.server.cli import serve
 
     return serve(args)
 
 
 def _client(args: argparse.Namespace) -> int:
-    from client.node import run_node
+    from pollinate.client.node import run_node
 
     return run_node(args)
 
 
 def _runs(args: argparse.Namespace) -> int:
-    from server.report import rounds_table, runs_json, runs_table
-    from server.store import RoundStore
+    from pollinate.server.report import rounds_table, runs_json, runs_table
+    from pollinate.server.store import RoundStore
 
     store = RoundStore(args.db)
     if args.json:
@@ -47,8 +47,8 @@ def _runs(args: argparse.Namespace) -> int:
 
 
 def _privacy(args: argparse.Namespace) -> int:
-    from server.report import privacy_json, privacy_table
-    from server.store import RoundStore
+    from pollinate.server.report import privacy_json, privacy_table
+    from pollinate.server.store import RoundStore
 
     store = RoundStore(args.db)
     if args.json:
@@ -59,7 +59,7 @@ def _privacy(args: argparse.Namespace) -> int:
 
 
 def _strategies(args: argparse.Namespace) -> int:
-    import strategies
+    from pollinate import strategies
 
     rows = [{"name": name, "exact": cls.exact, "heterogeneous_ranks": cls.heterogeneous_ranks,
              "linear": cls.linear, "summary": cls.summary} for name, cls in sorted(strategies.registry().items())]
@@ -79,20 +79,20 @@ def _strategies(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from server.status_cli import status_command
+    from pollinate.server.status_cli import status_command
 
     return status_command(args)
 
 
 def _download(args: argparse.Namespace) -> int:
-    from server.status_cli import download_command
+    from pollinate.server.status_cli import download_command
 
     return download_command(args)
 
 
 def _certs(args: argparse.Namespace) -> int:
-    from security.certs import create_cert_dir
-    from security.flower_flags import node_flags, register_command, superlink_flags
+    from pollinate.security.certs import create_cert_dir
+    from pollinate.security.flower_flags import node_flags, register_command, superlink_flags
 
     certs = create_cert_dir(args.out_dir, args.host, args.nodes, args.force)
     console.print(f"CA, server ({', '.join(args.host or ['localhost', '127.0.0.1', '::1'])}), operator certificates "
@@ -106,9 +106,9 @@ def _certs(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from client.node import add_arguments as add_client_arguments
-    from server.cli import add_arguments as add_server_arguments
-    from simulations.cli import add_arguments
+    from pollinate.client.node import add_arguments as add_client_arguments
+    from pollinate.server.cli import add_arguments as add_server_arguments
+    from pollinate.simulations.cli import add_arguments
 
     parser = argparse.ArgumentParser(prog="pollinate", description="federated fine-tuning of adapters (LoRA) "
                                      "where only adapter tensors leave a node")
@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     strat = sub.add_parser("strategies", help="list aggregation strategies and their properties")
     strat.add_argument("--json", action="store_true", help="machine-readable output")
     strat.set_defaults(func=_strategies)
-    from server.status_cli import add_download_arguments, add_status_arguments
+    from pollinate.server.status_cli import add_download_arguments, add_status_arguments
 
     status = sub.add_parser("status", help="runs, rounds and the client ledger from a running coordinator")
     add_status_arguments(status)
@@ -157,8 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _user_errors() -> tuple[type[Exception], ...]:
     """Errors whose message says what to fix: printed without a traceback."""
-    from security.certs import CertError
-    from server.status_client import DownloadError
+    from pollinate.security.certs import CertError
+    from pollinate.server.status_client import DownloadError
 
     return ConfigError, StoreError, CertError, DownloadError, FileExistsError
 

@@ -22,7 +22,7 @@ from typing import IO, NoReturn
 import httpx
 import psutil
 
-from proto.run_config import ConfigError
+from pollinate.proto.run_config import ConfigError
 
 
 def executable(name: str) -> str:

@@ -15,7 +15,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from privacy.accountant import Release, epsilon
+from pollinate.privacy.accountant import Release, epsilon
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from privacy.accountant import Release
+from pollinate.privacy.accountant import Release
 
 MECHANISMS = {"sample": "dp-sgd", "central": "central-gaussian", "local": "local-gaussian"}
 REFUSAL_CODE = 4_600  # Flower Error code of a client that refuses to train: its budget would be exceeded

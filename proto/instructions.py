@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, fields
 
-from proto.run_config import Scalar
+from pollinate.proto.run_config import Scalar
 
 TRAIN_FACTORS = ("all", "A", "B")  # which LoRA factors the node trains (the others stay as sent)
 UPLOADS = ("adapter", "sketch-y", "sketch-z")

@@ -27,7 +27,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = "minilm"  # a name from models.BASE_MODELS, or a local HF model directory
+    name: str = "minilm"  # a name from pollinate.models.BASE_MODELS, or a local HF model directory
     task: str = "classification"  # classification | causal-lm
     num_labels: int = 2  # classification only
     max_length: int = 64  # tokens per example (longer text is truncated)
@@ -190,7 +190,7 @@ class PrivacyConfig:
                  "delta must be in (0, 1) and below 1/n (n: examples per client for sample, clients for central), "
                  "e.g. 1e-5")
         _require(self.noise_multiplier >= 0, "privacy.noise-multiplier", self.noise_multiplier,
-                 "use a value >= 0 (0: calibrate it from privacy.target-epsilon)")
+                 "use a value >= 0 (0: calibrate it from pollinate.privacy.target-epsilon)")
         _require(self.clip_norm >= 0, "privacy.clip-norm", self.clip_norm, "use a positive norm bound, e.g. 1.0")
         _require(self.mode == "off" or self.clip_norm > 0, "privacy.clip-norm", self.clip_norm,
                  f"privacy.mode = {self.mode!r} needs a clip norm C (missing): the bound on each "

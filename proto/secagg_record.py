@@ -14,8 +14,8 @@ from typing import TypeVar
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-from proto.adapter_record import RAW_STYPE
-from secagg.messages import MaskedInput, SecAggError
+from pollinate.proto.adapter_record import RAW_STYPE
+from pollinate.secagg.messages import MaskedInput, SecAggError
 
 SECAGG = "secagg"  # ConfigRecord: the stage's SecAgg+ message
 MASKED = "masked"  # ArrayRecord: the masked vector (stage 3 reply)

@@ -4,13 +4,13 @@ The server learns only the sum of the surviving clients' quantised inputs. No Fl
 the wiring puts these messages into Flower records, four exchanges per round.
 """
 
-from secagg.client import ClientSession  # one client's side of a round
-from secagg.graph import minimum_threshold, regular_graph, suggested_degree  # who pairs with whom
-from secagg.loopback import RoundResult, StageTimes, run_round  # a whole round in one process
-from secagg.messages import (EncryptedShares, MaskedInput, NeighbourKeys, PublicKeys, SecAggError, Setup,
+from pollinate.secagg.client import ClientSession  # one client's side of a round
+from pollinate.secagg.graph import minimum_threshold, regular_graph, suggested_degree  # who pairs with whom
+from pollinate.secagg.loopback import RoundResult, StageTimes, run_round  # a whole round in one process
+from pollinate.secagg.messages import (EncryptedShares, MaskedInput, NeighbourKeys, PublicKeys, SecAggError, Setup,
                              ShareDelivery, UnmaskRequest, UnmaskShares)  # the wire schema, stage by stage
-from secagg.quantize import Quantization, dequantize_sum, quantize  # floats <-> ring Z_{2^b}
-from secagg.server import RoundConfig, ServerSession  # the server's side of a round
+from pollinate.secagg.quantize import Quantization, dequantize_sum, quantize  # floats <-> ring Z_{2^b}
+from pollinate.secagg.server import RoundConfig, ServerSession  # the server's side of a round
 
 __all__ = [
     "ClientSession", "EncryptedShares", "MaskedInput", "NeighbourKeys", "PublicKeys", "Quantization",

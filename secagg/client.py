@@ -20,8 +20,8 @@ from collections.abc import Mapping
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from secagg import keys, masks, shamir
-from secagg.messages import (EncryptedShares, MaskedInput, NeighbourKeys, PublicKeys, SecAggError, Setup,
+from pollinate.secagg import keys, masks, shamir
+from pollinate.secagg.messages import (EncryptedShares, MaskedInput, NeighbourKeys, PublicKeys, SecAggError, Setup,
                              ShareDelivery, UnmaskRequest, UnmaskShares, pack_share)
 
 STAGES = ("setup", "advertise_keys", "share_keys", "mask_input", "unmask")

@@ -16,9 +16,9 @@ from typing import TypeVar
 
 import numpy as np
 
-from secagg.client import ClientSession
-from secagg.messages import SecAggError
-from secagg.server import RoundConfig, ServerSession
+from pollinate.secagg.client import ClientSession
+from pollinate.secagg.messages import SecAggError
+from pollinate.secagg.server import RoundConfig, ServerSession
 
 T = TypeVar("T")
 STAGE_NAMES = ("setup", "advertise_keys", "share_keys", "mask_input", "unmask")

@@ -12,9 +12,9 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from secagg.keys import KEY_BYTES, NONCE_BYTES, TAG_BYTES
-from secagg.quantize import RING_DTYPES, Quantization
-from secagg.shamir import SHARE_BYTES
+from pollinate.secagg.keys import KEY_BYTES, NONCE_BYTES, TAG_BYTES
+from pollinate.secagg.quantize import RING_DTYPES, Quantization
+from pollinate.secagg.shamir import SHARE_BYTES
 
 
 class SecAggError(Exception):

@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from secagg import keys, masks, shamir
-from secagg.messages import (EncryptedShares, MaskedInput, NeighbourKeys, PublicKeys, SecAggError, Setup,
+from pollinate.secagg import keys, masks, shamir
+from pollinate.secagg.messages import (EncryptedShares, MaskedInput, NeighbourKeys, PublicKeys, SecAggError, Setup,
                              ShareDelivery, UnmaskRequest, UnmaskShares, unpack_share)
-from secagg.quantize import Quantization
+from pollinate.secagg.quantize import Quantization
 
 STAGES = ("setup", "advertise_keys", "share_keys", "mask_input", "unmask", "aggregated")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import tomli_w
 
-from security.certs import CertDir, CertError
+from pollinate.security.certs import CertDir, CertError
 
 
 def superlink_flags(certs: CertDir, node_auth: bool = True) -> list[str]:

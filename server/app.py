@@ -20,16 +20,16 @@ from flwr.serverapp import Grid, ServerApp
 from peft import PeftModel
 from rich.console import Console
 
-import strategies
-from models import adapter_state, build_peft_model, export_adapter
-from proto.run_config import ConfigError, RunConfig
-from server.privacy_rounds import BudgetSpent, RunPrivacy, check_privacy_config, is_refusal
-from server.rounds import (Evaluation, RoundExchange, RoundFailed, RoundLedger, evaluate_global, mean_metric,
+from pollinate import strategies
+from pollinate.models import adapter_state, build_peft_model, export_adapter
+from pollinate.proto.run_config import ConfigError, RunConfig
+from pollinate.server.privacy_rounds import BudgetSpent, RunPrivacy, check_privacy_config, is_refusal
+from pollinate.server.rounds import (Evaluation, RoundExchange, RoundFailed, RoundLedger, evaluate_global, mean_metric,
                            query_capacities, sample_nodes, wait_for_nodes)
-from server.secure import SecureAggregation
-from server.resume import round_state, start_or_resume
-from server.store import ClientRecord, RoundRecord, RoundStore, adapter_bytes, sha256
-from strategies.base import AggregationError, lora_rank
+from pollinate.server.secure import SecureAggregation
+from pollinate.server.resume import round_state, start_or_resume
+from pollinate.server.store import ClientRecord, RoundRecord, RoundStore, adapter_bytes, sha256
+from pollinate.strategies.base import AggregationError, lora_rank
 
 app = ServerApp()
 console = Console(highlight=False, width=max(120, Console().width))

@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from sqlalchemy.engine import make_url
 
-from proto.run_config import ConfigError, RunConfig, Scalar, parse_assignments
+from pollinate.proto.run_config import ConfigError, RunConfig, Scalar, parse_assignments
 from pollinate.processes import stop_on_sigterm
-from simulations.cli import DEFAULT_SCENARIO, load_scenario
+from pollinate.simulations.cli import DEFAULT_SCENARIO, load_scenario
 
 if TYPE_CHECKING:
-    from server.launch import SuperLinkSecurity
-    from server.status_service import StatusServer
+    from pollinate.server.launch import SuperLinkSecurity
+    from pollinate.server.status_service import StatusServer
 
 DEFAULT_PORT = 9092
 STATUS_PORT = 9095  # server.status_service.DEFAULT_PORT (not imported here: it loads grpc for --help)
@@ -68,10 +68,10 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Scalar]:
 
 def run_config(args: argparse.Namespace) -> RunConfig:
     """The config of a new run (scenario + overrides), or of the resumed one (stored + harmless overrides)."""
-    import strategies  # here, not at the top: they pull in torch, and `pollinate --help` should not wait for it
-    from models import check_model_config
-    from server.resume import check_resumable, resumed_config
-    from server.store import RoundStore, withhold_password
+    from pollinate import strategies  # here, not at the top: they pull in torch, and `pollinate --help` should not wait for it
+    from pollinate.models import check_model_config
+    from pollinate.server.resume import check_resumable, resumed_config
+    from pollinate.server.store import RoundStore, withhold_password
 
     overrides = overrides_from_args(args)
     if args.resume is None:
@@ -93,9 +93,9 @@ def run_config(args: argparse.Namespace) -> RunConfig:
 
 
 def serve(args: argparse.Namespace) -> int:
-    from server.launch import SuperLinkSecurity, coordinate
-    from server.report import rounds_table
-    from server.store import RoundStore
+    from pollinate.server.launch import SuperLinkSecurity, coordinate
+    from pollinate.server.report import rounds_table
+    from pollinate.server.store import RoundStore
 
     stop_on_sigterm()  # `docker stop`, systemd: stop the SuperLink and its runs too
     cfg = run_config(args)
@@ -136,7 +136,7 @@ def serve(args: argparse.Namespace) -> int:
 
 def _start_status(store_url: str, host: str, port: int, security: SuperLinkSecurity) -> StatusServer:
     from pollinate.processes import require_free_port
-    from server.status_service import serve_status
+    from pollinate.server.status_service import serve_status
 
     require_free_port(host, port, "status service", "--status-port (or --no-status)")
     status = serve_status(store_url, host, port, tls=security if security.tls else None)

@@ -25,8 +25,8 @@ from pathlib import Path
 import tomli_w
 
 from pollinate.processes import Daemon, executable, flower_env, require_free_port, wait_healthy
-from proto.run_config import ConfigError, RunConfig
-from simulations.engine import write_app_dir
+from pollinate.proto.run_config import ConfigError, RunConfig
+from pollinate.simulations.engine import write_app_dir
 
 CONNECTION = "pollinate"  # the SuperLink connection's name in our private FLWR_HOME
 
@@ -64,7 +64,7 @@ class SuperLinkSecurity:
 
     def status_server_credentials(self):  # -> grpc.ServerCredentials (grpc is imported only when TLS is on)
         """The status service beside the SuperLink: the same certificate; operators present one from the same CA."""
-        from security.certs import mutual_tls_server_credentials
+        from pollinate.security.certs import mutual_tls_server_credentials
 
         assert self.ca_cert is not None and self.cert is not None and self.key is not None  # flags() checked them
         return mutual_tls_server_credentials(self.cert, self.key, self.ca_cert)

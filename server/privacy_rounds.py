@@ -14,14 +14,14 @@ from datetime import UTC
 
 import numpy as np
 
-from privacy.accountant import Release, calibrate_noise_multiplier, epsilon
-from privacy.central import (add_gaussian_noise, default_count_stddev, delta_of, next_clip_norm, private_mean,
+from pollinate.privacy.accountant import Release, calibrate_noise_multiplier, epsilon
+from pollinate.privacy.central import (add_gaussian_noise, default_count_stddev, delta_of, next_clip_norm, private_mean,
                              update_noise_multiplier)
-from privacy.ledger import MECHANISMS, REFUSAL_CODE, PrivacyEntry, entry_from_report, releases
-from proto.instructions import trained_names
-from proto.run_config import ConfigError, RunConfig
-from server.store import ClientRecord, RoundStore, RunSummary
-from strategies import ClientUpdate, MeanUpdate, Request, Strategy
+from pollinate.privacy.ledger import MECHANISMS, REFUSAL_CODE, PrivacyEntry, entry_from_report, releases
+from pollinate.proto.instructions import trained_names
+from pollinate.proto.run_config import ConfigError, RunConfig
+from pollinate.server.store import ClientRecord, RoundStore, RunSummary
+from pollinate.strategies import ClientUpdate, MeanUpdate, Request, Strategy
 
 
 class BudgetSpent(RuntimeError):

@@ -6,7 +6,7 @@ from typing import Any
 
 from rich.table import Table
 
-from server.store import RoundStore
+from pollinate.server.store import RoundStore
 
 
 def _fmt(value: float | None, spec: str = ".4f") -> str:

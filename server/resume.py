@@ -13,9 +13,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from proto.run_config import ConfigError, RunConfig, Scalar
-from server.store import RoundStore, RunSummary, StoreError, adapter_bytes, sha256
-from strategies import NamedArrays, Strategy
+from pollinate.proto.run_config import ConfigError, RunConfig, Scalar
+from pollinate.server.store import RoundStore, RunSummary, StoreError, adapter_bytes, sha256
+from pollinate.strategies import NamedArrays, Strategy
 
 # What a resumed run may change: how long it goes on and waits, where things are, never what it computes.
 RESUMABLE_KEYS = frozenset({

@@ -20,12 +20,12 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 
-from proto.adapter_record import (ADAPTER, INSTRUCTIONS, REPORT, TensorSpec, UpdateRejected, from_record,
+from pollinate.proto.adapter_record import (ADAPTER, INSTRUCTIONS, REPORT, TensorSpec, UpdateRejected, from_record,
                                   payload_bytes, specs_of, to_record)
-from proto.run_config import RunConfig
-from server.store import ClientRecord
-from strategies import ClientUpdate, MeanUpdate, NamedArrays, Request
-from strategies.base import mean_of, with_instructions
+from pollinate.proto.run_config import RunConfig
+from pollinate.server.store import ClientRecord
+from pollinate.strategies import ClientUpdate, MeanUpdate, NamedArrays, Request
+from pollinate.strategies.base import mean_of, with_instructions
 
 
 class RoundFailed(RuntimeError):

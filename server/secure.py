@@ -22,16 +22,16 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from proto.adapter_record import ADAPTER, INSTRUCTIONS, UpdateRejected, to_record
-from proto.message_size import message_bytes
-from proto.run_config import RunConfig
-from proto.secagg_record import (CLIPPED, LAYOUT, SECAGG, STAGE_ACTIONS, WEIGHT, from_config, layout_record,
+from pollinate.proto.adapter_record import ADAPTER, INSTRUCTIONS, UpdateRejected, to_record
+from pollinate.proto.message_size import message_bytes
+from pollinate.proto.run_config import RunConfig
+from pollinate.proto.secagg_record import (CLIPPED, LAYOUT, SECAGG, STAGE_ACTIONS, WEIGHT, from_config, layout_record,
                                  masked_from_record, to_config)
-from secagg import (EncryptedShares, PublicKeys, Quantization, RoundConfig, SecAggError, ServerSession,
+from pollinate.secagg import (EncryptedShares, PublicKeys, Quantization, RoundConfig, SecAggError, ServerSession,
                     UnmaskShares, dequantize_sum, minimum_threshold, regular_graph, suggested_degree)
-from server.rounds import RoundFailed, RoundLedger, instructions_record, read_report, send_and_collect
-from server.store import ClientRecord
-from strategies import MeanUpdate, NamedArrays, Request
+from pollinate.server.rounds import RoundFailed, RoundLedger, instructions_record, read_report, send_and_collect
+from pollinate.server.store import ClientRecord
+from pollinate.strategies import MeanUpdate, NamedArrays, Request
 
 M = TypeVar("M", PublicKeys, EncryptedShares, UnmaskShares)
 

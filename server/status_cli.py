@@ -11,10 +11,10 @@ from google.protobuf.json_format import MessageToDict
 from rich.console import Console
 from rich.table import Table
 
-from proto import pollinate_status_pb2 as pb
-from security.certs import CertDir
-from server.status_client import connect, download
-from server.status_service import DEFAULT_PORT
+from pollinate.proto import pollinate_status_pb2 as pb
+from pollinate.security.certs import CertDir
+from pollinate.server.status_client import connect, download
+from pollinate.server.status_service import DEFAULT_PORT
 
 console = Console(highlight=False, width=max(120, Console().width))
 

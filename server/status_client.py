@@ -16,10 +16,10 @@ from pathlib import Path
 
 import grpc
 
-from proto import pollinate_status_pb2 as pb
-from proto import pollinate_status_pb2_grpc as pb_grpc
-from proto.run_config import RunConfig
-from security.certs import CertDir
+from pollinate.proto import pollinate_status_pb2 as pb
+from pollinate.proto import pollinate_status_pb2_grpc as pb_grpc
+from pollinate.proto.run_config import RunConfig
+from pollinate.security.certs import CertDir
 
 
 class DownloadError(RuntimeError):
@@ -60,7 +60,7 @@ def assemble(chunks: Iterable[pb.AdapterChunk]) -> tuple[pb.AdapterHeader, bytes
 def download(stub: pb_grpc.PollinateStatusStub, run_id: int, number: int, out_dir: str | Path,
              timeout_s: float = 600.0, chunk_bytes: int = 0) -> tuple[Path, pb.AdapterHeader]:
     """Fetch a round's adapter (0: the last stored round) into ``out_dir`` as a PEFT adapter directory."""
-    from models import write_adapter_dir
+    from pollinate.models import write_adapter_dir
 
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

@@ -10,8 +10,8 @@ from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from proto import pollinate_status_pb2 as pb
-from server.store import ClientUpdateRow, RoundRow, RunSummary
+from pollinate.proto import pollinate_status_pb2 as pb
+from pollinate.server.store import ClientUpdateRow, RoundRow, RunSummary
 
 
 def _timestamp(moment: datetime) -> Timestamp:

@@ -17,10 +17,10 @@ from typing import Protocol
 import grpc
 from sqlalchemy.exc import OperationalError
 
-from proto import pollinate_status_pb2 as pb
-from proto import pollinate_status_pb2_grpc as pb_grpc
-from server.status_messages import round_message, run_message
-from server.store import RoundRow, RoundStore, RunSummary, StoreError
+from pollinate.proto import pollinate_status_pb2 as pb
+from pollinate.proto import pollinate_status_pb2_grpc as pb_grpc
+from pollinate.server.status_messages import round_message, run_message
+from pollinate.server.store import RoundRow, RoundStore, RunSummary, StoreError
 
 DEFAULT_PORT = 9095  # beside Flower's 8000 (SuperLink HTTP API), 9092-9093 and 9094 (a SuperNode's runtime API)
 DEFAULT_CHUNK = 1 << 20

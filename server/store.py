@@ -31,7 +31,7 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from privacy.ledger import PrivacyEntry
+from pollinate.privacy.ledger import PrivacyEntry
 
 NamedArrays = dict[str, np.ndarray]
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from proto.run_config import PRIVACY_MODES, ConfigError, RunConfig, Scalar, flatten, load_toml, parse_assignments
-from simulations import engine
+from pollinate.proto.run_config import PRIVACY_MODES, ConfigError, RunConfig, Scalar, flatten, load_toml, parse_assignments
+from pollinate.simulations import engine
 
 SCENARIOS = Path(__file__).parent / "scenarios"
 DP_DEFAULT_STRATEGY = "ffa-lora"  # FFA-LoRA under DP (Sun et al. 2024): noise on one factor, exact aggregation
@@ -115,9 +115,9 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Scalar]:
 def write_node_data(cfg: RunConfig, sim: SimulationSettings, directory: Path) -> tuple[RunConfig, list[int]]:
     """Each simulated node's examples and settings (its max-rank) in ``directory``; the config that points the
     nodes at them (``data.partition-dir``), and each node's number of examples."""
-    from client.app import MAX_RANK, node_settings_file
-    from simulations.datasets import load_corpus
-    from simulations.partition import write_partitions
+    from pollinate.client.app import MAX_RANK, node_settings_file
+    from pollinate.simulations.datasets import load_corpus
+    from pollinate.simulations.partition import write_partitions
 
     sizes = write_partitions(load_corpus(cfg.data.dataset), cfg.data, sim.clients, cfg.seed, directory)
     for i, max_rank in enumerate(sim.max_ranks):
@@ -132,7 +132,7 @@ def check_sample_delta(cfg: RunConfig, partition_sizes: list[int]) -> None:
     partitions are known, so a bad delta is refused before any round rather than by every node in round 1."""
     if cfg.privacy.mode != "sample":
         return
-    from client.data import train_size
+    from pollinate.client.data import train_size
 
     n = min(train_size(size, cfg.data.eval_fraction) for size in partition_sizes)
     if cfg.privacy.delta >= 1 / n:
@@ -143,11 +143,11 @@ def check_sample_delta(cfg: RunConfig, partition_sizes: list[int]) -> None:
 
 def simulate(args: argparse.Namespace) -> int:
     # Imported here, not at the top: they pull in torch, so `pollinate --help` would take seconds.
-    import strategies
-    from models import check_model_config
-    from server.privacy_rounds import check_privacy_config
-    from server.report import rounds_table
-    from server.store import RoundStore, withhold_password
+    from pollinate import strategies
+    from pollinate.models import check_model_config
+    from pollinate.server.privacy_rounds import check_privacy_config
+    from pollinate.server.report import rounds_table
+    from pollinate.server.store import RoundStore, withhold_password
 
     cfg, sim = load_scenario(args.scenario, overrides_from_args(args), args.clients)
     cfg = cfg.replace(**{"store.db": withhold_password(cfg.store.db)})  # the run config goes to every node

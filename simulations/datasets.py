@@ -14,7 +14,7 @@ import io
 import json
 from pathlib import Path
 
-from proto.run_config import ConfigError
+from pollinate.proto.run_config import ConfigError
 
 DATA_DIR = Path(__file__).parent / "data"
 INSTRUCTION = "Is this movie review positive or negative?\n\n{text}"

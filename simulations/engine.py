@@ -2,7 +2,7 @@
 
 This calls the same entry point Flower's own ``flwr-simulation`` process calls
 (``flwr.simulation.run_simulation._run_simulation``) with the app given by its
-component strings (``server.app:app``, ``client.app:app``), so the simulated
+component strings (``pollinate.server.app:app``, ``pollinate.client.app:app``), so the simulated
 coordinator and nodes load exactly the code a deployment loads. We do not use the
 public ``run_simulation``: it is deprecated and carries no run config; nor ``flwr run``,
 which starts a detached SuperLink. The run config reaches both sides the way it does
@@ -15,10 +15,10 @@ import os
 from pathlib import Path
 
 import tomli_w
-from proto.run_config import RunConfig
+from pollinate.proto.run_config import RunConfig
 
-SERVER_APP = "server.app:app"
-CLIENT_APP = "client.app:app"
+SERVER_APP = "pollinate.server.app:app"
+CLIENT_APP = "pollinate.client.app:app"
 
 
 def write_app_dir(cfg: RunConfig, directory: Path, server_app: str = SERVER_APP, client_app: str = CLIENT_APP) -> Path:

@@ -13,8 +13,8 @@ from pathlib import Path
 from datasets import Dataset
 from flwr_datasets.partitioner import DirichletPartitioner, GroupedNaturalIdPartitioner, IidPartitioner, Partitioner
 
-from client.app import partition_file
-from proto.run_config import ConfigError, DataConfig
+from pollinate.client.app import partition_file
+from pollinate.proto.run_config import ConfigError, DataConfig
 
 
 def make_partitioner(data: DataConfig, num_partitions: int, rows: list[dict[str, object]], seed: int) -> Partitioner:

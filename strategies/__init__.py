@@ -8,18 +8,18 @@ from __future__ import annotations
 
 from importlib.metadata import entry_points
 
-from proto.run_config import ConfigError, RunConfig
-from strategies.base import (AggregationError, ClientUpdate, Exchange, MeanUpdate, NamedArrays, Request, Strategy,
+from pollinate.proto.run_config import ConfigError, RunConfig
+from pollinate.strategies.base import (AggregationError, ClientUpdate, Exchange, MeanUpdate, NamedArrays, Request, Strategy,
                              StrategyContext)
-from strategies.fedavg import FedAvg, FedProx
-from strategies.fedex_lora import FedExLora
-from strategies.fedopt import FedAdam, FedYogi
-from strategies.fedsa_lora import FedSaLora
-from strategies.flexlora import FlexLora
-from strategies.flora import FLora
-from strategies.frozen_factor import FfaLora, RoLora
-from strategies.hetlora import HetLora
-from strategies.sketch import Sketch
+from pollinate.strategies.fedavg import FedAvg, FedProx
+from pollinate.strategies.fedex_lora import FedExLora
+from pollinate.strategies.fedopt import FedAdam, FedYogi
+from pollinate.strategies.fedsa_lora import FedSaLora
+from pollinate.strategies.flexlora import FlexLora
+from pollinate.strategies.flora import FLora
+from pollinate.strategies.frozen_factor import FfaLora, RoLora
+from pollinate.strategies.hetlora import HetLora
+from pollinate.strategies.sketch import Sketch
 
 ENTRY_POINT_GROUP = "pollinate.strategies"
 

@@ -21,8 +21,8 @@ from typing import ClassVar, Protocol
 
 import numpy as np
 
-from proto.instructions import Instructions
-from proto.run_config import ConfigError, StrategyConfig
+from pollinate.proto.instructions import Instructions
+from pollinate.proto.run_config import ConfigError, StrategyConfig
 
 NamedArrays = dict[str, np.ndarray]
 

@@ -8,7 +8,7 @@ update (IA3 vectors, classifier heads) the mean is exact.
 
 from __future__ import annotations
 
-from strategies.base import MeanUpdate, NamedArrays, Request, Strategy, weighted_mean, with_instructions
+from pollinate.strategies.base import MeanUpdate, NamedArrays, Request, Strategy, weighted_mean, with_instructions
 
 __all__ = ["FedAvg", "FedProx", "weighted_mean"]
 

@@ -12,9 +12,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from strategies.base import ClientUpdate, NamedArrays, Request, example_weights, lora_pairs
-from strategies.fedavg import FedAvg, weighted_mean
-from strategies.merged import add_to_deltas, fold_into_lora, join_deltas, split_deltas
+from pollinate.strategies.base import ClientUpdate, NamedArrays, Request, example_weights, lora_pairs
+from pollinate.strategies.fedavg import FedAvg, weighted_mean
+from pollinate.strategies.merged import add_to_deltas, fold_into_lora, join_deltas, split_deltas
 
 
 class FedExLora(FedAvg):

@@ -11,9 +11,9 @@ from typing import ClassVar, Literal
 
 import numpy as np
 
-from strategies.base import MeanUpdate, NamedArrays, StrategyContext
-from strategies.fedavg import FedAvg
-from strategies.fedopt_math import fedopt_step
+from pollinate.strategies.base import MeanUpdate, NamedArrays, StrategyContext
+from pollinate.strategies.fedavg import FedAvg
+from pollinate.strategies.fedopt_math import fedopt_step
 
 
 class FedAdam(FedAvg):

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from strategies.base import MeanUpdate, NamedArrays, Request, lora_pairs, with_instructions
-from strategies.fedavg import FedAvg
+from pollinate.strategies.base import MeanUpdate, NamedArrays, Request, lora_pairs, with_instructions
+from pollinate.strategies.fedavg import FedAvg
 
 
 class FedSaLora(FedAvg):

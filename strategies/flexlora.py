@@ -14,8 +14,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from strategies.flexlora_math import flexlora_redistribute
-from strategies.heterogeneous import HeterogeneousLora
+from pollinate.strategies.flexlora_math import flexlora_redistribute
+from pollinate.strategies.heterogeneous import HeterogeneousLora
 
 
 class FlexLora(HeterogeneousLora):

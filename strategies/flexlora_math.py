@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from strategies.lowrank import factored_svd, split_factors
+from pollinate.strategies.lowrank import factored_svd, split_factors
 
 
 def flexlora_redistribute(bs: Sequence[np.ndarray], as_: Sequence[np.ndarray], weights: Sequence[float],

@@ -13,11 +13,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from proto.instructions import Instructions
-from strategies.base import ClientUpdate, NamedArrays, Request, example_weights, lora_pairs
-from strategies.fedavg import weighted_mean
-from strategies.heterogeneous import HeterogeneousRanks
-from strategies.merged import add_to_deltas, fold_into_lora, join_deltas, split_deltas
+from pollinate.proto.instructions import Instructions
+from pollinate.strategies.base import ClientUpdate, NamedArrays, Request, example_weights, lora_pairs
+from pollinate.strategies.fedavg import weighted_mean
+from pollinate.strategies.heterogeneous import HeterogeneousRanks
+from pollinate.strategies.merged import add_to_deltas, fold_into_lora, join_deltas, split_deltas
 
 
 class FLora(HeterogeneousRanks):

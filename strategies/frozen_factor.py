@@ -9,8 +9,8 @@ odd rounds train B with A frozen, even rounds train A with B frozen.
 
 from __future__ import annotations
 
-from strategies.base import MeanUpdate, NamedArrays, Request, lora_pairs, with_instructions
-from strategies.fedavg import FedAvg
+from pollinate.strategies.base import MeanUpdate, NamedArrays, Request, lora_pairs, with_instructions
+from pollinate.strategies.fedavg import FedAvg
 
 
 class FfaLora(FedAvg):

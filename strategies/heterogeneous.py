@@ -14,11 +14,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from proto.instructions import Instructions
-from strategies.base import (ClientUpdate, NamedArrays, Request, Strategy, StrategyContext, example_weights,
+from pollinate.proto.instructions import Instructions
+from pollinate.strategies.base import (ClientUpdate, NamedArrays, Request, Strategy, StrategyContext, example_weights,
                              lora_pairs)
-from strategies.fedavg import weighted_mean
-from strategies.lowrank import pad_rank, truncate_rank
+from pollinate.strategies.fedavg import weighted_mean
+from pollinate.strategies.lowrank import pad_rank, truncate_rank
 
 
 def at_rank(state: NamedArrays, rank: int, ctx: StrategyContext) -> NamedArrays:

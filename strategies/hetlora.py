@@ -15,10 +15,10 @@ from dataclasses import replace
 
 import numpy as np
 
-from strategies.base import ClientUpdate, MeanUpdate, NamedArrays, Request, StrategyContext, with_instructions
-from strategies.heterogeneous import HeterogeneousLora
-from strategies.hetlora_math import hetlora_aggregate
-from strategies.lowrank import pad_rank
+from pollinate.strategies.base import ClientUpdate, MeanUpdate, NamedArrays, Request, StrategyContext, with_instructions
+from pollinate.strategies.heterogeneous import HeterogeneousLora
+from pollinate.strategies.hetlora_math import hetlora_aggregate
+from pollinate.strategies.lowrank import pad_rank
 
 
 class HetLora(HeterogeneousLora):

@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from strategies.base import lora_pairs
-from strategies.lowrank import pad_rank
+from pollinate.strategies.base import lora_pairs
+from pollinate.strategies.lowrank import pad_rank
 
 
 def hetlora_aggregate(as_: Sequence[np.ndarray], bs: Sequence[np.ndarray], weights: Sequence[float],

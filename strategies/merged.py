@@ -14,8 +14,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from strategies.base import NamedArrays, lora_pairs
-from strategies.lowrank import factored_svd, pad_rank
+from pollinate.strategies.base import NamedArrays, lora_pairs
+from pollinate.strategies.lowrank import factored_svd, pad_rank
 
 DELTA_A, DELTA_B = ".base_delta_A", ".base_delta_B"
 Deltas = dict[str, tuple[np.ndarray, np.ndarray]]  # module prefix -> (A_d (q, d_in), B_d (d_out, q))

@@ -25,10 +25,10 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from proto.instructions import Instructions
-from strategies.base import AggregationError, ClientUpdate, Exchange, NamedArrays, Request, lora_pairs
-from strategies.heterogeneous import HeterogeneousRanks, at_rank
-from strategies.sketch_math import orthonormal_basis, sketch_factors
+from pollinate.proto.instructions import Instructions
+from pollinate.strategies.base import AggregationError, ClientUpdate, Exchange, NamedArrays, Request, lora_pairs
+from pollinate.strategies.heterogeneous import HeterogeneousRanks, at_rank
+from pollinate.strategies.sketch_math import orthonormal_basis, sketch_factors
 
 SKETCH_Y, SKETCH_Q, SKETCH_Z = ".sketch_y", ".sketch_q", ".sketch_z"
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from strategies.lowrank import split_factors
+from pollinate.strategies.lowrank import split_factors
 
 
 def sketch_matrix(seed: int, d_in: int, size: int) -> np.ndarray:

@@ -7,19 +7,19 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.support.paths import REPO
+from tests.support.stores import POSTGRES_ENV, reset_postgres
+
 os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
 os.environ["HF_HUB_OFFLINE"] = "1"
-# Simulated ClientApps run in Ray worker processes: let them import tests.apps.* too.
+# Simulated ClientApps run in Ray worker processes: let them import tests.support.apps.* too.
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
-
-POSTGRES_ENV = "POLLINATE_TEST_POSTGRES_URL"
 
 
 @pytest.fixture
 def tiny_cfg(tmp_path: Path):
     """A run config on a tiny random-init BERT (2 layers, hidden 64), storing into tmp_path."""
-    from proto.run_config import RunConfig
+    from pollinate.proto.run_config import RunConfig
 
     return RunConfig().replace(**{
         "model.name": "tiny-bert", "model.max-length": 32, "adapter.r": 4, "adapter.alpha": 8.0,
@@ -35,16 +35,5 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     url = os.environ.get(POSTGRES_ENV)
     if not url:
         pytest.skip(f"set {POSTGRES_ENV} (e.g. postgresql+psycopg://postgres@127.0.0.1:5432/test); .ci/run sets it")
-    _reset_postgres(url)
+    reset_postgres(url)
     return url
-
-
-def _reset_postgres(url: str) -> None:
-    from sqlalchemy import create_engine, text
-
-    engine = create_engine(url)
-    with engine.begin() as conn:
-        for table in ("privacy_ledger", "round_states", "run_attempts", "adapters", "client_updates", "rounds",
-                      "runs", "alembic_version"):
-            conn.execute(text(f"DROP TABLE IF EXISTS {table} CASCADE"))
-    engine.dispose()
