@@ -68,7 +68,9 @@ class InProcessGrid:
     def push_messages(self, messages: Iterable[Message]) -> list[str]:
         ids = []
         for msg in messages:
-            msg.metadata.__dict__["_message_id"] = str(uuid4())  # as Flower's grids do on push
+            # A pushed message gets its id from the grid. Metadata has no public setter for it: this is the line
+            # Flower's own grids run on push (flwr/superlink/grid/inmemory_grid.py, grpc_grid.py).
+            msg.metadata.__dict__["_message_id"] = str(uuid4())
             ids.append(msg.metadata.message_id)
             self._replies += self.deliver(msg)
         return ids
@@ -83,12 +85,20 @@ class InProcessGrid:
 @contextlib.contextmanager
 def serverapp_identity() -> Iterator[None]:
     """What Flower sets in a ServerApp process before messages can be created (run 1, the SuperLink's node)."""
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    saved = tuple(_identity(name) for name in ("task_id", "run_id", "node_id"))
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
     try:
         yield
     finally:
-        TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = saved  # type: ignore[assignment]
+
+
+def _identity(name: str) -> int | None:
+    """One field of this process's Flower task identity, or None when unset (its public getter raises then)."""
+    try:
+        return getattr(TaskIdentity, name)
+    except RuntimeError:
+        return None
 
 
 def run_in_process(scenario: str, workdir: Path, clients: int | None = None, **overrides: object) -> int:
