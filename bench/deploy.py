@@ -24,10 +24,10 @@ from pathlib import Path
 from statistics import mean, median
 
 from pollinate.models import build_peft_model
-from pollinate.processes import Daemon, free_port
+from pollinate.runtime.processes import Daemon, free_port
 from pollinate.proto.run_config import RunConfig
 from pollinate.server.store import RoundStore
-from pollinate.simulations.cli import load_scenario
+from pollinate.simulations.scenario import load_scenario
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs"
@@ -76,7 +76,7 @@ def clientapp_cold_start(repeats: int = 3) -> float:
     times = []
     for _ in range(repeats):
         started = time.monotonic()
-        subprocess.run([sys.executable, "-c", "import client.app"], check=True)
+        subprocess.run([sys.executable, "-c", "import pollinate.client.app"], check=True)
         times.append(time.monotonic() - started)
     return median(times)
 

@@ -81,7 +81,8 @@ def overhead_probe(mode: str, steps: int, batch_size: int) -> dict[str, float]:
     from pollinate.client.dp_sgd import train_dp
     from pollinate.client.train import train
     from pollinate.models import build_peft_model
-    from pollinate.simulations.cli import load_scenario, write_node_data
+    from pollinate.simulations.cli import write_node_data
+    from pollinate.simulations.scenario import load_scenario
 
     cfg, sim = load_scenario(SCENARIO, {"train.local-steps": steps, "train.batch-size": batch_size})
     cfg, _ = write_node_data(cfg, sim, REPO / "runs" / "bench-privacy-probe")  # node 0's data, as simulated
@@ -117,7 +118,7 @@ def noised_parameters() -> dict[str, int]:
     """How many adapter values DP-SGD clips and noises at each step, per strategy (the trained ones)."""
     from pollinate.models import adapter_state, build_peft_model
     from pollinate.proto.instructions import trained_names
-    from pollinate.simulations.cli import load_scenario
+    from pollinate.simulations.scenario import load_scenario
 
     cfg, _ = load_scenario(SCENARIO)
     state = adapter_state(build_peft_model(cfg)[0])

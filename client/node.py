@@ -13,23 +13,31 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from pollinate.processes import (Daemon, executable, flower_env, free_port, require_free_port, stop_on_sigterm,
-                                 wait_healthy)
+from pollinate.flags import RENAMED_TLS_CLIENT, add_certs_argument, certs_of, refuse_renamed
 from pollinate.proto.run_config import ConfigError
+from pollinate.runtime.processes import (Daemon, executable, flower_env, free_port, require_free_port,
+                                         stop_on_sigterm, wait_healthy)
+from pollinate.security.certs import CertDir
+from pollinate.security.flower_flags import supernode_flags
 
 
 @dataclass(frozen=True)
 class NodeSecurity:
-    """TLS and SuperNode authentication (files from `pollinate certs`); both None: insecure."""
+    """TLS and SuperNode authentication, from a `pollinate certs` directory (or this node's copy); none: insecure."""
 
-    root_certificates: Path | None = None  # --root-certificates: the CA that signed the SuperLink's certificate
-    auth_private_key: Path | None = None  # --auth-supernode-private-key: this node's registered key
+    certs: CertDir | None = None  # --certs: its ca.crt signed the SuperLink's certificate
+    node_key: Path | None = None  # --node-key: this node's private key (its public key is registered)
+
+    @property
+    def ca_cert(self) -> Path | None:
+        return self.certs.ca_cert if self.certs is not None else None
 
     def flags(self) -> list[str]:
-        flags = ["--root-certificates", str(self.root_certificates)] if self.root_certificates else ["--insecure"]
-        if self.auth_private_key is not None:
-            flags += ["--auth-supernode-private-key", str(self.auth_private_key)]
-        return flags
+        if self.certs is None:
+            if self.node_key is not None:
+                raise ConfigError("--node-key needs --certs DIR: Flower authenticates SuperNodes only over TLS")
+            return ["--insecure"]
+        return supernode_flags(self.certs.ca_cert, self.node_key)
 
 
 def node_config(data: Path, max_rank: int, device: str) -> str:
@@ -64,20 +72,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default: a free one; nodes on one machine need different ports)")
     parser.add_argument("--wait", type=float, default=120.0,
                         help="seconds to wait for the SuperLink to answer before giving up (default 120)")
-    parser.add_argument("--root-certificates", type=Path, help="TLS: the CA certificate (from `pollinate certs`)")
-    parser.add_argument("--auth-supernode-private-key", type=Path,
-                        help="node authentication: this node's private key (its public key is registered)")
+    add_certs_argument(parser, "the SuperLink is verified against its ca.crt")
+    parser.add_argument("--node-key", type=Path, metavar="FILE",
+                        help="with --certs: this node's private key for SuperNode authentication (nodes/node-<i> from "
+                             "`pollinate certs`; the coordinator registers nodes/node-<i>.pub)")
+    refuse_renamed(parser, RENAMED_TLS_CLIENT)
 
 
 def run_node(args: argparse.Namespace) -> int:
     """Start the SuperNode and serve until stopped (Ctrl-C / SIGTERM) or the SuperNode exits."""
     stop_on_sigterm()
     config = node_config(args.data, args.max_rank, args.device)
-    security = NodeSecurity(args.root_certificates, args.auth_supernode_private_key)
+    security = NodeSecurity(certs_of(args), args.node_key)
+    security.flags()  # fail fast: a key without TLS, missing files
     runtime_port = args.runtime_port or free_port()
     require_free_port("127.0.0.1", runtime_port, "SuperNode's Runtime API", "--runtime-port")
-    scheme = "https" if security.root_certificates else "http"
-    verify: str | bool = str(security.root_certificates) if security.root_certificates else False
+    scheme = "https" if security.ca_cert else "http"
+    verify: str | bool = str(security.ca_cert) if security.ca_cert else False
     if not wait_healthy(f"{scheme}://{args.superlink}", args.wait, verify):
         raise ConfigError(f"the SuperLink at {args.superlink} did not answer within {args.wait:.0f} s; start the "
                           f"coordinator first (`pollinate server --port ...`), check --superlink HOST:PORT and the "

@@ -8,6 +8,7 @@ import sys
 
 from rich.console import Console
 
+from pollinate.flags import add_db_argument, store_url
 from pollinate.proto.run_config import ConfigError
 from pollinate.server.store import StoreError
 
@@ -36,7 +37,7 @@ def _runs(args: argparse.Namespace) -> int:
     from pollinate.server.report import rounds_table, runs_json, runs_table
     from pollinate.server.store import RoundStore
 
-    store = RoundStore(args.db)
+    store = RoundStore(store_url(args.db))
     if args.json:
         print(json.dumps(runs_json(store), indent=2))
     elif args.run is not None:
@@ -50,7 +51,7 @@ def _privacy(args: argparse.Namespace) -> int:
     from pollinate.server.report import privacy_json, privacy_table
     from pollinate.server.store import RoundStore
 
-    store = RoundStore(args.db)
+    store = RoundStore(store_url(args.db))
     if args.json:
         print(json.dumps(privacy_json(store, args.run), indent=2))
     else:
@@ -102,6 +103,12 @@ def _certs(args: argparse.Namespace) -> int:
         console.print(f"node {node}:     {' '.join(register_command(certs, node, '<connection>'))}")
         console.print(f"            flower-supernode {' '.join(node_flags(certs, node))} ...")
     console.print(f"status:     pollinate status --certs {certs.root} --coordinator HOST:PORT")
+    keys = " ".join(f"--register-node {certs.node_public_key(node)}" for node in range(1, args.nodes + 1))
+    console.print(f"pollinate:  pollinate server --certs {certs.root}"
+                  + (f" --enable-supernode-auth {keys}" if args.nodes else "") + " ...")
+    for node in range(1, args.nodes + 1):
+        console.print(f"            pollinate client --certs {certs.root} --node-key {certs.node_key(node)} "
+                      f"--superlink HOST:PORT --data PATH   (node {node})")
     return 0
 
 
@@ -126,12 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
     client.set_defaults(func=_client)
     runs = sub.add_parser("runs", help="list runs and their rounds from the round store")
     runs.add_argument("run", nargs="?", type=int, help="show this run's rounds")
-    runs.add_argument("--db", default="sqlite:///pollinate.db", help="round store URL")
+    add_db_argument(runs)
     runs.add_argument("--json", action="store_true", help="machine-readable output")
     runs.set_defaults(func=_runs)
     priv = sub.add_parser("privacy", help="a run's privacy report: guarantee, epsilon spent, the privacy ledger")
     priv.add_argument("run", type=int, help="the run id (`pollinate runs`)")
-    priv.add_argument("--db", default="sqlite:///pollinate.db", help="round store URL")
+    add_db_argument(priv)
     priv.add_argument("--json", action="store_true", help="machine-readable output")
     priv.set_defaults(func=_privacy)
     strat = sub.add_parser("strategies", help="list aggregation strategies and their properties")

@@ -12,11 +12,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rich.console import Console
-from sqlalchemy.engine import make_url
 
-from pollinate.proto.run_config import ConfigError, RunConfig, Scalar, parse_assignments
-from pollinate.processes import stop_on_sigterm
-from pollinate.simulations.cli import DEFAULT_SCENARIO, load_scenario
+from pollinate.flags import (RENAMED_TLS_SERVER, absolute_locations, add_certs_argument, add_run_config_arguments,
+                             add_scenario_arguments, certs_of, overrides_from_args, refuse_renamed, scenario_of,
+                             store_url)
+from pollinate.proto.run_config import ConfigError, RunConfig
+from pollinate.runtime.processes import stop_on_sigterm
+from pollinate.simulations.scenario import DEFAULT_SCENARIO, load_scenario
 
 if TYPE_CHECKING:
     from pollinate.server.launch import SuperLinkSecurity
@@ -28,42 +30,28 @@ console = Console(highlight=False, width=max(100, Console().width))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--scenario", help="run config TOML (a path or a name in simulations/scenarios/); "
-                        "default: the default scenario. Not with --resume")
-    parser.add_argument("--db", help="round store URL (store.db), e.g. postgresql+psycopg://user@host:5432/db")
+    add_scenario_arguments(parser, "default: the default scenario (its [simulation] table is ignored). "
+                           "Not with --resume")
     parser.add_argument("--host", default="127.0.0.1", help="address the SuperLink listens on (0.0.0.0: all)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="the SuperLink's port: nodes connect to "
                         "it (`pollinate client --superlink HOST:PORT`)")
-    parser.add_argument("--rounds", type=int, help="federation.rounds (on --resume: the new total)")
-    parser.add_argument("--output", help="where the adapter is exported (store.output-dir)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a run config key, e.g. --set federation.min-nodes=3 (repeatable)")
+    add_run_config_arguments(parser, "federation.min-nodes=3")
     parser.add_argument("--resume", type=int, metavar="RUN_ID",
-                        help="continue this stored run from its last completed round (`pollinate runs` lists runs)")
+                        help="continue this stored run from its last completed round (`pollinate runs` lists runs); "
+                             "--rounds is then the new total")
     parser.add_argument("--state-dir", help="the SuperLink's state and log (default: <output>/superlink)")
-    parser.add_argument("--ssl-ca-certfile", type=Path, help="TLS: CA certificate (from `pollinate certs`)")
-    parser.add_argument("--ssl-certfile", type=Path, help="TLS: the SuperLink's certificate")
-    parser.add_argument("--ssl-keyfile", type=Path, help="TLS: the SuperLink's private key")
+    add_certs_argument(parser, "the SuperLink and the status service present server.crt/server.key, and trust "
+                       "ca.crt")
     parser.add_argument("--enable-supernode-auth", action="store_true",
-                        help="accept only SuperNodes whose public keys were registered")
+                        help="with --certs: accept only SuperNodes whose public keys were registered")
     parser.add_argument("--register-node", type=Path, action="append", default=[], metavar="PUBLIC_KEY",
                         help="with --enable-supernode-auth: register this SuperNode public key (nodes/node-<i>.pub "
                              "from `pollinate certs`) when the SuperLink is up; repeat per node")
     parser.add_argument("--status-port", type=int, default=STATUS_PORT,
                         help="pollinate's status service (`pollinate status`, `pollinate download`) on --host; "
-                             "with the --ssl-* files it requires an operator certificate from the same CA")
+                             "with --certs it requires an operator certificate from the same CA")
     parser.add_argument("--no-status", action="store_true", help="do not start the status service")
-
-
-def overrides_from_args(args: argparse.Namespace) -> dict[str, Scalar]:
-    flat = parse_assignments(args.set, "federation.min-nodes=3")
-    for key, value in (("federation.rounds", args.rounds), ("store.db", args.db), ("store.output-dir", args.output)):
-        if value is not None:
-            flat[key] = value
-    for key in ("store.db", "store.output-dir"):  # the ServerApp runs in another process: no relative paths
-        if key in flat:
-            flat[key] = _absolute(str(flat[key]), key)
-    return flat
+    refuse_renamed(parser, RENAMED_TLS_SERVER)
 
 
 def run_config(args: argparse.Namespace) -> RunConfig:
@@ -73,20 +61,20 @@ def run_config(args: argparse.Namespace) -> RunConfig:
     from pollinate.server.resume import check_resumable, resumed_config
     from pollinate.server.store import RoundStore, withhold_password
 
-    overrides = overrides_from_args(args)
+    overrides = overrides_from_args(args, "federation.min-nodes=3")
+    scenario = scenario_of(args)
     if args.resume is None:
-        cfg, _ = load_scenario(args.scenario or DEFAULT_SCENARIO, overrides)
-        cfg = cfg.replace(**{k: _absolute(str(v), k) for k, v in cfg.to_flat().items()
-                             if k in ("store.db", "store.output-dir")})
+        cfg, _ = load_scenario(scenario or DEFAULT_SCENARIO, overrides)
+        cfg = absolute_locations(cfg)
         cfg = cfg.replace(**{"store.db": withhold_password(cfg.store.db)})  # every node gets the run config
         strategies.build(cfg)  # fail fast: an unknown or incompatible strategy
         check_model_config(cfg.model)
         RoundStore(cfg.store.db)  # fail fast: an unreachable database
         return cfg
-    if args.scenario:
+    if scenario:
         raise ConfigError("--resume continues a stored run with the config it was started with; drop --scenario "
                           "(change only what a resume may change, e.g. --rounds)")
-    url = withhold_password(str(overrides.get("store.db", _absolute(RunConfig().store.db, "store.db"))))
+    url = withhold_password(str(overrides.get("store.db", store_url(None))))
     run = RoundStore(url).run(args.resume)
     check_resumable(run)
     return resumed_config(run.config, {**overrides, "store.db": url, "store.resume-run": args.resume})
@@ -99,12 +87,12 @@ def serve(args: argparse.Namespace) -> int:
 
     stop_on_sigterm()  # `docker stop`, systemd: stop the SuperLink and its runs too
     cfg = run_config(args)
-    security = SuperLinkSecurity(args.ssl_ca_certfile, args.ssl_certfile, args.ssl_keyfile, args.enable_supernode_auth,
-                                 tuple(args.register_node))
+    security = SuperLinkSecurity(certs_of(args), args.enable_supernode_auth, tuple(args.register_node))
     security.flags()  # fail fast: inconsistent TLS / node-auth flags, missing key files
     state_dir = Path(args.state_dir or Path(cfg.store.output_dir) / "superlink")
     console.print(f"SuperLink on {args.host}:{args.port} ({'TLS' if security.tls else 'insecure'}); nodes join with "
-                  f"`pollinate client --superlink HOST:{args.port} --data PATH`")
+                  f"`pollinate client --superlink HOST:{args.port} --data PATH"
+                  f"{' --certs DIR' if security.tls else ''}`")
     store = RoundStore(cfg.store.db)
     stale = [int(a.flower_run_id) for a in store.attempts(cfg.store.resume_run)] if cfg.store.resume_run else []
     status = None if args.no_status else _start_status(cfg.store.db, args.host, args.status_port, security)
@@ -135,7 +123,7 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def _start_status(store_url: str, host: str, port: int, security: SuperLinkSecurity) -> StatusServer:
-    from pollinate.processes import require_free_port
+    from pollinate.runtime.processes import require_free_port
     from pollinate.server.status_service import serve_status
 
     require_free_port(host, port, "status service", "--status-port (or --no-status)")
@@ -144,11 +132,3 @@ def _start_status(store_url: str, host: str, port: int, security: SuperLinkSecur
                   f"`pollinate status --coordinator HOST:{status.port}`")
     return status
 
-
-def _absolute(value: str, key: str) -> str:
-    if key == "store.output-dir":
-        return str(Path(value).resolve())
-    url = make_url(value)
-    if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
-        return url.set(database=str(Path(url.database).resolve())).render_as_string(hide_password=False)
-    return value

@@ -24,50 +24,50 @@ from pathlib import Path
 
 import tomli_w
 
-from pollinate.processes import Daemon, executable, flower_env, require_free_port, wait_healthy
 from pollinate.proto.run_config import ConfigError, RunConfig
-from pollinate.simulations.engine import write_app_dir
+from pollinate.runtime.app_dir import write_app_dir
+from pollinate.runtime.processes import Daemon, executable, flower_env, require_free_port, wait_healthy
+from pollinate.security.certs import CertDir
+from pollinate.security.flower_flags import superlink_flags
 
 CONNECTION = "pollinate"  # the SuperLink connection's name in our private FLWR_HOME
 
 
 @dataclass(frozen=True)
 class SuperLinkSecurity:
-    """TLS and SuperNode authentication for the SuperLink (files from `pollinate certs`); all None: insecure."""
+    """TLS and SuperNode authentication for the SuperLink, from a `pollinate certs` directory; no directory: insecure."""
 
-    ca_cert: Path | None = None  # --ssl-ca-certfile; also what `flwr` verifies the SuperLink with
-    cert: Path | None = None  # --ssl-certfile
-    key: Path | None = None  # --ssl-keyfile
+    certs: CertDir | None = None  # --certs: server.crt/server.key presented, ca.crt (also what `flwr` verifies with)
     node_auth: bool = False  # --enable-supernode-auth: only registered SuperNode public keys may connect
     node_keys: tuple[Path, ...] = ()  # --register-node: public keys registered once the SuperLink is up
 
     @property
     def tls(self) -> bool:
-        return self.cert is not None
+        return self.certs is not None
+
+    @property
+    def ca_cert(self) -> Path | None:
+        return self.certs.ca_cert if self.certs is not None else None
 
     def flags(self) -> list[str]:
         if self.node_keys and not self.node_auth:
             raise ConfigError("--register-node registers keys for SuperNode authentication; add "
-                              "--enable-supernode-auth (and the --ssl-* files: Flower requires TLS for it)")
+                              "--enable-supernode-auth (and --certs DIR: Flower requires TLS for it)")
         absent = [str(k) for k in self.node_keys if not Path(k).is_file()]
         if absent:
             raise ConfigError(f"--register-node {', '.join(absent)}: no such file; give the nodes' public keys "
                               f"(nodes/node-<i>.pub from `pollinate certs`)")
-        if not self.tls:
+        if self.node_auth and self.certs is None:
+            raise ConfigError("--enable-supernode-auth needs --certs DIR: Flower authenticates SuperNodes only over "
+                              "TLS (`pollinate certs DIR` writes the files)")
+        if self.certs is None:
             return ["--insecure"]
-        missing = [n for n, v in (("CA certificate", self.ca_cert), ("key", self.key)) if v is None]
-        if missing:
-            raise ConfigError(f"TLS needs the certificate, its key and the CA certificate; {missing} missing")
-        flags = ["--ssl-ca-certfile", str(self.ca_cert), "--ssl-certfile", str(self.cert),
-                 "--ssl-keyfile", str(self.key)]
-        return flags + (["--enable-supernode-auth"] if self.node_auth else [])
+        return superlink_flags(self.certs, self.node_auth)
 
     def status_server_credentials(self):  # -> grpc.ServerCredentials (grpc is imported only when TLS is on)
         """The status service beside the SuperLink: the same certificate; operators present one from the same CA."""
-        from pollinate.security.certs import mutual_tls_server_credentials
-
-        assert self.ca_cert is not None and self.cert is not None and self.key is not None  # flags() checked them
-        return mutual_tls_server_credentials(self.cert, self.key, self.ca_cert)
+        assert self.certs is not None  # only called with TLS on
+        return self.certs.status_server_credentials()
 
 
 def superlink_command(host: str, port: int, state_db: Path, security: SuperLinkSecurity) -> list[str]:

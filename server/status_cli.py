@@ -11,8 +11,8 @@ from google.protobuf.json_format import MessageToDict
 from rich.console import Console
 from rich.table import Table
 
+from pollinate.flags import add_certs_argument, certs_of
 from pollinate.proto import pollinate_status_pb2 as pb
-from pollinate.security.certs import CertDir
 from pollinate.server.status_client import connect, download
 from pollinate.server.status_service import DEFAULT_PORT
 
@@ -22,8 +22,8 @@ console = Console(highlight=False, width=max(120, Console().width))
 def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--coordinator", default=f"127.0.0.1:{DEFAULT_PORT}",
                         help="HOST:PORT of the status service (started by `pollinate server`)")
-    parser.add_argument("--certs", type=Path, default=None,
-                        help="the directory `pollinate certs` wrote: TLS with its CA and operator certificate")
+    add_certs_argument(parser, "mutual TLS: the service is verified against ca.crt, and operator.crt/operator.key "
+                       "are presented")
 
 
 def add_status_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,7 +46,7 @@ def _as_dict(message) -> dict:
 
 
 def status_command(args: argparse.Namespace) -> int:
-    stub = connect(args.coordinator, CertDir(args.certs) if args.certs else None)
+    stub = connect(args.coordinator, certs_of(args))
     try:
         if args.run is None and not args.follow:
             runs = stub.ListRuns(pb.ListRunsRequest(), timeout=30).runs
@@ -73,7 +73,7 @@ def status_command(args: argparse.Namespace) -> int:
 
 
 def download_command(args: argparse.Namespace) -> int:
-    stub = connect(args.coordinator, CertDir(args.certs) if args.certs else None)
+    stub = connect(args.coordinator, certs_of(args))
     try:
         out, header = download(stub, args.run, args.round, args.out_dir)
     except grpc.RpcError as e:

@@ -6,110 +6,26 @@ import argparse
 import json
 import os
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from rich.console import Console
 
-from pollinate.proto.run_config import PRIVACY_MODES, ConfigError, RunConfig, Scalar, flatten, load_toml, parse_assignments
+from pollinate.flags import (RENAMED_SIMULATE, absolute_locations, add_run_config_arguments, add_scenario_arguments,
+                             overrides_from_args, refuse_renamed, scenario_of)
+from pollinate.proto.run_config import ConfigError, RunConfig
 from pollinate.simulations import engine
+from pollinate.simulations.scenario import DEFAULT_SCENARIO, SimulationSettings, load_scenario
 
-SCENARIOS = Path(__file__).parent / "scenarios"
-DP_DEFAULT_STRATEGY = "ffa-lora"  # FFA-LoRA under DP (Sun et al. 2024): noise on one factor, exact aggregation
-DEFAULT_SCENARIO = SCENARIOS / "default.toml"
 console = Console(highlight=False, width=max(100, Console().width))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("scenario", nargs="?", default=str(DEFAULT_SCENARIO),
-                        help="scenario TOML (a path, or a name in simulations/scenarios/); default: the default scenario")
+    add_scenario_arguments(parser, "default: the default scenario")
     parser.add_argument("--clients", type=int, help="number of simulated nodes (scenario [simulation] clients)")
-    parser.add_argument("--rounds", type=int, help="federation.rounds")
-    parser.add_argument("--strategy", help="federation.strategy (see `pollinate strategies`)")
-    parser.add_argument("--rank", type=int, help="adapter.r")
-    parser.add_argument("--db", help="round store URL (store.db), e.g. sqlite:///pollinate.db")
-    parser.add_argument("--output", help="where the adapter and partitions go (store.output-dir)")
-    parser.add_argument("--data", help="your own CSV/JSONL corpus instead of the scenario's (data.dataset)")
-    dp = parser.add_argument_group("differential privacy (privacy.*; docs/privacy-bench.md)")
-    dp.add_argument("--dp", choices=[m for m in PRIVACY_MODES if m != "off"],
-                    help="sample: DP-SGD on each client; central: client-level DP on the server; local: each client "
-                         "noises its own upload (privacy.mode). Without --strategy the strategy becomes ffa-lora")
-    dp.add_argument("--epsilon", type=float, help="the privacy budget (privacy.target-epsilon)")
-    dp.add_argument("--delta", type=float, help="privacy.delta, below 1/n")
-    dp.add_argument("--noise-multiplier", type=float, help="z (privacy.noise-multiplier; 0: calibrated from --epsilon)")
-    dp.add_argument("--clip-norm", type=float, help="C: per-example gradient (sample) or adapter-delta (central, "
-                                                    "local) bound (privacy.clip-norm)")
-    dp.add_argument("--adaptive-clipping", action="store_true",
-                    help="central: adapt C to the median delta norm (privacy.adaptive-clipping)")
-    parser.add_argument("--secagg", action="store_true",
-                        help="secure aggregation: the server learns only the sum of the uploads (secagg.enabled)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override any run config key, e.g. --set train.lr=5e-4 (repeatable)")
-
-
-def resolve_scenario(name: str) -> Path:
-    path = Path(name)
-    if not path.is_file() and (SCENARIOS / f"{name}.toml").is_file():
-        return SCENARIOS / f"{name}.toml"
-    return path
-
-
-@dataclass(frozen=True)
-class SimulationSettings:
-    """The scenario's [simulation] table: how many nodes to simulate and with what."""
-
-    clients: int = 4
-    cpus_per_client: float = 1.0
-    gpus_per_client: float = 0.0
-    client_app: str = engine.CLIENT_APP  # researchers may simulate their own (e.g. adversarial) ClientApp
-    max_ranks: tuple[int, ...] = ()  # per simulated node, its max-rank (capacity); empty: no limit
-
-
-def load_scenario(path: str | Path, overrides: Mapping[str, Scalar] | None = None,
-                  clients: int | None = None) -> tuple[RunConfig, SimulationSettings]:
-    """The run config and simulation settings of a scenario file, with flat-key overrides applied."""
-    tree = load_toml(resolve_scenario(str(path)))
-    sim = tree.pop("simulation", {})
-    cfg = RunConfig.from_flat({**flatten(tree), **(overrides or {})})
-    known = {f.name.replace("_", "-") for f in fields(SimulationSettings)}
-    if set(sim) - known:
-        raise ConfigError(f"unknown [simulation] key(s) {sorted(set(sim) - known)}; known: {sorted(known)}")
-    settings = SimulationSettings(**{k.replace("-", "_"): tuple(v) if isinstance(v, list) else v
-                                     for k, v in sim.items()})
-    if clients is not None:
-        settings = replace(settings, clients=clients)
-    if settings.max_ranks and len(settings.max_ranks) != settings.clients:
-        raise ConfigError(f"[simulation] max-ranks lists {len(settings.max_ranks)} ranks for {settings.clients} "
-                          f"clients; give one per client")
-    if settings.clients < cfg.federation.min_nodes:
-        raise ConfigError(f"{settings.clients} clients cannot satisfy federation.min-nodes = "
-                          f"{cfg.federation.min_nodes}; use --clients {cfg.federation.min_nodes} or more")
-    return cfg, settings
-
-
-def overrides_from_args(args: argparse.Namespace) -> dict[str, Scalar]:
-    """Flat run-config keys from --set KEY=VALUE and the named flags (named flags win)."""
-    flat = parse_assignments(args.set, "train.lr=5e-4")
-    for key, value in (("federation.rounds", args.rounds), ("federation.strategy", args.strategy),
-                       ("adapter.r", args.rank), ("store.db", args.db), ("store.output-dir", args.output),
-                       ("data.dataset", args.data)):
-        if value is not None:
-            flat[key] = value
-    if getattr(args, "secagg", False):
-        flat["secagg.enabled"] = True
-    for key, value in (("privacy.mode", args.dp), ("privacy.target-epsilon", args.epsilon),
-                       ("privacy.delta", args.delta), ("privacy.noise-multiplier", args.noise_multiplier),
-                       ("privacy.clip-norm", args.clip_norm)):
-        if value is not None:
-            flat[key] = value
-    if args.adaptive_clipping:
-        flat["privacy.adaptive-clipping"] = True
-    if args.dp and "federation.strategy" not in flat:
-        flat["federation.strategy"] = DP_DEFAULT_STRATEGY
-        console.print(f"--dp {args.dp}: strategy {DP_DEFAULT_STRATEGY} (the default under DP: A frozen, so only B "
-                      f"is trained and noised, and its mean is exact; --strategy NAME to change)")
-    return flat
+    parser.add_argument("--corpus", metavar="PATH", help="the corpus partitioned across the simulated nodes: your own "
+                        "CSV/JSONL file, or a bundled corpus name, instead of the scenario's (data.dataset)")
+    add_run_config_arguments(parser, "train.lr=5e-4")
+    refuse_renamed(parser, RENAMED_SIMULATE)
 
 
 def write_node_data(cfg: RunConfig, sim: SimulationSettings, directory: Path) -> tuple[RunConfig, list[int]]:
@@ -149,7 +65,8 @@ def simulate(args: argparse.Namespace) -> int:
     from pollinate.server.report import rounds_table
     from pollinate.server.store import RoundStore, withhold_password
 
-    cfg, sim = load_scenario(args.scenario, overrides_from_args(args), args.clients)
+    cfg, sim = load_scenario(scenario_of(args) or DEFAULT_SCENARIO, overrides_from_args(args), args.clients)
+    cfg = absolute_locations(cfg)
     cfg = cfg.replace(**{"store.db": withhold_password(cfg.store.db)})  # the run config goes to every node
     check_privacy_config(cfg, strategies.build(cfg))  # fail fast on an unknown or incompatible strategy, or model
     check_model_config(cfg.model)

@@ -14,25 +14,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import tomli_w
 from pollinate.proto.run_config import RunConfig
+from pollinate.runtime.app_dir import CLIENT_APP, SERVER_APP, write_app_dir
 
-SERVER_APP = "pollinate.server.app:app"
-CLIENT_APP = "pollinate.client.app:app"
-
-
-def write_app_dir(cfg: RunConfig, directory: Path, server_app: str = SERVER_APP, client_app: str = CLIENT_APP) -> Path:
-    """A Flower App directory whose run config is ``cfg`` (what ``flwr run`` would ship as a FAB)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    project = {
-        "project": {"name": "pollinate-run", "version": "0.1.0", "description": "pollinate simulation",
-                    "license": "Apache-2.0"},
-        "tool": {"flwr": {"app": {"publisher": "pollinate",
-                                  "components": {"serverapp": server_app, "clientapp": client_app},
-                                  "config": cfg.to_flat()}}},
-    }
-    (directory / "pyproject.toml").write_text(tomli_w.dumps(project))
-    return directory
+__all__ = ["CLIENT_APP", "SERVER_APP", "run", "write_app_dir"]  # the app dir lives in runtime/: both launchers write one
 
 
 def run(cfg: RunConfig, num_clients: int, app_dir: Path, cpus_per_client: float = 1.0, gpus_per_client: float = 0.0,

@@ -21,7 +21,7 @@ from tests.support.paths import TINY
 @pytest.mark.parametrize("args, says", [
     (["--strategy", "fedmagic"], "unknown strategy 'fedmagic'; choose one of"),
     (["--rank", "0"], "adapter.r = 0 is invalid: the LoRA rank must be a positive integer"),
-    (["--data", "no/such/file.csv"], "is neither a bundled corpus"),
+    (["--corpus", "no/such/file.csv"], "is neither a bundled corpus"),
     (["--db", "postgresql+psycopg://nobody@127.0.0.1:1/none"], "cannot open the round store"),
     (["--set", "train.lr"], "must look like KEY=VALUE"),
     (["--set", "federation.round=3"], "unknown run config key(s) ['federation.round']"),

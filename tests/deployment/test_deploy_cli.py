@@ -93,3 +93,17 @@ def test_node_keys_without_node_auth_or_that_do_not_exist_are_refused_before_any
     assert "add --enable-supernode-auth" in _says(capsys, *common, "--register-node", str(key))
     said = _says(capsys, *common, "--enable-supernode-auth", "--register-node", str(tmp_path / "none.pub"))
     assert "none.pub: no such file" in said and "pollinate certs" in said
+
+
+def test_node_authentication_without_a_certificate_directory_is_refused_before_anything_starts(
+        capsys, tmp_path: Path) -> None:
+    """Flower authenticates SuperNodes only over TLS: a key without --certs would silently go unused."""
+    said = _says(capsys, "server", "--scenario", TINY, "--db", f"sqlite:///{tmp_path / 's.db'}", "--output",
+                 str(tmp_path), "--no-status", "--enable-supernode-auth")
+    assert "--enable-supernode-auth needs --certs DIR" in said
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "fine", "label": 1}\n')
+    node = ["client", "--superlink", "127.0.0.1:1", "--data", str(data), "--wait", "1"]
+    assert "--node-key needs --certs DIR" in _says(capsys, *node, "--node-key", str(tmp_path / "node-1"))
+    said = _says(capsys, *node, "--certs", str(tmp_path / "no-certs"))
+    assert f"{tmp_path / 'no-certs' / 'ca.crt'} missing" in said

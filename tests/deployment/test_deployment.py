@@ -16,7 +16,7 @@ import pytest
 from peft import PeftModel
 
 from pollinate.models import adapter_state, load_base_model
-from pollinate.processes import free_port
+from pollinate.runtime.processes import free_port
 from pollinate.proto.run_config import RunConfig
 from pollinate.security.certs import create_cert_dir
 from pollinate.server.store import RoundStore, sha256
@@ -98,13 +98,12 @@ def test_over_tls_a_node_killed_mid_round_is_recorded_failed_and_the_run_complet
     certs = create_cert_dir(tmp_path / "certs", nodes=0)  # `pollinate certs`: CA, server and operator certificates
     data = write_node_data(tmp_path, 2)
     nodes = [procs.pollinate(f"node-{i}", "client", "--superlink", f"127.0.0.1:{port}", "--data", str(path),
-                             "--device", "cpu", "--wait", "600", "--root-certificates", str(certs.ca_cert))
+                             "--device", "cpu", "--wait", "600", "--certs", str(certs.root))
              for i, path in enumerate(data)]
     server = procs.pollinate("server", "server", "--scenario", TINY, "--db", url, "--output", str(tmp_path / "out"),
                              "--port", str(port), "--rounds", "2", "--set", "federation.min-nodes=1",
                              "--set", "federation.round-timeout=600", "--status-port", str(status_port),
-                             "--ssl-ca-certfile", str(certs.ca_cert), "--ssl-certfile", str(certs.server_cert),
-                             "--ssl-keyfile", str(certs.server_key))
+                             "--certs", str(certs.root))
     store = poll("the store to be created", lambda: _open(url), 300)
     run_id = poll("a run", lambda: store.runs()[0].id if store.runs() else None, 600)
     poll("round 1 in the store", lambda: 1 in _completed(store, run_id) or None, 900, every_s=0.2)
@@ -163,8 +162,7 @@ def test_the_coordinator_registers_the_node_keys_for_supernode_authentication(tm
     keys = [str(certs.node_public_key(i)) for i in (1, 2)]
     server = procs.pollinate("server", "server", "--scenario", TINY, "--db", url, "--output", str(tmp_path / "out"),
                              "--port", str(port), "--rounds", "1", "--no-status",
-                             "--set", "federation.wait-for-nodes=3", "--ssl-ca-certfile", str(certs.ca_cert),
-                             "--ssl-certfile", str(certs.server_cert), "--ssl-keyfile", str(certs.server_key),
+                             "--set", "federation.wait-for-nodes=3", "--certs", str(certs.root),
                              "--enable-supernode-auth", "--register-node", keys[0], "--register-node", keys[1])
     assert server.wait(timeout=300) == 1, procs.log("server")[-4000:]  # no node came: round 1 failed, recorded
     log = procs.log("server")

@@ -17,7 +17,7 @@ from pollinate.client.train import evaluate
 from pollinate.models import adapter_state, build_peft_model, load_base_model
 from pollinate.proto.adapter_record import payload_bytes, to_record
 from pollinate.proto.run_config import RunConfig
-from pollinate.simulations.cli import DEFAULT_SCENARIO, load_scenario
+from pollinate.simulations.scenario import DEFAULT_SCENARIO, load_scenario
 from pollinate.server.store import RoundStore, sha256
 from tests.support.commands import simulate
 

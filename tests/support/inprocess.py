@@ -27,7 +27,8 @@ from pollinate.client.app import PARTITION_ID
 from pollinate.client.app import app as pollinate_client
 from pollinate.proto.run_config import RunConfig
 from pollinate.server.app import run_federation
-from pollinate.simulations.cli import load_scenario, write_node_data
+from pollinate.simulations.cli import write_node_data
+from pollinate.simulations.scenario import load_scenario
 from tests.support.paths import SCENARIOS
 
 

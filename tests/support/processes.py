@@ -14,7 +14,7 @@ from typing import TypeVar
 
 import psutil
 
-from pollinate.processes import process_tree
+from pollinate.runtime.processes import process_tree
 from pollinate.simulations.datasets import load_corpus
 from tests.support.paths import REPO
 

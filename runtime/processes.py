@@ -1,4 +1,4 @@
-"""The Flower daemons the ``pollinate`` command starts (SuperLink, SuperNode, ``flwr``), and how they stop.
+"""The Flower daemons pollinate starts (SuperLink, SuperNode, ``flwr``), and how they stop.
 
 Flower detaches some of its own children (the SuperExec and the ServerApp it spawns run in their
 own sessions), so stopping a process group is not enough: ``Daemon.stop`` signals the whole
