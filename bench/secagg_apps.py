@@ -267,8 +267,9 @@ def _run_pollinate(secure: bool, grid: CountingGrid, context: Context, cfg: RunC
     request = Request(split(np.zeros(length, np.float32), shapes))  # the global adapter sent down: zeros
     ledger = RoundLedger()
     start = time.perf_counter()
-    aggregation = SecureAggregation(grid, cfg, round_number, ledger) if secure else None  # type: ignore[arg-type]
-    exchange = RoundExchange(grid, cfg, round_number, ledger, secure=aggregation)  # type: ignore[arg-type]
+    aggregation = (SecureAggregation(grid, cfg.secagg, cfg.federation, round_number, ledger,  # type: ignore[arg-type]
+                                     seed=cfg.seed) if secure else None)
+    exchange = RoundExchange(grid, cfg.federation, round_number, ledger, secure=aggregation)  # type: ignore[arg-type]
     mean = exchange.mean({node: request for node in nodes})
     seconds = time.perf_counter() - start
     if len(mean.node_ids) != len(nodes):

@@ -22,7 +22,7 @@ from rich.console import Console
 
 from pollinate import strategies
 from pollinate.models import adapter_state, build_peft_model, export_adapter
-from pollinate.proto.run_config import ConfigError, RunConfig
+from pollinate.proto.run_config import ConfigError, FederationConfig, RunConfig
 from pollinate.server.privacy_rounds import BudgetSpent, RunPrivacy, check_privacy_config, is_refusal
 from pollinate.server.rounds import (Evaluation, RoundExchange, RoundFailed, RoundLedger, evaluate_global, mean_metric,
                            query_capacities, sample_nodes, wait_for_nodes)
@@ -51,14 +51,15 @@ def run_federation(grid: Grid, cfg: RunConfig, flower_run_id: int = 0) -> int:
     resumed = f" resumed at round {start.first_round}" if start.resumed else ""
     console.print(f"[bold]pollinate[/] run {run_id}{resumed}: {strategy.name} on {cfg.model.name} + "
                   f"{cfg.adapter.method} (r={cfg.adapter.r}), {cfg.federation.rounds} rounds, store {store.url}")
-    privacy = RunPrivacy.open(cfg, store, run_id)  # rebuilt from the stored ledger on a resume
+    privacy = RunPrivacy.open(cfg.privacy, cfg.federation.rounds, store, run_id)  # rebuilt from the stored ledger on a resume
     try:
         try:
             nodes = wait_for_nodes(grid, cfg.federation.min_nodes, cfg.federation.wait_for_nodes)
         except RoundFailed:
             nodes = []  # no round 0 evaluation; round 1 waits again and, failing, is stored as a failed round
         if nodes and not start.resumed:
-            initial = evaluate_global(grid, cfg, nodes, strategy.evaluation_request(state), 0, RoundLedger())
+            initial = evaluate_global(grid, cfg.federation, nodes, strategy.evaluation_request(state), 0,
+                                      RoundLedger())
             if initial is not None:
                 store.set_initial_metrics(run_id, {"eval-loss": initial.loss, "eval-accuracy": initial.accuracy})
                 console.print(f"round 0: eval loss {initial.loss:.4f}, accuracy {initial.accuracy:.4f}")
@@ -100,12 +101,12 @@ def _finish(cfg: RunConfig, strategy: strategies.Strategy, store: RoundStore, ru
     console.print(f"run {run_id} completed; adapter exported to {adapter_dir}")
 
 
-def _assign_ranks(grid: Grid, cfg: RunConfig, strategy: strategies.Strategy, nodes: list[int], number: int,
+def _assign_ranks(grid: Grid, federation: FederationConfig, strategy: strategies.Strategy, nodes: list[int], number: int,
                   capacities: dict[int, int], ledger: RoundLedger) -> dict[int, int]:
     """node -> the LoRA rank it trains this round; asks new nodes their max-rank first."""
     unknown = [n for n in nodes if n not in capacities]
     if unknown:
-        capacities.update(query_capacities(grid, cfg, unknown, number, ledger))
+        capacities.update(query_capacities(grid, federation, unknown, number, ledger))
     ranks = {}
     for node in nodes:
         if node not in capacities:
@@ -142,13 +143,14 @@ def _run_round(grid: Grid, cfg: RunConfig, strategy: strategies.Strategy, store:
     before = strategy.state_arrays()  # a failed round must leave the strategy as it found it
     try:
         connected = wait_for_nodes(grid, cfg.federation.min_nodes, cfg.federation.wait_for_nodes)
-        progress.sampled = sample_nodes(connected, cfg, number)
+        progress.sampled = sample_nodes(connected, cfg.federation, cfg.seed, number)
         if privacy.central is not None:  # the run's own budget: stop before a round that would exceed it
             privacy.central.start_round(number, len(progress.sampled), len(connected))
-        ranks = _assign_ranks(grid, cfg, strategy, progress.sampled, number, capacities, ledger)
-        secure = SecureAggregation(grid, cfg, number, ledger) if cfg.secagg.enabled else None
-        exchange = RoundExchange(grid, cfg, number, ledger, check_update=strategy.check_update, secure=secure,
-                                 private=privacy.central, privacy_run_key=privacy.run_key)
+        ranks = _assign_ranks(grid, cfg.federation, strategy, progress.sampled, number, capacities, ledger)
+        secure = (SecureAggregation(grid, cfg.secagg, cfg.federation, number, ledger, seed=cfg.seed)
+                  if cfg.secagg.enabled else None)
+        exchange = RoundExchange(grid, cfg.federation, number, ledger, check_update=strategy.check_update,
+                                 secure=secure, private=privacy.central, privacy_run_key=privacy.run_key)
         new_state = strategy.run_round(state, ranks, exchange, number)
     except (RoundFailed, AggregationError) as e:
         strategy.load_state_arrays(before)
@@ -166,7 +168,8 @@ def _run_round(grid: Grid, cfg: RunConfig, strategy: strategies.Strategy, store:
         if refused:  # the nodes' budgets, not a fault: the run ends cleanly with the last completed adapter
             raise BudgetSpent(f"in round {number} {reason}") from None
         raise RoundFailed(str(e)) from e
-    evaluation = evaluate_global(grid, cfg, connected, strategy.evaluation_request(new_state), number, ledger)
+    evaluation = evaluate_global(grid, cfg.federation, connected, strategy.evaluation_request(new_state), number,
+                                 ledger)
     record = RoundRecord(
         number=number, participants=len(progress.sampled), accepted=len(exchange.reports),
         train_loss=mean_metric(exchange.reports, "train-loss"),

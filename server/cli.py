@@ -59,14 +59,16 @@ def run_config(args: argparse.Namespace) -> RunConfig:
     from pollinate import strategies  # here, not at the top: they pull in torch, and `pollinate --help` should not wait for it
     from pollinate.models import check_model_config
     from pollinate.server.resume import check_resumable, resumed_config
-    from pollinate.server.store import RoundStore, withhold_password
+    from pollinate.server.store import RoundStore, keep_password, withhold_password
 
     overrides = overrides_from_args(args, "federation.min-nodes=3")
     scenario = scenario_of(args)
     if args.resume is None:
         cfg, _ = load_scenario(scenario or DEFAULT_SCENARIO, overrides)
         cfg = absolute_locations(cfg)
-        cfg = cfg.replace(**{"store.db": withhold_password(cfg.store.db)})  # every node gets the run config
+        url, password = withhold_password(cfg.store.db)  # every node gets the run config
+        keep_password(url, password)  # this process opens the store; the SuperLink gets it from launch.coordinate
+        cfg = cfg.replace(**{"store.db": url})
         strategies.build(cfg)  # fail fast: an unknown or incompatible strategy
         check_model_config(cfg.model)
         RoundStore(cfg.store.db)  # fail fast: an unreachable database
@@ -74,7 +76,8 @@ def run_config(args: argparse.Namespace) -> RunConfig:
     if scenario:
         raise ConfigError("--resume continues a stored run with the config it was started with; drop --scenario "
                           "(change only what a resume may change, e.g. --rounds)")
-    url = withhold_password(str(overrides.get("store.db", store_url(None))))
+    url, password = withhold_password(str(overrides.get("store.db", store_url(None))))
+    keep_password(url, password)
     run = RoundStore(url).run(args.resume)
     check_resumable(run)
     return resumed_config(run.config, {**overrides, "store.db": url, "store.resume-run": args.resume})

@@ -29,6 +29,7 @@ from pollinate.runtime.app_dir import write_app_dir
 from pollinate.runtime.processes import Daemon, executable, flower_env, require_free_port, wait_healthy
 from pollinate.security.certs import CertDir
 from pollinate.security.flower_flags import superlink_flags
+from pollinate.server.store import password_env
 
 CONNECTION = "pollinate"  # the SuperLink connection's name in our private FLWR_HOME
 
@@ -112,7 +113,9 @@ def coordinate(cfg: RunConfig, host: str, port: int, state_dir: Path,
         home = Path(tmp) / "flwr-home"
         write_connection(home, host, port, security)
         env = flower_env(home)
-        superlink = Daemon("SuperLink", superlink_command(host, port, state_dir / "state.db", security), env, log)
+        # The SuperLink starts the ServerApp, which opens the store: only it gets the store's password (if any).
+        superlink = Daemon("SuperLink", superlink_command(host, port, state_dir / "state.db", security),
+                           {**env, **password_env(cfg.store.db)}, log)
         try:
             scheme = "https" if security.tls else "http"
             verify: str | bool = str(security.ca_cert) if security.tls else False

@@ -19,7 +19,7 @@ from pollinate.privacy.central import (add_gaussian_noise, default_count_stddev,
                              update_noise_multiplier)
 from pollinate.privacy.ledger import MECHANISMS, REFUSAL_CODE, PrivacyEntry, entry_from_report, releases
 from pollinate.proto.instructions import trained_names
-from pollinate.proto.run_config import ConfigError, RunConfig
+from pollinate.proto.run_config import ConfigError, PrivacyConfig, RunConfig
 from pollinate.server.store import ClientRecord, RoundStore, RunSummary
 from pollinate.strategies import ClientUpdate, MeanUpdate, Request, Strategy
 
@@ -51,9 +51,10 @@ def check_privacy_config(cfg: RunConfig, strategy: Strategy) -> None:
 class CentralPrivacy:
     """DP-FedAvg on the server (McMahan et al. 2018) with optional adaptive clipping (Andrew et al. 2021)."""
 
-    def __init__(self, cfg: RunConfig, ledger: Sequence[PrivacyEntry] = (),
+    def __init__(self, privacy: PrivacyConfig, rounds: int, ledger: Sequence[PrivacyEntry] = (),
                  rng: np.random.Generator | None = None) -> None:
-        self.p, self.rounds = cfg.privacy, cfg.federation.rounds
+        """``rounds``: the run's planned rounds (federation.rounds), over which a calibrated z spends the budget."""
+        self.p, self.rounds = privacy, rounds
         self.history = releases(ledger, node_id=None)
         own = [e for e in ledger if e.node_id is None and e.status == "spent"]
         self.clip_norm = float(own[-1].metrics.get("next-clip-norm", own[-1].clip_norm)) if own else self.p.clip_norm
@@ -142,8 +143,8 @@ class CentralPrivacy:
 class NodeLedger:
     """Turns a round's client records into ledger entries (sample, local): spent as reported, or refused."""
 
-    def __init__(self, cfg: RunConfig, ledger: Sequence[PrivacyEntry] = ()) -> None:
-        self.mode, self.delta = cfg.privacy.mode, cfg.privacy.delta
+    def __init__(self, privacy: PrivacyConfig, ledger: Sequence[PrivacyEntry] = ()) -> None:
+        self.mode, self.delta = privacy.mode, privacy.delta
         self.epsilon = {e.node_id: e.epsilon for e in ledger if e.node_id is not None and e.status == "spent"}
 
     def entries(self, clients: Sequence[ClientRecord]) -> list[PrivacyEntry]:
@@ -176,15 +177,15 @@ class RunPrivacy:
     nodes: NodeLedger | None = None
 
     @classmethod
-    def open(cls, cfg: RunConfig, store: RoundStore, run_id: int) -> RunPrivacy:
-        """The run's privacy state, rebuilt from its stored ledger (empty for a new run)."""
-        if cfg.privacy.mode == "off":
+    def open(cls, privacy: PrivacyConfig, rounds: int, store: RoundStore, run_id: int) -> RunPrivacy:
+        """The run's privacy state, rebuilt from its stored ledger (empty for a new run); ``rounds`` as planned."""
+        if privacy.mode == "off":
             return cls()
         ledger = [entry for _, entry in store.privacy_ledger(run_id)]
         key = privacy_run_key(store.run(run_id))
-        if cfg.privacy.mode == "central":
-            return cls(key, central=CentralPrivacy(cfg, ledger))
-        return cls(key, nodes=NodeLedger(cfg, ledger))
+        if privacy.mode == "central":
+            return cls(key, central=CentralPrivacy(privacy, rounds, ledger))
+        return cls(key, nodes=NodeLedger(privacy, ledger))
 
     def entries(self, clients: Sequence[ClientRecord]) -> list[PrivacyEntry]:
         """This round's ledger entries, from its client records and the server's own release."""

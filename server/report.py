@@ -50,7 +50,7 @@ def runs_json(store: RoundStore) -> list[dict[str, Any]]:
             "id": run.id, "status": run.status, "strategy": run.strategy, "model": run.model,
             "started_at": run.started_at.isoformat(), "ended_at": run.ended_at.isoformat() if run.ended_at else None,
             "error": run.error, "adapter_dir": run.adapter_dir, "initial_metrics": dict(run.initial_metrics),
-            "flower_run_ids": [a.flower_run_id for a in store.attempts(run.id)],
+            "flower_run_ids": [str(a.flower_run_id) for a in store.attempts(run.id)],  # u64: strings in JSON
             "rounds": [{"number": r.number, "participants": r.participants, "accepted": r.accepted,
                         "train_loss": r.train_loss, "eval_loss": r.eval_loss, "eval_accuracy": r.eval_accuracy,
                         "bytes_up": r.bytes_up, "bytes_down": r.bytes_down, "duration_s": r.duration_s,

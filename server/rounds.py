@@ -22,7 +22,7 @@ from flwr.serverapp import Grid
 
 from pollinate.proto.adapter_record import (ADAPTER, INSTRUCTIONS, REPORT, TensorSpec, UpdateRejected, from_record,
                                   payload_bytes, specs_of, to_record)
-from pollinate.proto.run_config import RunConfig
+from pollinate.proto.run_config import FederationConfig
 from pollinate.server.store import ClientRecord
 from pollinate.strategies import ClientUpdate, MeanUpdate, NamedArrays, Request
 from pollinate.strategies.base import mean_of, with_instructions
@@ -62,10 +62,10 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout_s: float, poll_s: float = 1
         time.sleep(poll_s)
 
 
-def sample_nodes(nodes: Sequence[int], cfg: RunConfig, round_number: int) -> list[int]:
-    """A seeded sample of ``fraction-train`` of the nodes, never fewer than ``min-nodes``."""
-    k = min(len(nodes), max(cfg.federation.min_nodes, math.ceil(cfg.federation.fraction_train * len(nodes))))
-    return sorted(random.Random(f"{cfg.seed}/{round_number}").sample(list(nodes), k))
+def sample_nodes(nodes: Sequence[int], federation: FederationConfig, seed: int, round_number: int) -> list[int]:
+    """A sample of ``fraction-train`` of the nodes, never fewer than ``min-nodes``, seeded by the run's seed."""
+    k = min(len(nodes), max(federation.min_nodes, math.ceil(federation.fraction_train * len(nodes))))
+    return sorted(random.Random(f"{seed}/{round_number}").sample(list(nodes), k))
 
 
 CheckUpdate = Callable[[Request, NamedArrays], str | None]
@@ -153,19 +153,19 @@ class GridExchange:
     (the strategy's own rule, e.g. frozen factors unchanged) finds nothing wrong.
     """
 
-    def __init__(self, grid: Grid, cfg: RunConfig, round_number: int, ledger: RoundLedger,
+    def __init__(self, grid: Grid, federation: FederationConfig, round_number: int, ledger: RoundLedger,
                  message_type: str = "train", replies_carry_tensors: bool = True,
                  check_update: CheckUpdate | None = None) -> None:
-        self.grid, self.cfg, self.round_number, self.ledger = grid, cfg, round_number, ledger
+        self.grid, self.federation, self.round_number, self.ledger = grid, federation, round_number, ledger
         self.message_type, self.replies_carry_tensors = message_type, replies_carry_tensors
         self.check_update = check_update
 
     def __call__(self, requests: Mapping[int, Request]) -> list[ClientUpdate]:
-        contents = {node: RecordDict({ADAPTER: to_record(request.tensors, self.cfg.federation.wire_dtype),
+        contents = {node: RecordDict({ADAPTER: to_record(request.tensors, self.federation.wire_dtype),
                                       INSTRUCTIONS: self.instructions(request)})
                     for node, request in requests.items()}
         replies = send_and_collect(self.grid, contents, self.message_type, self.round_number,
-                                   self.cfg.federation.round_timeout, self._record)
+                                   self.federation.round_timeout, self._record)
         updates = []
         for node, reply in replies.items():
             down = payload_bytes(contents[node].array_records[ADAPTER])
@@ -205,9 +205,9 @@ class GridExchange:
 
     def _as_received(self, request: Request) -> Request:
         """The request as the node decoded it (rounded through the wire dtype), for exact comparisons."""
-        if self.cfg.federation.wire_dtype == "float32":
+        if self.federation.wire_dtype == "float32":
             return request
-        wire = self.cfg.federation.wire_dtype
+        wire = self.federation.wire_dtype
         return replace(request, tensors={k: v.astype(wire).astype("float32") for k, v in request.tensors.items()})
 
     def _record(self, node: int, status: str, reason: str | None, **kwargs: object) -> None:
@@ -254,12 +254,12 @@ class RoundExchange:
     (``__call__``) are refused: a strategy that needs them is not linear and was refused before round 1.
     """
 
-    def __init__(self, grid: Grid, cfg: RunConfig, round_number: int, ledger: RoundLedger,
+    def __init__(self, grid: Grid, federation: FederationConfig, round_number: int, ledger: RoundLedger,
                  check_update: CheckUpdate | None = None, secure: SecureMean | None = None,
                  private: PrivateMean | None = None, privacy_run_key: str = "") -> None:
-        self.cfg, self.round_number, self.ledger, self.secure = cfg, round_number, ledger, secure
+        self.min_nodes, self.round_number, self.ledger, self.secure = federation.min_nodes, round_number, ledger, secure
         self.private, self.privacy_run_key = private, privacy_run_key
-        self.grid_exchange = GridExchange(grid, cfg, round_number, ledger, check_update=check_update)
+        self.grid_exchange = GridExchange(grid, federation, round_number, ledger, check_update=check_update)
         self.reports: dict[int, Mapping[str, float]] = {}
 
     def __call__(self, requests: Mapping[int, Request]) -> list[ClientUpdate]:
@@ -290,10 +290,10 @@ class RoundExchange:
         return {n: with_instructions(r, privacy_run_key=self.privacy_run_key) for n, r in requests.items()}
 
     def _require(self, accepted: int, asked: int) -> None:
-        if accepted < self.cfg.federation.min_nodes:
+        if accepted < self.min_nodes:
             reasons = "; ".join(f"node {c.node_id}: {c.reason}" for c in self.ledger.failures())
             raise RoundFailed(f"round {self.round_number}: only {accepted} of {asked} updates were accepted, "
-                              f"federation.min-nodes = {self.cfg.federation.min_nodes}. {reasons}")
+                              f"federation.min-nodes = {self.min_nodes}. {reasons}")
 
 
 @dataclass(frozen=True)
@@ -303,10 +303,11 @@ class Evaluation:
     num_examples: int
 
 
-def evaluate_global(grid: Grid, cfg: RunConfig, nodes: Sequence[int], request: Request, round_number: int,
-                    ledger: RoundLedger) -> Evaluation | None:
+def evaluate_global(grid: Grid, federation: FederationConfig, nodes: Sequence[int], request: Request,
+                    round_number: int, ledger: RoundLedger) -> Evaluation | None:
     """Federated evaluation of the strategy's evaluation request: example-weighted mean of loss and accuracy."""
-    exchange = GridExchange(grid, cfg, round_number, ledger, message_type="evaluate", replies_carry_tensors=False)
+    exchange = GridExchange(grid, federation, round_number, ledger, message_type="evaluate",
+                            replies_carry_tensors=False)
     reports = exchange({node: request for node in nodes})
     total = sum(u.num_examples for u in reports)
     if total == 0:
@@ -316,10 +317,11 @@ def evaluate_global(grid: Grid, cfg: RunConfig, nodes: Sequence[int], request: R
     return Evaluation(loss=loss, accuracy=accuracy, num_examples=total)
 
 
-def query_capacities(grid: Grid, cfg: RunConfig, nodes: Sequence[int], round_number: int,
+def query_capacities(grid: Grid, federation: FederationConfig, nodes: Sequence[int], round_number: int,
                      ledger: RoundLedger) -> dict[int, int]:
     """Each answering node's announced max-rank (0: no limit); nodes that do not answer are absent."""
-    exchange = GridExchange(grid, cfg, round_number, ledger, message_type="query", replies_carry_tensors=False)
+    exchange = GridExchange(grid, federation, round_number, ledger, message_type="query",
+                            replies_carry_tensors=False)
     return {u.node_id: int(u.metrics.get("max-rank", 0)) for u in exchange({n: Request({}) for n in nodes})}
 
 

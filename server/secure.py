@@ -24,7 +24,7 @@ from flwr.serverapp import Grid
 
 from pollinate.proto.adapter_record import ADAPTER, INSTRUCTIONS, UpdateRejected, to_record
 from pollinate.proto.message_size import message_bytes
-from pollinate.proto.run_config import RunConfig
+from pollinate.proto.run_config import FederationConfig, SecAggConfig
 from pollinate.proto.secagg_record import (CLIPPED, LAYOUT, SECAGG, STAGE_ACTIONS, WEIGHT, from_config, layout_record,
                                  masked_from_record, to_config)
 from pollinate.secagg import (EncryptedShares, PublicKeys, Quantization, RoundConfig, SecAggError, ServerSession,
@@ -39,8 +39,11 @@ M = TypeVar("M", PublicKeys, EncryptedShares, UnmaskShares)
 class SecureAggregation:
     """The example-weighted mean of one exchange's uploads, of which the server sees only the sum."""
 
-    def __init__(self, grid: Grid, cfg: RunConfig, round_number: int, ledger: RoundLedger) -> None:
-        self.grid, self.cfg, self.round_number, self.ledger = grid, cfg, round_number, ledger
+    def __init__(self, grid: Grid, secagg: SecAggConfig, federation: FederationConfig, round_number: int,
+                 ledger: RoundLedger, seed: int = 0) -> None:
+        """``federation``: the wire dtype and reply timeout of the stages; ``seed``: the run's, for the graph."""
+        self.grid, self.secagg, self.federation, self.seed = grid, secagg, federation, seed
+        self.round_number, self.ledger = round_number, ledger
         self.exchanges = 0
         self.clipped = 0  # weighted values clipped to [-c, c] by the nodes this round (secagg.clip-range)
 
@@ -62,7 +65,7 @@ class SecureAggregation:
         setups = session.setup()
 
         # Stage 1: train, then advertise keys.
-        contents = {node: RecordDict({ADAPTER: to_record(requests[node].tensors, self.cfg.federation.wire_dtype),
+        contents = {node: RecordDict({ADAPTER: to_record(requests[node].tensors, self.federation.wire_dtype),
                                       INSTRUCTIONS: instructions_record(requests[node], self.round_number),
                                       SECAGG: to_config(setups[index[node]]),
                                       LAYOUT: layout_record([n for n, _, _ in layout], [s for _, s, _ in layout])})
@@ -112,11 +115,11 @@ class SecureAggregation:
                           {node: reports[node] for node in survivors})
 
     def _round_config(self, nodes: list[int], length: int) -> RoundConfig:
-        sa, n = self.cfg.secagg, len(nodes)
+        sa, n = self.secagg, len(nodes)
         if n < 2:
             raise RoundFailed(f"round {self.round_number}: secure aggregation needs at least 2 nodes, "
                               f"{n} were sampled; lower nothing, start more nodes")
-        graph = regular_graph(range(n), sa.degree or suggested_degree(n), seed=self.cfg.seed * 7919 + self.exchanges)
+        graph = regular_graph(range(n), sa.degree or suggested_degree(n), seed=self.seed * 7919 + self.exchanges)
         degrees = {len(vs) for vs in graph.values()}
         threshold = sa.threshold or minimum_threshold(max(degrees))
         try:
@@ -137,7 +140,7 @@ class SecureAggregation:
                                                     **kwargs))  # type: ignore[arg-type]
 
         replies = send_and_collect(self.grid, contents, message_type, self.round_number,
-                                   self.cfg.federation.round_timeout, record)
+                                   self.federation.round_timeout, record)
         for node, reply in replies.items():
             down, up = message_bytes(contents[node]), message_bytes(reply.content)
             try:

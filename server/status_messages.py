@@ -1,4 +1,4 @@
-"""Round-store rows -> pollinate.v1 status messages (proto/pollinate_status.proto)."""
+"""Round-store records -> pollinate.v1 status messages (proto/pollinate_status.proto)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from pollinate.proto import pollinate_status_pb2 as pb
-from pollinate.server.store import ClientUpdateRow, RoundRow, RunSummary
+from pollinate.server.store import RunSummary, StoredClientUpdate, StoredRound
 
 
 def _timestamp(moment: datetime) -> Timestamp:
@@ -40,21 +40,20 @@ def run_message(run: RunSummary, rounds_stored: int) -> pb.Run:
     return message
 
 
-def round_message(row: RoundRow, adapter: tuple[str, int] | None,
-                  clients: list[ClientUpdateRow] | None = None) -> pb.Round:
+def round_message(row: StoredRound, clients: list[StoredClientUpdate] | None = None) -> pb.Round:
     message = pb.Round(run_id=row.run_id, number=row.number, participants=row.participants, accepted=row.accepted,
                        bytes_up=row.bytes_up, bytes_down=row.bytes_down, duration_s=row.duration_s,
                        metrics=_metrics(row.metrics), clients=[client_message(c) for c in clients or []])
     for name in ("train_loss", "eval_loss", "eval_accuracy"):
         if getattr(row, name) is not None:
             setattr(message, name, getattr(row, name))
-    if adapter is not None:
-        message.adapter_sha256, message.adapter_bytes = adapter
+    if row.adapter_sha256 is not None and row.adapter_nbytes is not None:
+        message.adapter_sha256, message.adapter_bytes = row.adapter_sha256, row.adapter_nbytes
     return message
 
 
-def client_message(row: ClientUpdateRow) -> pb.ClientUpdate:
-    message = pb.ClientUpdate(node_id=row.node_id, phase=row.phase, status=row.status, reason=row.reason or "",
+def client_message(row: StoredClientUpdate) -> pb.ClientUpdate:
+    message = pb.ClientUpdate(node_id=str(row.node_id), phase=row.phase, status=row.status, reason=row.reason or "",
                               num_examples=row.num_examples, bytes_up=row.bytes_up, bytes_down=row.bytes_down,
                               metrics=_metrics(row.metrics))
     if row.rank is not None:

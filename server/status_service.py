@@ -20,7 +20,7 @@ from sqlalchemy.exc import OperationalError
 from pollinate.proto import pollinate_status_pb2 as pb
 from pollinate.proto import pollinate_status_pb2_grpc as pb_grpc
 from pollinate.server.status_messages import round_message, run_message
-from pollinate.server.store import RoundRow, RoundStore, RunSummary, StoreError
+from pollinate.server.store import RoundStore, RunSummary, StoredRound, StoreError
 
 DEFAULT_PORT = 9095  # beside Flower's 8000 (SuperLink HTTP API), 9092-9093 and 9094 (a SuperNode's runtime API)
 DEFAULT_CHUNK = 1 << 20
@@ -36,16 +36,15 @@ class StatusService(pb_grpc.PollinateStatusServicer):
 
     def GetRun(self, request: pb.GetRunRequest, context: grpc.ServicerContext) -> pb.Run:
         run = self._run(request.run_id, context)
-        rounds, index = self.store.rounds(run.id), self.store.adapter_index(run.id)
+        rounds = self.store.rounds(run.id)
         message = run_message(run, len(rounds))
-        message.rounds.extend(round_message(r, index.get(r.number)) for r in rounds)
+        message.rounds.extend(round_message(r) for r in rounds)
         return message
 
     def GetRound(self, request: pb.GetRoundRequest, context: grpc.ServicerContext) -> pb.Round:
         run = self._run(request.run_id, context)
         row = self._round(run.id, request.round, context)
-        return round_message(row, self.store.adapter_index(run.id).get(row.number),
-                             self.store.client_updates(run.id, row.number))
+        return round_message(row, self.store.client_updates(run.id, row.number))
 
     def WatchRun(self, request: pb.WatchRunRequest, context: grpc.ServicerContext) -> Iterator[pb.RunEvent]:
         run = self._run(request.run_id, context)
@@ -55,12 +54,9 @@ class StatusService(pb_grpc.PollinateStatusServicer):
                 # Status first: a run is finished only after its last round was recorded, so the rounds
                 # read next include every round of a finished run.
                 run = self.store.run(run.id)
-                rows = self.store.rounds(run.id, after=last)
-                index = self.store.adapter_index(run.id) if rows else {}
-                for row in rows:
+                for row in self.store.rounds(run.id, after=last):
                     clients = self.store.client_updates(run.id, row.number)
-                    yield pb.RunEvent(kind=pb.RunEvent.ROUND_RECORDED,
-                                      round=round_message(row, index.get(row.number), clients))
+                    yield pb.RunEvent(kind=pb.RunEvent.ROUND_RECORDED, round=round_message(row, clients))
                     last = row.number
             except OperationalError as e:
                 context.abort(grpc.StatusCode.UNAVAILABLE, f"the round store {self.store.url} is unreachable "
@@ -76,11 +72,12 @@ class StatusService(pb_grpc.PollinateStatusServicer):
         number = request.round or self._last_round(run.id, context)
         self._round(run.id, number, context)
         try:
-            digest, blob = self.store.adapter_file(run.id, number)
+            adapter = self.store.adapter(run.id, number)
         except StoreError as e:
             context.abort(grpc.StatusCode.DATA_LOSS, f"{e}; the stored bytes are damaged, nothing was sent")
         size = min(max(request.chunk_bytes or DEFAULT_CHUNK, _CHUNK_LIMITS[0]), _CHUNK_LIMITS[1])
-        yield pb.AdapterChunk(header=pb.AdapterHeader(run_id=run.id, round=number, sha256=digest,
+        blob = adapter.data
+        yield pb.AdapterChunk(header=pb.AdapterHeader(run_id=run.id, round=number, sha256=adapter.sha256,
                                                       total_bytes=len(blob), config_json=json.dumps(dict(run.config))))
         for start in range(0, len(blob), size):
             yield pb.AdapterChunk(data=blob[start:start + size])
@@ -93,7 +90,7 @@ class StatusService(pb_grpc.PollinateStatusServicer):
             held = f"runs {', '.join(map(str, ids))}" if ids else "no runs yet"
             context.abort(grpc.StatusCode.NOT_FOUND, f"run {run_id} is not in the round store, which holds {held}")
 
-    def _round(self, run_id: int, number: int, context: grpc.ServicerContext) -> RoundRow:
+    def _round(self, run_id: int, number: int, context: grpc.ServicerContext) -> StoredRound:
         rows = self.store.rounds(run_id)
         for row in rows:
             if row.number == number:
@@ -108,7 +105,7 @@ class StatusService(pb_grpc.PollinateStatusServicer):
         return rows[-1].number
 
 
-def _stored(rows: list[RoundRow]) -> str:
+def _stored(rows: list[StoredRound]) -> str:
     numbers = [r.number for r in rows]
     if not numbers:
         return "it has no stored round yet"

@@ -6,7 +6,10 @@ narrow API of ``RoundStore`` and never build SQL; ``record_round`` writes a whol
 transaction, so a round is either fully stored or not at all, and a coordinator that dies at
 any moment resumes from the last stored round (``last_checkpoint``). A failed round is stored
 too, with its reason and client ledger, but without an adapter. Adapters and states are stored
-as safetensors bytes with their sha256, checked again on load.
+as safetensors bytes with their sha256, checked again on load (``adapter``, the one adapter reader).
+Reads return frozen records (``RunSummary``, ``StoredRound``, ``StoredClientUpdate``, ``AttemptRecord``,
+``StoredAdapter``), never ORM rows; the SQLAlchemy models are private to this module. The schema is
+brought to the newest Alembic revision once per database per process.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -41,20 +45,60 @@ class StoreError(RuntimeError):
 
 
 # Flower sends the whole run config to every node, and the config is stored with the run: the store URL
-# travels with its password withheld ("***"), and the coordinator's processes read it from this variable.
+# travels with its password withheld ("***"). The coordinator's own processes get the password back from
+# the command that started them (see ``keep_password``).
 PASSWORD_ENV = "POLLINATE_STORE_PASSWORD"
 _WITHHELD = "***"
+_PASSWORDS: dict[str, str] = {}  # withheld URL -> its password, for this process only
+_PASSWORDS_LOCK = threading.Lock()
 
 
-def withhold_password(url: str) -> str:
-    """``url`` as it may be sent to nodes and stored with the run: its password (if any) replaced by ``***``
-    and put in this process's environment, where the coordinator reads it back (the ServerApp runs in this
-    process on the Simulation Engine, and inherits the environment through the SuperLink in a deployment)."""
+def withhold_password(url: str) -> tuple[str, str | None]:
+    """(``url`` as it may be sent to nodes and stored with the run, its password): the URL with the password
+    replaced by ``***``, and the password (None when the URL has none, or has it withheld already)."""
     parsed = make_url(url)
     if parsed.password is None or parsed.password == _WITHHELD:
-        return url
-    os.environ[PASSWORD_ENV] = str(parsed.password)
-    return parsed.render_as_string(hide_password=True)
+        return url, None
+    return parsed.render_as_string(hide_password=True), str(parsed.password)
+
+
+def keep_password(url: str, password: str | None) -> None:
+    """Let a ``RoundStore`` opened in this process on the withheld ``url`` use ``password``.
+
+    Why a registry in this module and not ``os.environ``: the environment is global state that every child
+    process inherits, so the Simulation Engine's Ray workers (the simulated *nodes*) and any tool started
+    later would get the database password too. The commands that hold a password keep it here for their
+    own process (``pollinate simulate`` runs the ServerApp in-process; ``pollinate server`` opens the store
+    for its report and status service) and hand it to exactly the child that needs it, the SuperLink, as
+    ``password_env(url)`` in that child's environment (server/launch.py).
+    """
+    if password is not None:
+        with _PASSWORDS_LOCK:
+            _PASSWORDS[_key(url)] = password
+
+
+def password_env(url: str) -> dict[str, str]:
+    """The environment entry a coordinator process started by this one needs to open the withheld ``url``
+    (``{PASSWORD_ENV: password}``), or nothing when this process keeps no password for it."""
+    with _PASSWORDS_LOCK:
+        password = _PASSWORDS.get(_key(url))
+    return {} if password is None else {PASSWORD_ENV: password}
+
+
+def _key(url: str) -> str:
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def _password(url: str) -> str:
+    """The real password of a withheld URL: kept by this process's command, or given by the parent's env."""
+    with _PASSWORDS_LOCK:
+        kept = _PASSWORDS.get(_key(url))
+    password = kept or os.environ.get(PASSWORD_ENV)
+    if not password:
+        raise StoreError(f"the round store URL {url} has its password withheld ({_WITHHELD}) and {PASSWORD_ENV} is "
+                         f"not set; set {PASSWORD_ENV} to the database password in the coordinator's environment "
+                         f"(`pollinate server` passes it to the SuperLink it starts)")
+    return password
 
 
 class _Base(DeclarativeBase):
@@ -63,6 +107,8 @@ class _Base(DeclarativeBase):
 
 metadata = _Base.metadata
 MIGRATIONS = Path(__file__).parent / "migrations"
+_MIGRATED: set[str] = set()  # databases (URLs, password hidden) this process brought to the newest revision
+_MIGRATED_LOCK = threading.Lock()
 
 
 def migrate(engine: Engine) -> None:
@@ -74,7 +120,25 @@ def migrate(engine: Engine) -> None:
         command.upgrade(config, "head")
 
 
-class RunRow(_Base):
+def _migrate_once(engine: Engine) -> None:
+    """``migrate``, once per database per process: a coordinator opens its store several times (command,
+    ServerApp, status service), and nothing else in this process changes the schema under it. An in-memory
+    SQLite database is new with every engine, so it is always migrated."""
+    url = engine.url
+    if url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"):
+        migrate(engine)
+        return
+    key = url.render_as_string(hide_password=True)
+    with _MIGRATED_LOCK:
+        if key not in _MIGRATED:
+            migrate(engine)
+            _MIGRATED.add(key)
+            return
+    with engine.connect():  # still fail fast when the database is unreachable
+        pass
+
+
+class _RunRow(_Base):
     __tablename__ = "runs"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     status: Mapped[str] = mapped_column(String(16))  # running | completed | failed | interrupted
@@ -88,7 +152,7 @@ class RunRow(_Base):
     adapter_dir: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
-class RoundRow(_Base):
+class _RoundRow(_Base):
     __tablename__ = "rounds"
     __table_args__ = (UniqueConstraint("run_id", "number"),)
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -108,7 +172,7 @@ class RoundRow(_Base):
     parent_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)  # the adapter it started from
 
 
-class ClientUpdateRow(_Base):
+class _ClientUpdateRow(_Base):
     __tablename__ = "client_updates"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id"), index=True)
@@ -123,7 +187,7 @@ class ClientUpdateRow(_Base):
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
 
 
-class PrivacyLedgerRow(_Base):
+class _PrivacyLedgerRow(_Base):
     """One row of the privacy ledger (privacy/ledger.py): a node's (or the server's) DP release in a round."""
 
     __tablename__ = "privacy_ledger"
@@ -142,7 +206,7 @@ class PrivacyLedgerRow(_Base):
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
 
 
-class AdapterRow(_Base):
+class _AdapterRow(_Base):
     __tablename__ = "adapters"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id"), unique=True)
@@ -151,7 +215,7 @@ class AdapterRow(_Base):
     data: Mapped[bytes] = mapped_column(LargeBinary)  # safetensors
 
 
-class RoundStateRow(_Base):
+class _RoundStateRow(_Base):
     """The round loop's full state after a completed round (base deltas included) and the strategy's own."""
 
     __tablename__ = "round_states"
@@ -162,7 +226,7 @@ class RoundStateRow(_Base):
     data: Mapped[bytes] = mapped_column(LargeBinary)  # safetensors
 
 
-class RunAttemptRow(_Base):
+class _RunAttemptRow(_Base):
     """One coordinator process working on a run: the first start, then one per resume."""
 
     __tablename__ = "run_attempts"
@@ -232,6 +296,57 @@ class RunSummary:
     config: Mapping[str, Any]
 
 
+@dataclass(frozen=True, kw_only=True)
+class StoredClientUpdate(ClientRecord):
+    """A stored ``ClientRecord`` with the number of the round it belongs to."""
+
+    round_number: int
+
+
+@dataclass(frozen=True)
+class StoredRound:
+    """A stored round as ``rounds`` reads it: its record's numbers, and its adapter's digest and size (if any)."""
+
+    run_id: int
+    number: int
+    participants: int
+    accepted: int
+    train_loss: float | None
+    eval_loss: float | None
+    eval_accuracy: float | None
+    bytes_up: int
+    bytes_down: int
+    duration_s: float
+    metrics: Mapping[str, float | None]  # NaN/Inf were stored as None
+    status: str  # completed | failed
+    reason: str | None
+    parent_sha256: str | None
+    adapter_sha256: str | None  # None: a failed round stores no adapter
+    adapter_nbytes: int | None
+
+
+@dataclass(frozen=True)
+class StoredAdapter:
+    """A round's global adapter as stored: safetensors bytes, already checked against their sha256."""
+
+    run_id: int
+    number: int
+    sha256: str
+    data: bytes
+
+    def tensors(self) -> NamedArrays:
+        return dict(load_safetensors(self.data))
+
+
+@dataclass(frozen=True)
+class AttemptRecord:
+    """One coordinator process that worked on a run: the first start, then one per resume."""
+
+    flower_run_id: int
+    first_round: int
+    started_at: datetime
+
+
 def adapter_bytes(tensors: NamedArrays) -> bytes:
     return save_safetensors({k: np.ascontiguousarray(v) for k, v in tensors.items()})
 
@@ -258,11 +373,7 @@ class RoundStore:
             raise StoreError(f"--db {url!r} is not a database URL; use e.g. sqlite:///pollinate.db or "
                              f"postgresql+psycopg://user@host:5432/dbname") from e
         if parsed.password == _WITHHELD:
-            if not os.environ.get(PASSWORD_ENV):
-                raise StoreError(f"the round store URL {url} has its password withheld ({_WITHHELD}) and "
-                                 f"{PASSWORD_ENV} is not set; set {PASSWORD_ENV} to the database password in the "
-                                 f"coordinator's environment (`pollinate server` sets it from --db)")
-            parsed = parsed.set(password=os.environ[PASSWORD_ENV])
+            parsed = parsed.set(password=_password(url))
         connect_args: dict[str, Any] = {}
         if parsed.get_backend_name() == "postgresql":
             connect_args["connect_timeout"] = connect_timeout_s
@@ -270,7 +381,7 @@ class RoundStore:
             connect_args["timeout"] = 30  # several processes may write one file; wait for the lock
         try:
             self.engine: Engine = create_engine(parsed, connect_args=connect_args)
-            migrate(self.engine)
+            _migrate_once(self.engine)
         except (OperationalError, ModuleNotFoundError) as e:
             raise StoreError(f"cannot open the round store at {parsed.render_as_string(hide_password=True)}: "
                              f"{str(e).splitlines()[0]}. Check the URL (--db) and that the database is running "
@@ -280,7 +391,7 @@ class RoundStore:
     def start_run(self, config: Mapping[str, Any], strategy: str, model: str,
                   initial_metrics: Mapping[str, float] | None = None) -> int:
         with Session(self.engine) as s, s.begin():
-            row = RunRow(status="running", strategy=strategy, model=model, config=dict(config),
+            row = _RunRow(status="running", strategy=strategy, model=model, config=dict(config),
                          initial_metrics=dict(initial_metrics or {}), started_at=_now())
             s.add(row)
             s.flush()
@@ -288,7 +399,7 @@ class RoundStore:
 
     def set_initial_metrics(self, run_id: int, metrics: Mapping[str, float]) -> None:
         with Session(self.engine) as s, s.begin():
-            s.get_one(RunRow, run_id).initial_metrics = {k: _finite(v) for k, v in metrics.items()}
+            s.get_one(_RunRow, run_id).initial_metrics = {k: _finite(v) for k, v in metrics.items()}
 
     def record_round(self, run_id: int, record: RoundRecord, global_adapter: NamedArrays | None,
                      round_state: NamedArrays | None = None) -> str | None:
@@ -299,7 +410,7 @@ class RoundStore:
         if (record.status == "completed") != (global_adapter is not None):
             raise ValueError("a completed round is stored with its global adapter, a failed one without")
         with Session(self.engine) as s, s.begin():
-            row = RoundRow(run_id=run_id, number=record.number, participants=record.participants,
+            row = _RoundRow(run_id=run_id, number=record.number, participants=record.participants,
                            accepted=record.accepted, train_loss=_finite(record.train_loss),
                            eval_loss=_finite(record.eval_loss), eval_accuracy=_finite(record.eval_accuracy),
                            bytes_up=record.bytes_up, bytes_down=record.bytes_down, duration_s=record.duration_s,
@@ -308,12 +419,12 @@ class RoundStore:
             s.add(row)
             s.flush()
             for c in record.clients:
-                s.add(ClientUpdateRow(round_id=row.id, node_id=str(c.node_id), phase=c.phase, status=c.status,
+                s.add(_ClientUpdateRow(round_id=row.id, node_id=str(c.node_id), phase=c.phase, status=c.status,
                                       reason=c.reason, rank=c.rank, num_examples=c.num_examples,
                                       bytes_up=c.bytes_up, bytes_down=c.bytes_down,
                                       metrics={k: _finite(v) for k, v in c.metrics.items()}))
             for e in record.privacy:
-                s.add(PrivacyLedgerRow(round_id=row.id, node_id=None if e.node_id is None else str(e.node_id),
+                s.add(_PrivacyLedgerRow(round_id=row.id, node_id=None if e.node_id is None else str(e.node_id),
                                        mechanism=e.mechanism, status=e.status, noise_multiplier=e.noise_multiplier,
                                        clip_norm=e.clip_norm, sample_rate=e.sample_rate, steps=e.steps,
                                        epsilon=_finite(e.epsilon), delta=e.delta, reason=e.reason,
@@ -322,40 +433,42 @@ class RoundStore:
                 return None
             blob = adapter_bytes(global_adapter)
             digest = sha256(blob)
-            s.add(AdapterRow(round_id=row.id, sha256=digest, nbytes=len(blob), data=blob))
+            s.add(_AdapterRow(round_id=row.id, sha256=digest, nbytes=len(blob), data=blob))
             if round_state is not None:
                 state_blob = adapter_bytes(round_state)
-                s.add(RoundStateRow(round_id=row.id, sha256=sha256(state_blob), nbytes=len(state_blob),
+                s.add(_RoundStateRow(round_id=row.id, sha256=sha256(state_blob), nbytes=len(state_blob),
                                     data=state_blob))
         return digest
 
     def begin_attempt(self, run_id: int, flower_run_id: int, first_round: int) -> None:
         """A coordinator (re)starts work on ``run_id`` as Flower run ``flower_run_id``: the run is running again."""
         with Session(self.engine) as s, s.begin():
-            row = s.get_one(RunRow, run_id)
+            row = s.get_one(_RunRow, run_id)
             row.status, row.error, row.ended_at = "running", None, None
-            s.add(RunAttemptRow(run_id=run_id, flower_run_id=str(flower_run_id), first_round=first_round,
+            s.add(_RunAttemptRow(run_id=run_id, flower_run_id=str(flower_run_id), first_round=first_round,
                                 started_at=_now()))
 
-    def attempts(self, run_id: int) -> list[RunAttemptRow]:
-        with Session(self.engine, expire_on_commit=False) as s:
-            return list(s.scalars(select(RunAttemptRow).where(RunAttemptRow.run_id == run_id)
-                                  .order_by(RunAttemptRow.id)))
+    def attempts(self, run_id: int) -> list[AttemptRecord]:
+        """The coordinator processes that worked on ``run_id``, in order."""
+        query = select(_RunAttemptRow).where(_RunAttemptRow.run_id == run_id).order_by(_RunAttemptRow.id)
+        with Session(self.engine) as s:
+            return [AttemptRecord(flower_run_id=int(a.flower_run_id), first_round=a.first_round,
+                                  started_at=a.started_at) for a in s.scalars(query)]
 
     def run_of_flower_run(self, flower_run_id: int) -> int | None:
         """The pollinate run a Flower run worked on, if it got as far as starting one."""
         with Session(self.engine) as s:
-            return s.scalar(select(RunAttemptRow.run_id).where(RunAttemptRow.flower_run_id == str(flower_run_id))
-                            .order_by(RunAttemptRow.id.desc()).limit(1))
+            return s.scalar(select(_RunAttemptRow.run_id).where(_RunAttemptRow.flower_run_id == str(flower_run_id))
+                            .order_by(_RunAttemptRow.id.desc()).limit(1))
 
     def last_checkpoint(self, run_id: int) -> Checkpoint | None:
         """The last completed round's state (None before round 1 completes), sha256-checked."""
         with Session(self.engine) as s:
-            found = s.execute(select(RoundRow.number, AdapterRow.sha256, RoundStateRow.sha256, RoundStateRow.data)
-                              .join(AdapterRow, AdapterRow.round_id == RoundRow.id)
-                              .join(RoundStateRow, RoundStateRow.round_id == RoundRow.id)
-                              .where(RoundRow.run_id == run_id, RoundRow.status == "completed")
-                              .order_by(RoundRow.number.desc()).limit(1)).first()
+            found = s.execute(select(_RoundRow.number, _AdapterRow.sha256, _RoundStateRow.sha256, _RoundStateRow.data)
+                              .join(_AdapterRow, _AdapterRow.round_id == _RoundRow.id)
+                              .join(_RoundStateRow, _RoundStateRow.round_id == _RoundRow.id)
+                              .where(_RoundRow.run_id == run_id, _RoundRow.status == "completed")
+                              .order_by(_RoundRow.number.desc()).limit(1)).first()
         if found is None:
             return None
         number, adapter_digest, state_digest, blob = found
@@ -366,78 +479,65 @@ class RoundStore:
 
     def finish_run(self, run_id: int, status: str, error: str | None = None, adapter_dir: str | None = None) -> None:
         with Session(self.engine) as s, s.begin():
-            row = s.get_one(RunRow, run_id)
+            row = s.get_one(_RunRow, run_id)
             row.status, row.error, row.ended_at = status, error, _now()
             if adapter_dir is not None:
                 row.adapter_dir = adapter_dir
 
     def runs(self) -> list[RunSummary]:
         with Session(self.engine) as s:
-            return [_summary(r) for r in s.scalars(select(RunRow).order_by(RunRow.id))]
+            return [_summary(r) for r in s.scalars(select(_RunRow).order_by(_RunRow.id))]
 
     def run(self, run_id: int) -> RunSummary:
         with Session(self.engine) as s:
-            row = s.get(RunRow, run_id)
+            row = s.get(_RunRow, run_id)
             if row is None:
                 raise StoreError(f"run {run_id} is not in the store at {self.url}; `pollinate runs` lists runs")
             return _summary(row)
 
-    def rounds(self, run_id: int, after: int = 0) -> list[RoundRow]:
-        """The run's stored rounds numbered above ``after``, in order."""
-        query = select(RoundRow).where(RoundRow.run_id == run_id, RoundRow.number > after)
-        with Session(self.engine, expire_on_commit=False) as s:
-            return list(s.scalars(query.order_by(RoundRow.number)))
+    def rounds(self, run_id: int, after: int = 0) -> list[StoredRound]:
+        """The run's stored rounds numbered above ``after``, in order, each with its adapter's digest and size."""
+        query = (select(_RoundRow, _AdapterRow.sha256, _AdapterRow.nbytes)
+                 .outerjoin(_AdapterRow, _AdapterRow.round_id == _RoundRow.id)
+                 .where(_RoundRow.run_id == run_id, _RoundRow.number > after).order_by(_RoundRow.number))
+        with Session(self.engine) as s:
+            return [_stored_round(row, digest, nbytes) for row, digest, nbytes in s.execute(query)]
 
-    def client_updates(self, run_id: int, number: int | None = None) -> list[ClientUpdateRow]:
-        query = select(ClientUpdateRow).join(RoundRow).where(RoundRow.run_id == run_id)
+    def client_updates(self, run_id: int, number: int | None = None) -> list[StoredClientUpdate]:
+        """Every node's part in the run's rounds (or in round ``number``), in round and recording order."""
+        query = select(_RoundRow.number, _ClientUpdateRow).join(_RoundRow).where(_RoundRow.run_id == run_id)
         if number is not None:
-            query = query.where(RoundRow.number == number)
-        with Session(self.engine, expire_on_commit=False) as s:
-            return list(s.scalars(query.order_by(RoundRow.number, ClientUpdateRow.id)))
+            query = query.where(_RoundRow.number == number)
+        with Session(self.engine) as s:
+            rows = s.execute(query.order_by(_RoundRow.number, _ClientUpdateRow.id))
+            return [_client_update(n, row) for n, row in rows]
 
     def privacy_ledger(self, run_id: int) -> list[tuple[int, PrivacyEntry]]:
         """(round number, entry) for every privacy ledger row of a run, in round order."""
-        query = (select(RoundRow.number, PrivacyLedgerRow).join(RoundRow)
-                 .where(RoundRow.run_id == run_id).order_by(RoundRow.number, PrivacyLedgerRow.id))
+        query = (select(_RoundRow.number, _PrivacyLedgerRow).join(_RoundRow)
+                 .where(_RoundRow.run_id == run_id).order_by(_RoundRow.number, _PrivacyLedgerRow.id))
         with Session(self.engine) as s:
             return [(number, _privacy_entry(row)) for number, row in s.execute(query)]
 
-    def load_adapter(self, run_id: int, number: int) -> NamedArrays:
-        """A round's global adapter, after checking its bytes against the stored sha256."""
-        return dict(load_safetensors(self.adapter_file(run_id, number)[1]))
+    def adapter(self, run_id: int, number: int) -> StoredAdapter:
+        """A round's global adapter, its bytes checked against the stored sha256 (``StoreError`` if they fail).
 
-    def adapter_file(self, run_id: int, number: int) -> tuple[str, bytes]:
-        """A round's global adapter as stored: (sha256, safetensors bytes), the bytes checked against the digest."""
+        The one reader of stored adapters; ``rounds`` lists their digests and sizes without reading the bytes.
+        """
+        query = (select(_AdapterRow.sha256, _AdapterRow.data).join(_RoundRow)
+                 .where(_RoundRow.run_id == run_id, _RoundRow.number == number))
         with Session(self.engine) as s:
-            row = s.scalars(select(AdapterRow).join(RoundRow)
-                            .where(RoundRow.run_id == run_id, RoundRow.number == number)).first()
-            if row is None:
-                raise StoreError(f"run {run_id} has no stored adapter for round {number}")
-            if sha256(row.data) != row.sha256:
-                raise StoreError(f"the stored adapter of run {run_id} round {number} fails its sha256 check")
-            return row.sha256, row.data
-
-    def adapter_index(self, run_id: int) -> dict[int, tuple[str, int]]:
-        """Round number -> (sha256, size in bytes) of its stored adapter, without reading the bytes."""
-        with Session(self.engine) as s:
-            rows = s.execute(select(RoundRow.number, AdapterRow.sha256, AdapterRow.nbytes).join(AdapterRow)
-                             .where(RoundRow.run_id == run_id))
-            return {n: (d, size) for n, d, size in rows}
-
-    def adapter_digests(self, run_id: int) -> dict[int, tuple[str, bytes]]:
-        """Round number -> (stored sha256, stored bytes), for audits."""
-        with Session(self.engine) as s:
-            rows = s.execute(select(RoundRow.number, AdapterRow.sha256, AdapterRow.data).join(AdapterRow)
-                             .where(RoundRow.run_id == run_id))
-            return {n: (d, b) for n, d, b in rows}
-
-    def adapter_sha256(self, run_id: int, number: int) -> str | None:
-        with Session(self.engine) as s:
-            return s.scalar(select(AdapterRow.sha256).join(RoundRow)
-                            .where(RoundRow.run_id == run_id, RoundRow.number == number))
+            found = s.execute(query).first()
+        if found is None:
+            raise StoreError(f"run {run_id} has no stored adapter for round {number}; `pollinate runs --run "
+                             f"{run_id}` lists its rounds (a failed round stores none)")
+        digest, data = found
+        if sha256(data) != digest:
+            raise StoreError(f"the stored adapter of run {run_id} round {number} fails its sha256 check")
+        return StoredAdapter(run_id=run_id, number=number, sha256=digest, data=data)
 
 
-def _privacy_entry(r: PrivacyLedgerRow) -> PrivacyEntry:
+def _privacy_entry(r: _PrivacyLedgerRow) -> PrivacyEntry:
     return PrivacyEntry(node_id=None if r.node_id is None else int(r.node_id), mechanism=r.mechanism,
                         status=r.status, noise_multiplier=r.noise_multiplier, clip_norm=r.clip_norm,
                         sample_rate=r.sample_rate, steps=r.steps,
@@ -445,7 +545,21 @@ def _privacy_entry(r: PrivacyLedgerRow) -> PrivacyEntry:
                         metrics=dict(r.metrics or {}))
 
 
-def _summary(r: RunRow) -> RunSummary:
+def _summary(r: _RunRow) -> RunSummary:
     return RunSummary(id=r.id, status=r.status, strategy=r.strategy, model=r.model, started_at=r.started_at,
                       ended_at=r.ended_at, error=r.error, adapter_dir=r.adapter_dir,
                       initial_metrics=r.initial_metrics or {}, config=json.loads(json.dumps(r.config)))
+
+
+def _stored_round(r: _RoundRow, adapter_sha256: str | None, adapter_nbytes: int | None) -> StoredRound:
+    return StoredRound(run_id=r.run_id, number=r.number, participants=r.participants, accepted=r.accepted,
+                       train_loss=r.train_loss, eval_loss=r.eval_loss, eval_accuracy=r.eval_accuracy,
+                       bytes_up=r.bytes_up, bytes_down=r.bytes_down, duration_s=r.duration_s,
+                       metrics=dict(r.metrics or {}), status=r.status, reason=r.reason, parent_sha256=r.parent_sha256,
+                       adapter_sha256=adapter_sha256, adapter_nbytes=adapter_nbytes)
+
+
+def _client_update(number: int, r: _ClientUpdateRow) -> StoredClientUpdate:
+    return StoredClientUpdate(node_id=int(r.node_id), phase=r.phase, status=r.status, reason=r.reason, rank=r.rank,
+                              num_examples=r.num_examples, bytes_up=r.bytes_up, bytes_down=r.bytes_down,
+                              metrics=dict(r.metrics or {}), round_number=number)

@@ -63,11 +63,13 @@ def simulate(args: argparse.Namespace) -> int:
     from pollinate.models import check_model_config
     from pollinate.server.privacy_rounds import check_privacy_config
     from pollinate.server.report import rounds_table
-    from pollinate.server.store import RoundStore, withhold_password
+    from pollinate.server.store import RoundStore, keep_password, withhold_password
 
     cfg, sim = load_scenario(scenario_of(args) or DEFAULT_SCENARIO, overrides_from_args(args), args.clients)
     cfg = absolute_locations(cfg)
-    cfg = cfg.replace(**{"store.db": withhold_password(cfg.store.db)})  # the run config goes to every node
+    url, password = withhold_password(cfg.store.db)  # the run config goes to every node
+    keep_password(url, password)  # the ServerApp runs in this process and opens the store with it
+    cfg = cfg.replace(**{"store.db": url})
     check_privacy_config(cfg, strategies.build(cfg))  # fail fast on an unknown or incompatible strategy, or model
     check_model_config(cfg.model)
     store = RoundStore(cfg.store.db)  # fail fast on an unreachable database

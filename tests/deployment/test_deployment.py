@@ -53,7 +53,7 @@ def test_a_coordinator_killed_after_round_1_resumes_with_the_same_adapter_and_lo
 
     assert store.run(run_id).status == "running"  # nobody could say otherwise
     assert [r.number for r in store.rounds(run_id)] == [1]  # round 2 was under way: nothing of it is stored
-    round_1 = store.adapter_digests(run_id)[1][0]
+    round_1 = store.rounds(run_id)[0].adapter_sha256
 
     resumed = procs.pollinate("server-2", "server", "--resume", str(run_id), "--db", url, "--port", str(port),
                               "--no-status")
@@ -64,11 +64,11 @@ def test_a_coordinator_killed_after_round_1_resumes_with_the_same_adapter_and_lo
     rounds = store.rounds(run_id)
     assert [(r.number, r.status) for r in rounds] == [(1, "completed"), (2, "completed"), (3, "completed")]
     assert all(r.accepted == 2 for r in rounds)
-    digests = store.adapter_digests(run_id)
-    assert digests[1][0] == round_1  # round 1 untouched
+    adapters = [store.adapter(run_id, r.number) for r in rounds]  # each checked against its sha256 as it is read
+    assert rounds[0].adapter_sha256 == adapters[0].sha256 == round_1  # round 1 untouched
     assert rounds[1].parent_sha256 == round_1  # round 2 started from round 1's adapter...
-    assert rounds[2].parent_sha256 == digests[2][0]  # ...and round 3 from round 2's
-    assert all(sha256(blob) == digest for digest, blob in digests.values())
+    assert rounds[2].parent_sha256 == adapters[1].sha256  # ...and round 3 from round 2's
+    assert all(sha256(a.data) == r.adapter_sha256 for a, r in zip(adapters, rounds))
     attempts = store.attempts(run_id)
     assert [a.first_round for a in attempts] == [1, 2]
     assert attempts[0].flower_run_id != attempts[1].flower_run_id  # a new Flower run, the same pollinate run
@@ -80,7 +80,7 @@ def test_a_coordinator_killed_after_round_1_resumes_with_the_same_adapter_and_lo
 
     cfg = RunConfig.from_flat(run.config)
     model = PeftModel.from_pretrained(load_base_model(cfg.model, cfg.seed).model, run.adapter_dir)
-    exported, stored = adapter_state(model), store.load_adapter(run_id, 3)
+    exported, stored = adapter_state(model), store.adapter(run_id, 3).tensors()
     assert all(np.array_equal(stored[k], exported[k]) for k in stored)
 
 

@@ -38,7 +38,7 @@ def test_the_noise_on_the_mean_has_std_z_c_over_m_and_only_on_trained_tensors() 
 def test_the_server_path_adds_the_configured_noise_to_what_it_sent(tiny_cfg) -> None:
     cfg = tiny_cfg.replace(**{"privacy.mode": "central", "privacy.noise-multiplier": 2.0, "privacy.clip-norm": 0.5,
                               "federation.strategy": "ffa-lora"})
-    central = CentralPrivacy(cfg, rng=np.random.default_rng(1))
+    central = CentralPrivacy(cfg.privacy, cfg.federation.rounds, rng=np.random.default_rng(1))
     sent = {A: np.ones((4, 256), np.float32), B: np.zeros((256, 4), np.float32)}
     request = Request(sent, Instructions(train_factors="B"))
     big = {A: sent[A], B: np.full((256, 4), 1.0, np.float32)}  # ||delta|| = 32 >> C: clipped to 0.5
@@ -157,8 +157,8 @@ def test_delta_must_be_below_one_over_n() -> None:
     with pytest.raises(BudgetRefused, match=r"privacy.delta = 0.01 is not below 1/n = 1/200"):
         plan_round(_sample_cfg(**{"privacy.delta": 0.01}), Instructions(round=1, privacy_run_key="k"), 200,
                    BudgetFile("/nonexistent/never-written.json"))
-    central = CentralPrivacy(RunConfig().replace(**{"privacy.mode": "central", "privacy.clip-norm": 1.0,
-                                                    "privacy.delta": 0.3}))
+    cfg = RunConfig().replace(**{"privacy.mode": "central", "privacy.clip-norm": 1.0, "privacy.delta": 0.3})
+    central = CentralPrivacy(cfg.privacy, cfg.federation.rounds)
     with pytest.raises(ConfigError, match=r"privacy.delta = 0.3 is not below 1/n = 1/4 for 4 clients"):
         central.start_round(1, sampled=4, connected=4)
 

@@ -78,7 +78,7 @@ def test_a_resumed_run_ends_exactly_where_an_uninterrupted_one_does(name: str, t
 
     assert state.keys() == expected.keys()
     assert all(np.array_equal(state[k], expected[k]) for k in expected), name
-    assert [a.flower_run_id for a in store.attempts(start.run_id)] == ["11", "22"]
+    assert [a.flower_run_id for a in store.attempts(start.run_id)] == [11, 22]
 
 
 def test_without_the_stored_strategy_state_fedadam_would_diverge(tmp_path: Path) -> None:

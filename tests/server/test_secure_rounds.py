@@ -94,7 +94,8 @@ def _cfg(**overrides: object) -> RunConfig:
 
 
 def _secure_mean(grid: LoopbackGrid, cfg: RunConfig, requests: dict[int, Request], ledger: RoundLedger):
-    exchange = RoundExchange(grid, cfg, 1, ledger, secure=SecureAggregation(grid, cfg, 1, ledger))  # type: ignore
+    secure = SecureAggregation(grid, cfg.secagg, cfg.federation, 1, ledger, seed=cfg.seed)  # type: ignore[arg-type]
+    exchange = RoundExchange(grid, cfg.federation, 1, ledger, secure=secure)  # type: ignore[arg-type]
     return exchange.mean(requests)
 
 

@@ -12,15 +12,13 @@ import numpy as np
 import pytest
 import torch
 from peft import PeftModel
-from sqlalchemy import select
-from sqlalchemy.orm import Session
-
 from pollinate.models import adapter_state, build_peft_model, load_base_model
 from pollinate.cli import main
 from pollinate.proto import pollinate_status_pb2 as pb
 from pollinate.server.status_client import DownloadError, assemble, connect, download
 from pollinate.server.status_service import StatusServer, serve_status
-from pollinate.server.store import AdapterRow, ClientRecord, RoundRecord, RoundStore
+from pollinate.server.store import ClientRecord, RoundRecord, RoundStore
+from tests.support.stores import damage_stored_blob
 
 NODE = 2**64 - 5  # Flower node ids are unsigned 64-bit
 
@@ -68,8 +66,8 @@ def test_status_lists_runs_rounds_and_the_client_ledger(service, tiny_cfg, capsy
     assert json.loads(runs[0].config_json)["adapter.r"] == 4
     run = stub.GetRun(pb.GetRunRequest(run_id=run_id), timeout=30)
     assert [r.number for r in run.rounds] == [1, 2]
-    digest, blob = store.adapter_file(run_id, 2)
-    assert (run.rounds[1].adapter_sha256, run.rounds[1].adapter_bytes) == (digest, len(blob))
+    stored = store.adapter(run_id, 2)
+    assert (run.rounds[1].adapter_sha256, run.rounds[1].adapter_bytes) == (stored.sha256, len(stored.data))
     assert run.rounds[0].train_loss == pytest.approx(0.6) and not run.rounds[0].HasField("eval_accuracy")
     ledger = stub.GetRound(pb.GetRoundRequest(run_id=run_id, round=2), timeout=30).clients
     assert [(c.node_id, c.phase, c.status) for c in ledger] == [
@@ -108,13 +106,13 @@ def test_download_is_byte_identical_and_loads_with_peft(service, tiny_cfg, tmp_p
     stub = connect(f"127.0.0.1:{server.port}")
     out, header = download(stub, run_id, 0, tmp_path / "adapter", chunk_bytes=4096)  # 0: the last round
     assert header.round == 2 and header.total_bytes > 2 * 4096  # three chunks or more
-    digest, blob = store.adapter_file(run_id, 2)
-    assert (out / "adapter_model.safetensors").read_bytes() == blob and header.sha256 == digest
+    stored = store.adapter(run_id, 2)
+    assert (out / "adapter_model.safetensors").read_bytes() == stored.data and header.sha256 == stored.sha256
 
     base = load_base_model(tiny_cfg.model, tiny_cfg.seed).model
     model = PeftModel.from_pretrained(base, str(out))
     loaded = adapter_state(model)
-    expected = store.load_adapter(run_id, 2)
+    expected = stored.tensors()
     assert loaded.keys() == expected.keys()
     assert all(np.array_equal(loaded[k], expected[k]) for k in expected)
     assert model(input_ids=torch.tensor([[1, 2, 3]])).logits.shape == (1, 2)
@@ -129,7 +127,7 @@ def test_a_round_stored_at_a_larger_rank_downloads_at_that_rank(service, tiny_cf
     out, _ = download(connect(f"127.0.0.1:{server.port}"), run_id, 1, tmp_path / "flora")
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 12
     model = PeftModel.from_pretrained(load_base_model(tiny_cfg.model, tiny_cfg.seed).model, str(out))
-    expected = store.load_adapter(run_id, 1)
+    expected = store.adapter(run_id, 1).tensors()
     assert all(np.array_equal(adapter_state(model)[k], v) for k, v in expected.items())
 
 
@@ -166,9 +164,7 @@ def test_damaged_bytes_are_refused_and_nothing_is_written(service, tiny_cfg, tmp
     with pytest.raises(DownloadError, match="arrived with"):
         assemble(chunks[:-1])
 
-    with Session(store.engine) as s, s.begin():  # the stored copy damaged: the server refuses to send it
-        row = s.scalars(select(AdapterRow)).one()
-        row.data = row.data[:-1] + bytes([row.data[-1] ^ 1])
+    damage_stored_blob(store.engine, "adapters")  # the stored copy damaged: the server refuses to send it
     downloads = tmp_path / "downloads"
     downloads.mkdir()
     with pytest.raises(grpc.RpcError) as e:

@@ -41,10 +41,10 @@ def test_the_run_is_fully_recorded(honest) -> None:
     train = [u for u in store.client_updates(run.id) if u.phase == "train"]
     assert len(train) == 12 and {u.status for u in train} == {"accepted"}
     assert len({u.node_id for u in train}) == 4
-    digests = store.adapter_digests(run.id)
-    assert sorted(digests) == [1, 2, 3]
-    assert all(sha256(blob) == digest for digest, blob in digests.values())
-    assert len({digest for digest, _ in digests.values()}) == 3  # the adapter moved every round
+    adapters = [store.adapter(run.id, r.number) for r in rounds]  # each checked against its sha256 as it is read
+    assert [a.number for a in adapters] == [1, 2, 3]
+    assert all(sha256(a.data) == a.sha256 == r.adapter_sha256 for a, r in zip(adapters, rounds))
+    assert len({a.sha256 for a in adapters}) == 3  # the adapter moved every round
 
 
 def test_each_upload_costs_the_adapter_parameters_times_element_size(honest) -> None:
@@ -89,7 +89,7 @@ def test_the_exported_adapter_reproduces_the_final_federated_evaluation(honest) 
     assert abs(sum(losses) / sum(counts) - final.eval_loss) < 1e-4
     assert abs(sum(hits) / sum(counts) - final.eval_accuracy) < 1e-4
     # ...and the stored round-3 adapter is the exported one.
-    stored = store.load_adapter(run.id, 3)
+    stored = store.adapter(run.id, 3).tensors()
     exported = adapter_state(model)
     assert all(np.array_equal(stored[k], exported[k]) for k in stored)
 

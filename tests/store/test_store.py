@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
 
-from pollinate.server.store import (AdapterRow, ClientRecord, ClientUpdateRow, RoundRecord, RoundRow, RoundStore, StoreError,
-                          sha256)
+from pollinate.server.store import ClientRecord, RoundRecord, RoundStore, StoreError, sha256
+from tests.support.stores import damage_stored_blob
 
 
 def _round(number: int, clients: int = 3) -> RoundRecord:
@@ -34,15 +32,34 @@ def test_a_run_its_rounds_and_adapters_are_stored_and_verified(store_url: str) -
 
     run = store.run(run_id)
     assert (run.status, run.strategy, run.config["adapter.r"], run.adapter_dir) == ("completed", "fedavg", 4, "/tmp/x")
-    assert [r.number for r in store.rounds(run_id)] == [1, 2]
+    rounds = store.rounds(run_id)
+    assert [r.number for r in rounds] == [1, 2]
     updates = store.client_updates(run_id, 1)
-    assert len(updates) == 4 and int(updates[0].node_id) == 2**63  # 64-bit Flower node ids survive
+    assert len(updates) == 4 and updates[0].node_id == 2**63  # 64-bit Flower node ids survive
+    assert {u.round_number for u in updates} == {1}
     assert [u.reason for u in updates if u.status == "rejected"] == ["tensor 'x' holds 1 NaN/Inf"]
-    for n, digest in zip((1, 2), digests):
-        loaded = store.load_adapter(run_id, n)
-        assert all(np.array_equal(loaded[k], v) for k, v in _adapter(n).items())
-        stored_digest, blob = store.adapter_digests(run_id)[n]
-        assert stored_digest == digest == sha256(blob)
+    assert [u.round_number for u in store.client_updates(run_id)] == [1] * 4 + [2] * 4
+    for n, digest, stored_round in zip((1, 2), digests, rounds):
+        adapter = store.adapter(run_id, n)
+        assert all(np.array_equal(adapter.tensors()[k], v) for k, v in _adapter(n).items())
+        assert adapter.sha256 == stored_round.adapter_sha256 == digest == sha256(adapter.data)
+        assert stored_round.adapter_nbytes == len(adapter.data)
+
+
+def test_reads_return_frozen_records_not_database_rows(store_url: str) -> None:
+    import dataclasses
+
+    store = RoundStore(store_url)
+    run_id = store.start_run({}, "fedavg", "tiny-bert")
+    store.record_round(run_id, _round(1), _adapter(1))
+    store.begin_attempt(run_id, flower_run_id=2**64 - 1, first_round=1)
+    read = [store.run(run_id), store.rounds(run_id)[0], store.client_updates(run_id)[0], store.attempts(run_id)[0],
+            store.adapter(run_id, 1)]
+    for record in read:
+        assert dataclasses.is_dataclass(record) and type(record).__dataclass_params__.frozen, type(record)
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            record.status = "changed"  # type: ignore[union-attr]
+    assert store.attempts(run_id)[0].flower_run_id == 2**64 - 1  # unsigned 64-bit Flower run ids survive
 
 
 def test_a_round_is_one_transaction(store_url: str) -> None:
@@ -51,21 +68,19 @@ def test_a_round_is_one_transaction(store_url: str) -> None:
     store.record_round(run_id, _round(1), _adapter(1))
     with pytest.raises(IntegrityError):
         store.record_round(run_id, _round(1, clients=5), _adapter(2))  # the same round twice
-    with Session(store.engine) as s:
-        assert s.scalar(select(func.count()).select_from(RoundRow)) == 1
-        assert s.scalar(select(func.count()).select_from(ClientUpdateRow)) == 4  # none of the 6 new rows
-        assert s.scalar(select(func.count()).select_from(AdapterRow)) == 1
+    assert len(store.rounds(run_id)) == 1
+    assert len(store.client_updates(run_id)) == 4  # none of the 6 new rows
+    adapter = store.adapter(run_id, 1).tensors()  # the first round's adapter, not the second's
+    assert all(np.array_equal(adapter[k], v) for k, v in _adapter(1).items())
 
 
 def test_a_tampered_adapter_fails_its_checksum(store_url: str) -> None:
     store = RoundStore(store_url)
     run_id = store.start_run({}, "fedavg", "tiny-bert")
     store.record_round(run_id, _round(1), _adapter(1))
-    with Session(store.engine) as s, s.begin():
-        row = s.scalars(select(AdapterRow)).one()
-        row.data = row.data[:-1] + bytes([row.data[-1] ^ 1])
+    damage_stored_blob(store.engine, "adapters")
     with pytest.raises(StoreError, match="fails its sha256 check"):
-        store.load_adapter(run_id, 1)
+        store.adapter(run_id, 1)
 
 
 @pytest.mark.parametrize("url, says", [
@@ -103,41 +118,84 @@ def test_a_failed_round_is_stored_with_its_reason_and_ledger_but_no_adapter(stor
     assert store.record_round(run_id, failed, None) is None
     rows = store.rounds(run_id)
     assert [(r.number, r.status, r.reason) for r in rows] == [(1, "completed", None), (2, "failed", "only 1 of 2 updates")]
-    assert [(u.node_id, u.reason) for u in store.client_updates(run_id, 2)] == [("5", "node offline")]
-    assert sorted(store.adapter_digests(run_id)) == [1]
+    assert [(u.node_id, u.reason) for u in store.client_updates(run_id, 2)] == [(5, "node offline")]
+    assert rows[1].adapter_sha256 is None and rows[1].adapter_nbytes is None  # no adapter for a failed round
+    with pytest.raises(StoreError, match="no stored adapter for round 2"):
+        store.adapter(run_id, 2)
     checkpoint = store.last_checkpoint(run_id)  # the failed round is no checkpoint: round 1 is
     assert checkpoint is not None and checkpoint.number == 1
-    assert checkpoint.adapter_sha256 == store.adapter_digests(run_id)[1][0]
+    assert checkpoint.adapter_sha256 == rows[0].adapter_sha256 == store.adapter(run_id, 1).sha256
     assert np.array_equal(checkpoint.state["state/x"], np.ones(3, np.float32))
 
 
 def test_a_tampered_round_state_is_refused_for_resume(store_url: str) -> None:
-    from pollinate.server.store import RoundStateRow
-
     store = RoundStore(store_url)
     run_id = store.start_run({}, "fedavg", "tiny-bert")
     assert store.last_checkpoint(run_id) is None
     store.record_round(run_id, _round(1), _adapter(1), {"state/x": np.ones(3, np.float32)})
-    with Session(store.engine) as s, s.begin():
-        row = s.scalars(select(RoundStateRow)).one()
-        row.data = row.data[:-1] + bytes([row.data[-1] ^ 1])
+    damage_stored_blob(store.engine, "round_states")
     with pytest.raises(StoreError, match="cannot be resumed"):
         store.last_checkpoint(run_id)
 
 
+def test_migrations_run_once_per_database_per_process(tmp_path) -> None:
+    """A coordinator opens its store several times (command, ServerApp, status service): Alembic runs once."""
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    statements: list[str] = []
+
+    def seen(conn, cursor, statement, parameters, context, executemany) -> None:  # noqa: ANN001
+        statements.append(statement)
+
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    event.listen(Engine, "before_cursor_execute", seen)
+    try:
+        RoundStore(url).start_run({}, "fedavg", "tiny-bert")
+        first = [s for s in statements if "alembic_version" in s]
+        statements.clear()
+        again = RoundStore(url)
+        second = [s for s in statements if "alembic_version" in s]
+        statements.clear()
+        RoundStore(f"sqlite:///{tmp_path / 'other.db'}")
+        other = [s for s in statements if "alembic_version" in s]
+    finally:
+        event.remove(Engine, "before_cursor_execute", seen)
+    assert any(s.lstrip().upper().startswith("CREATE TABLE ALEMBIC_VERSION") for s in first)  # migrated from empty
+    assert second == []  # the second open of the same database in this process leaves Alembic alone...
+    assert [r.strategy for r in again.runs()] == ["fedavg"]  # ...and reads the schema the first one made
+    assert other  # another database is migrated on its own
+    for _ in range(2):  # an in-memory database is new with every engine: always migrated
+        assert RoundStore("sqlite://").runs() == []
+
+
+def test_withholding_the_password_is_pure() -> None:
+    import os
+
+    from pollinate.server.store import PASSWORD_ENV, withhold_password
+
+    before = dict(os.environ)
+    assert withhold_password("postgresql+psycopg://u:pw@db:5432/x") == ("postgresql+psycopg://u:***@db:5432/x", "pw")
+    assert withhold_password("postgresql+psycopg://u@db:5432/x") == ("postgresql+psycopg://u@db:5432/x", None)
+    assert withhold_password("postgresql+psycopg://u:***@db:5432/x") == ("postgresql+psycopg://u:***@db:5432/x", None)
+    assert dict(os.environ) == before and PASSWORD_ENV not in os.environ
+
 
 def test_the_store_password_never_travels_with_the_run_config(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
-    """Flower sends the run config to every node: `pollinate server --db URL-with-password` sends ``***``."""
+    """Flower sends the run config to every node: `pollinate server --db URL-with-password` sends ``***``;
+    the password stays in the coordinator's process and goes only to the SuperLink it starts."""
     import argparse
     import os
+    import subprocess
+    import sys
 
     from sqlalchemy.engine import make_url
 
     from pollinate.server.cli import add_arguments, run_config
-    from pollinate.server.store import PASSWORD_ENV
-    from pollinate.simulations.engine import write_app_dir
+    from pollinate.server.store import PASSWORD_ENV, password_env
+    from pollinate.runtime.app_dir import write_app_dir
+    from tests.support.paths import REPO, TINY
     from tests.support.stores import POSTGRES_ENV, reset_postgres
-    from tests.support.paths import TINY
 
     if not os.environ.get(POSTGRES_ENV):
         pytest.skip(f"set {POSTGRES_ENV}; .ci/run sets it")
@@ -150,7 +208,8 @@ def test_the_store_password_never_travels_with_the_run_config(monkeypatch: pytes
     cfg = run_config(parser.parse_args(["--scenario", TINY, "--db", url, "--output", str(tmp_path)]))
     assert make_url(cfg.store.db).password == "***"
     assert "s3cret-pw" not in (write_app_dir(cfg, tmp_path / "app") / "pyproject.toml").read_text()
-    assert os.environ[PASSWORD_ENV] == "s3cret-pw"  # the SuperLink, and the ServerApp it starts, inherit it
+    assert PASSWORD_ENV not in os.environ  # nothing writes the environment...
+    assert password_env(cfg.store.db) == {PASSWORD_ENV: "s3cret-pw"}  # ...the SuperLink is given it (launch.py)
     store = RoundStore(cfg.store.db)
     assert store.engine.url.password == "s3cret-pw" and "s3cret-pw" not in store.url
     run_id = store.start_run(cfg.to_flat(), "fedavg", "tiny-bert")
@@ -159,6 +218,13 @@ def test_the_store_password_never_travels_with_the_run_config(monkeypatch: pytes
     resumed = run_config(parser.parse_args(["--resume", str(run_id), "--db", url]))
     assert (resumed.store.db, resumed.store.resume_run) == (cfg.store.db, run_id)
 
-    monkeypatch.delenv(PASSWORD_ENV)
-    with pytest.raises(StoreError, match=f"password withheld .* set {PASSWORD_ENV}"):
-        RoundStore(cfg.store.db)
+    # A coordinator process (the ServerApp under the SuperLink) opens the withheld URL with the password its
+    # parent put in its environment, and without it is told what to set.
+    opens = [sys.executable, "-c", "import sys; from pollinate.server.store import RoundStore; "
+             "print(RoundStore(sys.argv[1]).engine.url.password)", cfg.store.db]
+    child = {k: v for k, v in os.environ.items() if k != PASSWORD_ENV}
+    given = subprocess.run(opens, env={**child, **password_env(cfg.store.db)}, cwd=REPO, capture_output=True,
+                           text=True, timeout=120)
+    assert given.returncode == 0 and given.stdout.strip() == "s3cret-pw", given.stderr[-2000:]
+    without = subprocess.run(opens, env=child, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert without.returncode != 0 and f"password withheld (***) and {PASSWORD_ENV} is not set" in without.stderr

@@ -38,7 +38,7 @@ def _completed(tmp_path: Path, name: str, rounds: int) -> tuple[RoundStore, int]
 
 
 def _factor(store: RoundStore, run_id: int, number: int, which: int) -> dict[str, np.ndarray]:
-    adapter = store.load_adapter(run_id, number)
+    adapter = store.adapter(run_id, number).tensors()
     return {pair[which]: adapter[pair[which]] for pair in lora_pairs(adapter).values()}
 
 
@@ -89,7 +89,7 @@ def test_fedsa_lora_never_uploads_b_and_nodes_keep_their_own(tmp_path: Path) -> 
     a1, a2 = _factor(store, run_id, 1, 0), _factor(store, run_id, 2, 0)
     assert any(not np.array_equal(a1[k], a2[k]) for k in a1)
     train = [u for u in store.client_updates(run_id) if u.phase == "train"]
-    full = sum(v.size for v in store.load_adapter(run_id, 1).values()) * 4
+    full = sum(v.size for v in store.adapter(run_id, 1).tensors().values()) * 4
     b_bytes = sum(v.size for v in b1.values()) * 4
     assert all(u.bytes_up < full - b_bytes + 2000 for u in train)  # uploads carry no B
     # personalised evaluation: nodes evaluate with their own B, which moves the loss off the B = 0 model
