@@ -17,7 +17,6 @@ from pathlib import Path
 from pollinate.proto.run_config import RunConfig
 from pollinate.runtime.app_dir import CLIENT_APP, SERVER_APP, write_app_dir
 
-__all__ = ["CLIENT_APP", "SERVER_APP", "run", "write_app_dir"]  # the app dir lives in runtime/: both launchers write one
 
 
 def run(cfg: RunConfig, num_clients: int, app_dir: Path, cpus_per_client: float = 1.0, gpus_per_client: float = 0.0,
