@@ -1,5 +1,10 @@
 """The ClientApp: train the received adapter on local data and reply with adapter tensors only.
 
+It names no strategy: the run's strategy (``federation.strategy``) owns its node-side steps, which the
+ClientApp calls in one fixed order: prepare the received adapter -> train -> DP post-processing ->
+the strategy's upload transform -> the reply guard. What a strategy keeps on the node between messages
+lives in Flower's ``context.state`` (``read_node_state`` / ``keep_node_state``).
+
 The same code runs on a hospital/edge node (Deployment Engine; ``data-path`` and ``max-rank``
 in the node config) and in ``pollinate simulate`` (Simulation Engine; the node reads the
 partition file, and the node settings file, the simulation wrote for its ``partition-id``).
@@ -23,7 +28,6 @@ from pollinate.client.data import Example, batches, endless_batches, read_exampl
 from pollinate.client import secure
 from pollinate.client.private_training import (BudgetRefused, PrivateRound, budget_file, plan_round, privatise_upload,
                                      train_sample_dp)
-from pollinate.client.sketch import sketch_y, sketch_z
 from pollinate.client.train import evaluate, resolve_device, train
 from pollinate.models import BaseModel, adapter_state, build_peft_model, load_adapter_state, set_base_deltas
 from pollinate.proto.adapter_record import (ADAPTER, INSTRUCTIONS, REPORT, from_record, refuse_outside, specs_of,
@@ -33,9 +37,8 @@ from pollinate.privacy.central import clip_delta, delta_of
 from pollinate.privacy.ledger import REFUSAL_CODE
 from pollinate.proto.run_config import RunConfig
 from pollinate.proto.secagg_record import STAGE_ACTIONS
-from pollinate.strategies.base import lora_pairs
-from pollinate.strategies.heterogeneous import to_global_rank
-from pollinate.strategies.hetlora_math import prune_tail
+from pollinate import strategies
+from pollinate.strategies import NamedArrays, NodeState, Strategy
 from pollinate.strategies.merged import split_deltas
 
 # Node config keys (set by `pollinate client` or, in a simulation, by the node settings file).
@@ -43,7 +46,7 @@ DATA_PATH = "data-path"
 MAX_RANK = "max-rank"  # the largest LoRA rank this node can train (0: no limit)
 DEVICE = "device"
 PARTITION_ID = "partition-id"  # set by the Simulation Engine
-PERSONAL = "personal-factors"  # context.state record: this node's own LoRA B (fedsa-lora)
+NODE_STATE = "strategy-state/"  # context.state ArrayRecords under this prefix: the strategy's node state
 
 app = ClientApp()
 
@@ -78,6 +81,30 @@ def _model(cfg: RunConfig) -> tuple[PeftModel, BaseModel]:
     return build_peft_model(cfg)
 
 
+@functools.lru_cache(maxsize=2)
+def _strategy(cfg: RunConfig) -> Strategy:
+    # The node half of the run's strategy: its hooks read only the run config's context, never server state.
+    return strategies.build(cfg)
+
+
+def read_node_state(state: RecordDict) -> dict[str, NamedArrays]:
+    """The strategy's node state, from Flower's context.state (one ArrayRecord per name)."""
+    return {key.removeprefix(NODE_STATE): {k: v.numpy() for k, v in record.items()}
+            for key, record in state.array_records.items() if key.startswith(NODE_STATE)}
+
+
+def keep_node_state(state: RecordDict, node_state: NodeState) -> None:
+    """Write the strategy's node state back into Flower's context.state; names it dropped are deleted."""
+    for key in [k for k in state.array_records if k.startswith(NODE_STATE)]:
+        if key.removeprefix(NODE_STATE) not in node_state:
+            del state[key]
+    for name, arrays in node_state.items():
+        record = ArrayRecord()
+        for k, v in arrays.items():
+            record[k] = Array(np.ascontiguousarray(v))
+        state[NODE_STATE + name] = record
+
+
 @functools.lru_cache(maxsize=4)
 def _local_split(path: str, cfg: RunConfig) -> tuple[list[Example], list[Example]]:
     examples = read_examples(path, cfg.data, cfg.model)
@@ -90,8 +117,8 @@ def _instructions(msg: Message) -> Instructions:
 
 
 def _prepare(msg: Message, cfg: RunConfig, instructions: Instructions, config: Mapping[str, object],
-             state: RecordDict, training: bool) -> tuple[PeftModel, BaseModel]:
-    """The model at the instructed rank with the received adapter loaded (validated against its shapes)."""
+             node_state: NodeState, training: bool) -> tuple[PeftModel, BaseModel]:
+    """The model at the instructed rank with the received adapter, as the strategy prepares it, loaded."""
     rank = instructions.rank or cfg.adapter.r
     capacity = int(str(config.get(MAX_RANK, 0)))
     if training and capacity and rank > capacity:
@@ -103,10 +130,8 @@ def _prepare(msg: Message, cfg: RunConfig, instructions: Instructions, config: M
         wrong = sorted(k for k in expected.keys() | got.keys() if expected.get(k) != got.get(k))
         raise ValueError(f"the adapter sent does not fit this node's rank-{rank} {cfg.adapter.method} model: "
                          f"{len(wrong)} tensor(s) differ, e.g. {wrong[:2]}")
-    set_base_deltas(model, deltas)  # merged updates (flora, fedex-lora) on top of the frozen base; none: W0
-    if instructions.personal_factors and PERSONAL in state.array_records:  # fedsa-lora: this node's own B
-        tensors.update({k: v.numpy() for k, v in state.array_records[PERSONAL].items() if k in tensors})
-    load_adapter_state(model, tensors)
+    set_base_deltas(model, deltas)  # updates merged into the frozen base, if the strategy merges; none: W0
+    load_adapter_state(model, _strategy(cfg).prepare_received(tensors, instructions, node_state))
     return model, base
 
 
@@ -140,12 +165,13 @@ def train_adapter(msg: Message, context: Context) -> Message:
     config = node_config(context, cfg)
     instructions = _instructions(msg)
     train_set, _ = _local_split(str(config[DATA_PATH]), cfg)
-    rank = instructions.rank or cfg.adapter.r
-    scaling = cfg.adapter.alpha / rank
-    if instructions.upload == "sketch-z":  # sketch, exchange 2: no training, project what was trained
-        received = from_record(msg.content.array_records[ADAPTER])
-        tensors = sketch_z(received, instructions, scaling, context.state)
-        return _reply(msg, context, cfg, tensors, MetricRecord({"num-examples": len(train_set)}))
+    strategy, node_state = _strategy(cfg), read_node_state(context.state)
+    # The reply guard: only names the strategy may upload for what was sent; no base-model tensor leaves.
+    allowed = strategy.upload_names(msg.content.array_records[ADAPTER].keys(), instructions)
+    if not strategy.trains(instructions):  # an exchange that asks for something computed from what was trained
+        tensors = strategy.answer(from_record(msg.content.array_records[ADAPTER]), instructions, node_state)
+        keep_node_state(context.state, node_state)
+        return _reply(msg, context, cfg, tensors, MetricRecord({"num-examples": len(train_set)}), allowed)
     budget = budget_file(config, str(config[DATA_PATH]))
     plan: PrivateRound | None = None
     if cfg.privacy.mode in ("sample", "local"):
@@ -153,7 +179,7 @@ def train_adapter(msg: Message, context: Context) -> Message:
             plan = plan_round(cfg, instructions, len(train_set), budget)
         except BudgetRefused as e:
             return Message(Error(code=REFUSAL_CODE, reason=str(e)), reply_to=msg)
-    model, base = _prepare(msg, cfg, instructions, config, context.state, training=True)
+    model, base = _prepare(msg, cfg, instructions, config, node_state, training=True)
     received = adapter_state(model)
     if plan is not None and cfg.privacy.mode == "sample":
         loss = train_sample_dp(model, train_set, base.tokenizer, cfg, _device(cfg, config), instructions, plan)
@@ -173,22 +199,12 @@ def train_adapter(msg: Message, context: Context) -> Message:
         budget.record(plan.run_key, plan.spent)  # before the reply leaves: what was released is counted
         # The training loss is a function of the private examples that no noise covers: it stays here.
         report = MetricRecord({"num-examples": len(train_set), **plan.report(cfg.privacy.delta)})
-    if instructions.prune_gamma > 0:  # hetlora self-pruning: zero the negligible tail, tell the server
-        trained, pruned_rank = prune_tail(trained, instructions.prune_gamma)
-        report["pruned-rank"] = pruned_rank
-    if instructions.upload_rank:  # linear hetlora: every upload padded to the global rank and scaling
-        trained = to_global_rank(trained, rank, instructions.upload_rank, cfg.adapter.alpha)
-    if instructions.upload == "sketch-y":  # sketch, exchange 1: a linear sketch of the trained update
-        return _reply(msg, context, cfg, sketch_y(trained, instructions, scaling, context.state), report)
-    if instructions.personal_factors:  # fedsa-lora: B stays here, for the next round and for evaluation
-        personal = {b for _, b in lora_pairs(trained).values()}
-        state_record = ArrayRecord()
-        for k in personal:
-            state_record[k] = Array(np.ascontiguousarray(trained[k]))
-        context.state[PERSONAL] = state_record
-        trained = {k: v for k, v in trained.items() if k not in personal}
-    # Only names the server sent as the adapter may go back: no base-model tensor can leave the node.
-    return _reply(msg, context, cfg, trained, report, allowed=msg.content.array_records[ADAPTER].keys())
+    # The strategy transforms the post-processed adapter: what it computes from a private one is private too.
+    upload, metrics = strategy.transform_upload(trained, received, instructions, node_state)
+    for key, value in metrics.items():
+        report[key] = value
+    keep_node_state(context.state, node_state)
+    return _reply(msg, context, cfg, upload, report, allowed)
 
 
 @app.train(STAGE_ACTIONS[0])
@@ -210,7 +226,7 @@ def secagg_unmask(msg: Message, context: Context) -> Message:
 def evaluate_adapter(msg: Message, context: Context) -> Message:
     cfg = RunConfig.from_flat(context.run_config)
     config = node_config(context, cfg)
-    model, base = _prepare(msg, cfg, _instructions(msg), config, context.state, training=False)
+    model, base = _prepare(msg, cfg, _instructions(msg), config, read_node_state(context.state), training=False)
     _, eval_set = _local_split(str(config[DATA_PATH]), cfg)
     eval_set = eval_set[: cfg.train.eval_max_examples]
     result = evaluate(model, batches(eval_set, base.tokenizer, cfg.model, 64, seed=None), _device(cfg, config))

@@ -9,9 +9,10 @@ from __future__ import annotations
 from importlib.metadata import entry_points
 
 from pollinate.proto.run_config import ConfigError, RunConfig
-from pollinate.strategies.base import (AggregationError, ClientUpdate, Exchange, MeanUpdate, NamedArrays, Request, Strategy,
-                             StrategyContext)
+from pollinate.strategies.base import (AggregationError, ClientUpdate, Exchange, MeanUpdate, NamedArrays, NodeState,
+                                       Request, Strategy, StrategyContext)
 from pollinate.strategies.fedavg import FedAvg, FedProx
+from pollinate.strategies.fedavgm import FedAvgM
 from pollinate.strategies.fedex_lora import FedExLora
 from pollinate.strategies.fedopt import FedAdam, FedYogi
 from pollinate.strategies.fedsa_lora import FedSaLora
@@ -24,7 +25,8 @@ from pollinate.strategies.sketch import Sketch
 ENTRY_POINT_GROUP = "pollinate.strategies"
 
 _BUILTIN: dict[str, type[Strategy]] = {cls.name: cls for cls in (
-    FedAvg, FedProx, FedAdam, FedYogi, FfaLora, RoLora, FedSaLora, FedExLora, HetLora, FlexLora, FLora, Sketch)}
+    FedAvg, FedProx, FedAdam, FedYogi, FfaLora, RoLora, FedSaLora, FedExLora, HetLora, FlexLora, FLora, Sketch,
+    FedAvgM)}
 
 
 def registry() -> dict[str, type[Strategy]]:
@@ -48,13 +50,21 @@ def get(name: str) -> type[Strategy]:
                           f"(`pollinate strategies` lists them with their properties)") from None
 
 
+def context(cfg: RunConfig) -> StrategyContext:
+    """The run's ``StrategyContext``; the server and every node build the same one from the run config."""
+    # PEFT's scaling rule is part of the adapter config: read it once, here, for every strategy and the node.
+    use_rslora = bool(cfg.adapter.option_dict.get("use_rslora", False))
+    return StrategyContext(rank=cfg.adapter.r, alpha=cfg.adapter.alpha, seed=cfg.seed, options=cfg.strategy,
+                           use_rslora=use_rslora)
+
+
 def build(cfg: RunConfig) -> Strategy:
     """The strategy ``cfg.federation.strategy``, checked against the adapter it must aggregate."""
     cls = get(cfg.federation.strategy)
     if cls.lora_factors and cfg.adapter.method.lower() not in ("lora", "dora"):
         raise ConfigError(f"strategy {cls.name!r} works on LoRA factors (A, B), but adapter.method = "
                           f"{cfg.adapter.method!r}; use adapter.method = 'lora' or a strategy such as fedavg")
-    strategy = cls(StrategyContext(rank=cfg.adapter.r, alpha=cfg.adapter.alpha, seed=cfg.seed, options=cfg.strategy))
+    strategy = cls(context(cfg))
     if cfg.secagg.enabled and not strategy.linear:
         linear = sorted(n for n, c in registry().items() if c.linear)
         hint = " (or hetlora with strategy.hetlora-norm-weighting = false)" if cls.name == "hetlora" else ""
@@ -64,5 +74,5 @@ def build(cfg: RunConfig) -> Strategy:
     return strategy
 
 
-__all__ = ["AggregationError", "ClientUpdate", "Exchange", "MeanUpdate", "NamedArrays", "Request", "Strategy",
-           "StrategyContext", "build", "get", "names", "registry"]
+__all__ = ["AggregationError", "ClientUpdate", "Exchange", "MeanUpdate", "NamedArrays", "NodeState", "Request",
+           "Strategy", "StrategyContext", "build", "context", "get", "names", "registry"]

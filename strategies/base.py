@@ -15,7 +15,7 @@ aggregation (the server learns only the sum) and central DP (clip, then noise th
 from __future__ import annotations
 
 from abc import ABC
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import ClassVar, Protocol
 
@@ -23,8 +23,12 @@ import numpy as np
 
 from pollinate.proto.instructions import Instructions
 from pollinate.proto.run_config import ConfigError, StrategyConfig
+from pollinate.strategies.lowrank import lora_scaling
 
 NamedArrays = dict[str, np.ndarray]
+# What a strategy's node half keeps on one node between messages, by name (e.g. fedsa-lora's own B). The
+# ClientApp persists it in Flower's context.state, which never leaves the node.
+NodeState = MutableMapping[str, NamedArrays]
 
 
 @dataclass(frozen=True)
@@ -80,16 +84,18 @@ def mean_of(updates: Sequence[ClientUpdate]) -> MeanUpdate:
 
 @dataclass(frozen=True)
 class StrategyContext:
-    """What a strategy may know about the run: the global rank, LoRA alpha, the seed and its own options."""
+    """What a strategy may know about the run: the global rank, LoRA alpha and scaling rule, the seed and its
+    own options. The node builds the same context from the run config, so the node half agrees with the server."""
 
     rank: int
     alpha: float
     seed: int = 0
     options: StrategyConfig = field(default_factory=StrategyConfig)
+    use_rslora: bool = False  # adapter.options use_rslora: PEFT scales by alpha / sqrt(r) instead of alpha / r
 
     def scaling(self, rank: int) -> float:
-        """LoRA's s = alpha / r (Hu et al. 2021): the update is s * B @ A."""
-        return self.alpha / rank
+        """LoRA's s at ``rank`` (the update is s * B @ A), by PEFT's rule for this run (``lowrank.lora_scaling``)."""
+        return lora_scaling(self.alpha, rank, self.use_rslora)
 
 
 class AggregationError(ValueError):
@@ -97,7 +103,14 @@ class AggregationError(ValueError):
 
 
 class Strategy(ABC):
-    """A named aggregation strategy. Subclasses set the class facts and implement ``aggregate``."""
+    """A named aggregation strategy. Subclasses set the class facts and implement ``aggregate``.
+
+    A strategy owns both halves: the server's math (``request``, ``run_round``, ``aggregate``...) and the
+    node's steps around training (``prepare_received``, ``trains``, ``transform_upload``, ``answer``,
+    ``upload_names``). The ClientApp calls the node hooks in a fixed order, on an instance built from the
+    run config (``strategies.build``): they read only ``self.ctx``, their arguments and the node's state,
+    never what the server instance carries from round to round.
+    """
 
     name: ClassVar[str]
     summary: ClassVar[str]
@@ -140,6 +153,31 @@ class Strategy(ABC):
                 return (f"{key} was sent frozen (instructions.train-factors = "
                         f"{request.instructions.train_factors!r}) but came back changed")
         return None
+
+    # The node half. Order in the ClientApp: prepare_received -> train -> DP post-processing ->
+    # transform_upload -> reply guard (upload_names); or, when the exchange does not train, answer.
+
+    def prepare_received(self, tensors: NamedArrays, instructions: Instructions, node_state: NodeState) -> NamedArrays:
+        """The adapter the node loads, from the one it received (training and evaluation). Default: as received."""
+        return tensors
+
+    def trains(self, instructions: Instructions) -> bool:
+        """Whether this exchange trains; if not, the node replies with ``answer``. Default: every exchange trains."""
+        return True
+
+    def transform_upload(self, trained: NamedArrays, received: NamedArrays, instructions: Instructions,
+                         node_state: NodeState) -> tuple[NamedArrays, dict[str, float]]:
+        """What the node uploads from its trained adapter, and metrics to report beside it. Default: the adapter."""
+        return trained, {}
+
+    def answer(self, received: NamedArrays, instructions: Instructions, node_state: NodeState) -> NamedArrays:
+        """The upload for an exchange that does not train (``trains`` is False)."""
+        raise NotImplementedError(f"{self.name} trains in every exchange; it has no answer without training")
+
+    def upload_names(self, sent: Iterable[str], instructions: Instructions) -> set[str]:
+        """The only tensor names a node's reply to an exchange that sent ``sent`` may hold (the reply guard):
+        by default the names it was sent, so no base-model tensor can leave the node."""
+        return set(sent)
 
     def aggregate(self, state: NamedArrays, updates: Sequence[ClientUpdate], round_number: int) -> NamedArrays:
         """The next state from this round's accepted updates; a linear strategy needs only their mean."""

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from pollinate.strategies.base import MeanUpdate, NamedArrays, Request, lora_pairs, with_instructions
+from pollinate.proto.instructions import Instructions
+from pollinate.strategies.base import MeanUpdate, NamedArrays, NodeState, Request, lora_pairs, with_instructions
 from pollinate.strategies.fedavg import FedAvg
+
+PERSONAL = "personal-factors"  # node state: this node's own LoRA B, kept across rounds
 
 
 class FedSaLora(FedAvg):
@@ -32,3 +35,18 @@ class FedSaLora(FedAvg):
         out = dict(mean.tensors)
         out.update({b: state[b] for _, b in lora_pairs(state).values()})  # the server never sees a node's B
         return out
+
+    # The node half: B is put back before training and evaluation, and kept out of the upload.
+
+    def prepare_received(self, tensors: NamedArrays, instructions: Instructions, node_state: NodeState) -> NamedArrays:
+        if not instructions.personal_factors or PERSONAL not in node_state:
+            return tensors  # the first round: the node trains from the B it was sent (PEFT's zero init)
+        return {**tensors, **{k: v for k, v in node_state[PERSONAL].items() if k in tensors}}
+
+    def transform_upload(self, trained: NamedArrays, received: NamedArrays, instructions: Instructions,
+                         node_state: NodeState) -> tuple[NamedArrays, dict[str, float]]:
+        if not instructions.personal_factors:
+            return trained, {}
+        personal = {b for _, b in lora_pairs(trained).values()}
+        node_state[PERSONAL] = {k: trained[k] for k in personal}  # for the next round and for evaluation
+        return {k: v for k, v in trained.items() if k not in personal}, {}

@@ -61,4 +61,4 @@ class FLora(HeterogeneousRanks):
 
     def export(self, state: NamedArrays) -> NamedArrays:
         adapter, deltas = split_deltas(state)
-        return fold_into_lora(adapter, deltas, self.ctx.alpha, self.ctx.rank)[0]
+        return fold_into_lora(adapter, deltas, self.ctx.scaling, self.ctx.rank)[0]

@@ -1,7 +1,8 @@
 """The rank plumbing shared by heterogeneous-rank LoRA strategies (hetlora, flexlora).
 
 The server keeps the global adapter at rank R = ``adapter.r``; a node of capacity r_k < R
-trains rank r_k. LoRA's update is s * B @ A with s = alpha / r, so a factor pair means the
+trains rank r_k. LoRA's update is s * B @ A with s = s(r) (alpha / r, or alpha / sqrt(r) with rsLoRA:
+``StrategyContext.scaling``), so a factor pair means the
 same update at every rank only if B is rescaled when the rank changes: a node is sent
 (A[:r_k], B[:, :r_k] * s_R / s_k) and its reply is read back as B_k * s_k / s_R. Tensors
 that are not LoRA factors (classifier heads) are averaged by examples.
@@ -31,16 +32,16 @@ def at_rank(state: NamedArrays, rank: int, ctx: StrategyContext) -> NamedArrays:
     return out
 
 
-def to_global_rank(tensors: NamedArrays, rank: int, global_rank: int, alpha: float) -> NamedArrays:
-    """A node's rank-``rank`` adapter zero-padded to ``global_rank``, B rescaled into alpha / global_rank.
+def to_global_rank(tensors: NamedArrays, rank: int, ctx: StrategyContext) -> NamedArrays:
+    """A node's rank-``rank`` adapter zero-padded to the global rank ctx.rank, B rescaled into its scaling.
 
     The inverse of ``at_rank`` for an upload: B A s_k = B' A' s_R, so uploads of every rank share
     one shape and meaning, and their plain weighted mean is linear HetLoRA's aggregate.
     """
     out = dict(tensors)
-    ratio = (alpha / rank) / (alpha / global_rank)
+    ratio = ctx.scaling(rank) / ctx.scaling(ctx.rank)
     for a_key, b_key in lora_pairs(tensors).values():
-        a, b = pad_rank(tensors[a_key], tensors[b_key] * np.float32(ratio), global_rank)
+        a, b = pad_rank(tensors[a_key], tensors[b_key] * np.float32(ratio), ctx.rank)
         out[a_key], out[b_key] = a.astype(np.float32), b.astype(np.float32)
     return out
 
@@ -77,4 +78,4 @@ class HeterogeneousLora(HeterogeneousRanks):
     @abstractmethod
     def aggregate_pair(self, as_: Sequence[np.ndarray], bs: Sequence[np.ndarray], weights: Sequence[float],
                        scalings: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
-        """One module's global (A: (R, d_in), B: (d_out, R)) at scaling alpha / R, from clients at their ranks."""
+        """One module's global (A: (R, d_in), B: (d_out, R)) at scaling ctx.scaling(R), from clients at their ranks."""

@@ -15,9 +15,11 @@ from dataclasses import replace
 
 import numpy as np
 
-from pollinate.strategies.base import ClientUpdate, MeanUpdate, NamedArrays, Request, StrategyContext, with_instructions
-from pollinate.strategies.heterogeneous import HeterogeneousLora
-from pollinate.strategies.hetlora_math import hetlora_aggregate
+from pollinate.proto.instructions import Instructions
+from pollinate.strategies.base import (ClientUpdate, MeanUpdate, NamedArrays, NodeState, Request, StrategyContext,
+                                       with_instructions)
+from pollinate.strategies.heterogeneous import HeterogeneousLora, to_global_rank
+from pollinate.strategies.hetlora_math import hetlora_aggregate, prune_tail
 from pollinate.strategies.lowrank import pad_rank
 
 
@@ -69,6 +71,19 @@ class HetLora(HeterogeneousLora):
         for node, reported in metrics.items():
             if "pruned-rank" in reported:
                 self.pruned[node] = max(1, int(reported["pruned-rank"]))
+
+    def transform_upload(self, trained: NamedArrays, received: NamedArrays, instructions: Instructions,
+                         node_state: NodeState) -> tuple[NamedArrays, dict[str, float]]:
+        """The node half: self-pruning (zero the negligible tail, report the rank kept), then, when linear,
+        the upload zero-padded to the global rank in the global scaling."""
+        metrics: dict[str, float] = {}
+        if instructions.prune_gamma > 0:
+            trained, pruned_rank = prune_tail(trained, instructions.prune_gamma)
+            metrics["pruned-rank"] = pruned_rank
+        if instructions.upload_rank:
+            rank = instructions.rank or self.ctx.rank
+            trained = to_global_rank(trained, rank, replace(self.ctx, rank=instructions.upload_rank))
+        return trained, metrics
 
     def aggregate_pair(self, as_: Sequence[np.ndarray], bs: Sequence[np.ndarray], weights: Sequence[float],
                        scalings: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:

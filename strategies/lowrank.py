@@ -1,13 +1,20 @@
 """Low-rank algebra on LoRA factors, never materialising a d_out x d_in matrix.
 
-Conventions: A is (r, d_in), B is (d_out, r), the update is s * B @ A.
+Conventions: A is (r, d_in), B is (d_out, r), the update is s * B @ A with s = ``lora_scaling``.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
+
+
+def lora_scaling(alpha: float, rank: int, use_rslora: bool = False) -> float:
+    """LoRA's s in s * B @ A, by PEFT's own rule (``LoraLayer.update_layer``): alpha / r (Hu et al. 2021), or
+    alpha / sqrt(r) with ``use_rslora`` (rank-stabilised LoRA, Kalajdzievski 2023). The one place s is written."""
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
 
 
 def pad_rank(a: np.ndarray, b: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:

@@ -10,7 +10,7 @@ deltas and the adapter fold into one plain LoRA that PEFT loads.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -48,16 +48,18 @@ def add_to_deltas(deltas: Deltas, prefix: str, as_: Sequence[np.ndarray], bs: Se
     deltas[prefix] = ((root[:, None] * vt[:keep]).astype(np.float32), (u[:, :keep] * root).astype(np.float32))
 
 
-def fold_into_lora(adapter: NamedArrays, deltas: Deltas, alpha: float, rank: int) -> tuple[NamedArrays, int]:
+def fold_into_lora(adapter: NamedArrays, deltas: Deltas, scaling: Callable[[int], float],
+                   rank: int) -> tuple[NamedArrays, int]:
     """One plain LoRA equal to base deltas + adapter: B' = [B_d / s', B s / s'], A' = [A_d; A], padded to one rank.
 
-    Returns the adapter and its rank r' (scaling s' = alpha / r'), for PEFT's export.
+    ``scaling`` is the run's rule rank -> s (``StrategyContext.scaling``); the adapter is at ``rank``.
+    Returns the adapter and its rank r' (scaling s' = scaling(r')), for PEFT's export.
     """
     pairs = lora_pairs(adapter)
     if not deltas:
         return adapter, rank
     rank_out = max(rank + (deltas[p][0].shape[0] if p in deltas else 0) for p in pairs)
-    s, s_out = alpha / rank, alpha / rank_out
+    s, s_out = scaling(rank), scaling(rank_out)
     out = dict(adapter)
     for prefix, (a_key, b_key) in pairs.items():
         a, b = adapter[a_key], adapter[b_key] * np.float32(s / s_out)

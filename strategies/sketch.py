@@ -15,22 +15,28 @@ A randomised range finder (Halko, Martinsson & Tropp 2011, Alg. 4.1) run across 
 Both exchanges need only the weighted mean of the uploads (``exchange.mean``), so secure
 aggregation hides every node's sketch and projection.
 
+The node half: after training, the node uploads Y_k and keeps its trained factors in its node state;
+exchange 2 does not train (``trains``), it projects them (``answer``) and forgets them.
+
 No published federated LoRA system ships this for heterogeneous ranks (Bai et al. 2024 use a
 dense SVD of the materialised Delta W and need every client's factors).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
 from pollinate.proto.instructions import Instructions
-from pollinate.strategies.base import AggregationError, ClientUpdate, Exchange, NamedArrays, Request, lora_pairs
+from pollinate.strategies.base import (AggregationError, ClientUpdate, Exchange, NamedArrays, NodeState, Request,
+                                       lora_pairs)
 from pollinate.strategies.heterogeneous import HeterogeneousRanks, at_rank
-from pollinate.strategies.sketch_math import orthonormal_basis, sketch_factors
+from pollinate.strategies.sketch_math import (orthonormal_basis, project_upload, sketch_factors, sketch_matrix,
+                                              sketch_upload)
 
 SKETCH_Y, SKETCH_Q, SKETCH_Z = ".sketch_y", ".sketch_q", ".sketch_z"
+TRAINED = "sketch-trained-adapter"  # node state: this round's trained adapter, kept from exchange 1 for exchange 2
 
 
 class Sketch(HeterogeneousRanks):
@@ -77,3 +83,48 @@ class Sketch(HeterogeneousRanks):
             a, b = sketch_factors(bases[prefix], z, self.ctx.rank)  # Delta W ~= b @ a
             out[a_key], out[b_key] = a.astype(np.float32), (b / np.float32(s_global)).astype(np.float32)
         return out
+
+    # The node half.
+
+    def transform_upload(self, trained: NamedArrays, received: NamedArrays, instructions: Instructions,
+                         node_state: NodeState) -> tuple[NamedArrays, dict[str, float]]:
+        """Exchange 1's upload: Y_k = s_k B_k (A_k Omega) per module, other tensors as trained; keeps ``trained``."""
+        if instructions.upload != "sketch-y":
+            return trained, {}
+        scaling = self.ctx.scaling(instructions.rank or self.ctx.rank)
+        pairs = lora_pairs(trained)
+        factor_keys = {k for pair in pairs.values() for k in pair}
+        out = {k: v for k, v in trained.items() if k not in factor_keys}
+        for prefix, (a_key, b_key) in pairs.items():
+            omega = sketch_matrix(instructions.sketch_seed, trained[a_key].shape[1], instructions.sketch_size)
+            out[prefix + SKETCH_Y] = sketch_upload(trained[a_key], trained[b_key], scaling, omega)
+        node_state[TRAINED] = {k: np.asarray(v, dtype=np.float32) for k, v in trained.items()}
+        return {k: np.asarray(v, dtype=np.float32) for k, v in out.items()}, {}
+
+    def trains(self, instructions: Instructions) -> bool:
+        return instructions.upload != "sketch-z"  # exchange 2 projects what exchange 1 trained
+
+    def answer(self, received: NamedArrays, instructions: Instructions, node_state: NodeState) -> NamedArrays:
+        """Exchange 2's upload: Z_k = Q^T (s_k B_k A_k) per module, from the factors kept at exchange 1."""
+        if TRAINED not in node_state:
+            raise ValueError(f"round {instructions.round}: asked for the sketch projection before this node sent "
+                             f"its sketch (exchange 1); nothing to project")
+        trained = node_state.pop(TRAINED)
+        scaling = self.ctx.scaling(instructions.rank or self.ctx.rank)
+        out = {}
+        for prefix, (a_key, b_key) in lora_pairs(trained).items():
+            q = received[prefix + SKETCH_Q]
+            out[prefix + SKETCH_Z] = project_upload(q, trained[a_key], trained[b_key], scaling)
+        return {k: np.asarray(v, dtype=np.float32) for k, v in out.items()}
+
+    def upload_names(self, sent: Iterable[str], instructions: Instructions) -> set[str]:
+        """Exchange 1: the sent tensors that are not LoRA factors, and one Y per sent module; exchange 2: one Z
+        per Q sent."""
+        sent = list(sent)
+        if instructions.upload == "sketch-z":
+            return {k.removesuffix(SKETCH_Q) + SKETCH_Z for k in sent if k.endswith(SKETCH_Q)}
+        if instructions.upload != "sketch-y":
+            return set(sent)
+        pairs = lora_pairs(sent)
+        factor_keys = {k for pair in pairs.values() for k in pair}
+        return {k for k in sent if k not in factor_keys} | {prefix + SKETCH_Y for prefix in pairs}

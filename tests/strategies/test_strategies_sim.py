@@ -42,7 +42,8 @@ def _factor(store: RoundStore, run_id: int, number: int, which: int) -> dict[str
     return {pair[which]: adapter[pair[which]] for pair in lora_pairs(adapter).values()}
 
 
-HOMOGENEOUS = ["fedavg", "fedprox", "fedadam", "fedyogi"]
+# Every strategy on whole adapter tensors at one rank (fedavg, fedprox, fedadam, fedyogi, fedavgm, ...).
+HOMOGENEOUS = sorted(n for n, c in strategies.registry().items() if not c.heterogeneous_ranks and not c.lora_factors)
 
 
 @pytest.mark.parametrize("name", HOMOGENEOUS)
