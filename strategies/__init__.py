@@ -36,6 +36,11 @@ def registry() -> dict[str, type[Strategy]]:
     return found
 
 
+def builtin() -> dict[str, type[Strategy]]:
+    """The strategies that ship with pollinate: their options make up the pyproject mirror."""
+    return dict(_BUILTIN)
+
+
 def names() -> list[str]:
     return sorted(registry())
 
@@ -57,7 +62,7 @@ def build(cfg: RunConfig) -> Strategy:
     strategy = cls(StrategyContext(rank=cfg.adapter.r, alpha=cfg.adapter.alpha, seed=cfg.seed, options=cfg.strategy))
     if cfg.secagg.enabled and not strategy.linear:
         linear = sorted(n for n, c in registry().items() if c.linear)
-        hint = " (or hetlora with strategy.hetlora-norm-weighting = false)" if cls.name == "hetlora" else ""
+        hint = " (or hetlora with strategy.hetlora.norm-weighting = false)" if cls.name == "hetlora" else ""
         raise ConfigError(f"strategy {cls.name!r} needs every node's own update, but with secagg.enabled the server "
                           f"learns only their sum; use a linear strategy: {linear}{hint}, or turn secure "
                           f"aggregation off")
@@ -65,4 +70,4 @@ def build(cfg: RunConfig) -> Strategy:
 
 
 __all__ = ["AggregationError", "ClientUpdate", "Exchange", "MeanUpdate", "NamedArrays", "Request", "Strategy",
-           "StrategyContext", "build", "get", "names", "registry"]
+           "StrategyContext", "build", "builtin", "get", "names", "registry"]
