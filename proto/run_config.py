@@ -25,7 +25,7 @@ import json
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
-from functools import cached_property
+from functools import cache, cached_property
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal, get_args, get_origin, get_type_hints
@@ -314,9 +314,10 @@ def option(default: Scalar, help: str, valid: Callable[[Any], bool] | None = Non
 
 def options_class(strategy: str) -> type:
     """The ``Options`` dataclass of a registered strategy (ConfigError naming the strategies if unknown)."""
-    from pollinate.strategies import get  # lazily: strategies import this module
+    from pollinate.strategies import builtin, get  # lazily: strategies import this module
 
-    return get(strategy).Options
+    # Built-ins first: they take precedence in the registry, and finding them needs no entry-point scan.
+    return (builtin().get(strategy) or get(strategy)).Options
 
 
 def option_fields(strategy: str, options: type) -> dict[str, dataclasses.Field]:
@@ -367,7 +368,7 @@ def _parse_strategy_options(chosen: str, flat: Mapping[str, Scalar]) -> Any:
     values: dict[str, Any] = {}
     for key, value in flat.items():
         if key in valid:
-            values[valid[key].name] = _coerce(key, value, get_type_hints(cls)[valid[key].name])
+            values[valid[key].name] = _coerce(key, value, _hints(cls)[valid[key].name])
             continue
         if key in _RENAMED_STRATEGY_KEYS:
             name, owners = _RENAMED_STRATEGY_KEYS[key]
@@ -380,7 +381,7 @@ def _parse_strategy_options(chosen: str, flat: Mapping[str, Scalar]) -> Any:
             other = _other_options(owner)
             if other is not None and key in option_fields(owner, other):
                 f = option_fields(owner, other)[key]
-                if _coerce(key, value, get_type_hints(other)[f.name]) == f.default:
+                if _coerce(key, value, _hints(other)[f.name]) == f.default:
                     continue
                 raise ConfigError(f"{key} = {value!r} is an option of strategy {owner!r}, but federation.strategy = "
                                   f"{chosen!r}: choose {owner} or remove the key ({_valid_options(chosen, valid)})")
@@ -390,16 +391,16 @@ def _parse_strategy_options(chosen: str, flat: Mapping[str, Scalar]) -> Any:
     for key, f in valid.items():
         check = f.metadata.get("valid")
         value = getattr(options, f.name)
-        _check_literal(key, value, get_type_hints(cls)[f.name], "")
+        _check_literal(key, value, _hints(cls)[f.name], "")
         if check is not None:
             _require(check(value), key, value, f.metadata.get("how") or f"see `pollinate strategies` for {chosen}")
     return options
 
 
 def _other_options(strategy: str) -> type | None:
-    from pollinate.strategies import registry
+    from pollinate.strategies import builtin, registry
 
-    found = registry().get(strategy)
+    found = builtin().get(strategy) or registry().get(strategy)
     return found.Options if found is not None else None
 
 
@@ -456,17 +457,24 @@ def _require(ok: bool, key: str, value: Any, how: str) -> None:
         raise ConfigError(f"{key} = {value!r} is invalid: {how}")
 
 
+@cache
+def _hints(cls: type) -> dict[str, Any]:
+    """A dataclass's resolved field types (resolving them is slow, and every message parses a config)."""
+    return get_type_hints(cls)
+
+
 def _sections() -> list[tuple[str, type]]:
     """(name, dataclass) of every section of RunConfig, in order."""
-    hints = get_type_hints(RunConfig)
+    hints = _hints(RunConfig)
     return [(f.name, hints[f.name]) for f in fields(RunConfig) if dataclasses.is_dataclass(hints[f.name])]
 
 
+@cache
 def _flat_fields() -> dict[str, tuple[str, str, type]]:
     """``"adapter.target-modules" -> ("adapter", "target_modules", tuple[str, ...])`` for every section field."""
     out: dict[str, tuple[str, str, type]] = {"seed": ("", "seed", int)}
     for name, section_type in _sections():
-        section_hints = get_type_hints(section_type)
+        section_hints = _hints(section_type)
         for f in fields(section_type):
             out[f"{name}.{f.name.replace('_', '-')}"] = (name, f.name, section_hints[f.name])
     return out
@@ -477,7 +485,7 @@ def _flat_value(value: Any) -> Scalar:
 
 
 def _check_literals(section: str, values: Any) -> None:
-    hints = get_type_hints(type(values))
+    hints = _hints(type(values))
     for f in fields(values):
         _check_literal(f"{section}.{f.name.replace('_', '-')}", getattr(values, f.name), hints[f.name],
                        f.metadata.get("hint", ""))
