@@ -276,7 +276,7 @@ class RunConfig:
         unknown = sorted(set(flat) - set(known) - set(strategy_keys))
         if unknown:
             raise ConfigError(f"unknown run config key(s) {unknown}; known keys: {sorted(known)} and "
-                              f"strategy.<strategy>.<option> (`pollinate strategies`)")
+                              f"strategy.<federation.strategy>.<option> (the chosen strategy's options)")
         values: dict[str, dict[str, Any]] = {}
         top: dict[str, Any] = {}
         for key, value in flat.items():
@@ -393,7 +393,7 @@ def _parse_strategy_options(chosen: str, flat: Mapping[str, Scalar]) -> Any:
         value = getattr(options, f.name)
         _check_literal(key, value, _hints(cls)[f.name], "")
         if check is not None:
-            _require(check(value), key, value, f.metadata.get("how") or f"see `pollinate strategies` for {chosen}")
+            _require(check(value), key, value, f.metadata.get("how") or f"see {chosen}'s Options: {f.metadata.get('help', '')}")
     return options
 
 
