@@ -76,7 +76,7 @@ def overhead_probe(mode: str, steps: int, batch_size: int) -> dict[str, float]:
     """Train the default adapter for ``steps`` steps, plainly or with DP-SGD; time and peak RSS of this process."""
     import torch
 
-    from pollinate.client.app import partition_file
+    from pollinate.proto.node_config import partition_file
     from pollinate.client.data import endless_batches, poisson_batches, read_examples, split
     from pollinate.client.dp_sgd import train_dp
     from pollinate.client.train import train

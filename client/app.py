@@ -7,16 +7,15 @@ lives in Flower's ``context.state`` (``read_node_state`` / ``keep_node_state``).
 
 The same code runs on a hospital/edge node (Deployment Engine; ``data-path`` and ``max-rank``
 in the node config) and in ``pollinate simulate`` (Simulation Engine; the node reads the
-partition file, and the node settings file, the simulation wrote for its ``partition-id``).
+partition file, and the node settings file, the simulation wrote for its ``partition-id``):
+both parsed once into a ``NodeConfig`` (``proto/node_config.py``).
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import zlib
-from collections.abc import Iterable, Mapping
-from pathlib import Path
+from collections.abc import Iterable
 
 import torch
 import numpy as np
@@ -26,53 +25,30 @@ from peft import PeftModel
 
 from pollinate.client.data import Example, batches, endless_batches, read_examples, split
 from pollinate.client import secure
-from pollinate.client.private_training import (BudgetRefused, PrivateRound, budget_file, plan_round, privatise_upload,
-                                     train_sample_dp)
+from pollinate.client.private_training import BudgetRefused, PrivateRound, plan_round, privatise_upload, train_sample_dp
 from pollinate.client.train import evaluate, resolve_device, train
 from pollinate.models import BaseModel, adapter_state, build_peft_model, load_adapter_state, set_base_deltas
 from pollinate.proto.adapter_record import (ADAPTER, INSTRUCTIONS, REPORT, from_record, refuse_outside, specs_of,
                                   to_record)
 from pollinate.proto.instructions import Instructions
 from pollinate.privacy.central import clip_delta, delta_of
+from pollinate.privacy.budget import BudgetFile
 from pollinate.privacy.ledger import REFUSAL_CODE
+from pollinate.proto.node_config import MAX_RANK, NodeConfig
 from pollinate.proto.run_config import RunConfig
 from pollinate.proto.secagg_record import STAGE_ACTIONS
 from pollinate import strategies
 from pollinate.strategies import NamedArrays, NodeState, Strategy
 from pollinate.strategies.merged import split_deltas
 
-# Node config keys (set by `pollinate client` or, in a simulation, by the node settings file).
-DATA_PATH = "data-path"
-MAX_RANK = "max-rank"  # the largest LoRA rank this node can train (0: no limit)
-DEVICE = "device"
-PARTITION_ID = "partition-id"  # set by the Simulation Engine
 NODE_STATE = "strategy-state/"  # context.state ArrayRecords under this prefix: the strategy's node state
 
 app = ClientApp()
 
 
-def partition_file(partition_dir: str | Path, partition_id: int) -> Path:
-    """Where ``pollinate simulate`` writes the examples of one simulated node."""
-    return Path(partition_dir) / f"partition-{partition_id}.jsonl"
-
-
-def node_settings_file(partition_dir: str | Path, partition_id: int) -> Path:
-    """Where ``pollinate simulate`` writes the node config of one simulated node (e.g. its max-rank)."""
-    return Path(partition_dir) / f"partition-{partition_id}.node.json"
-
-
-def node_config(context: Context, cfg: RunConfig) -> dict[str, object]:
+def node_config(context: Context, cfg: RunConfig) -> NodeConfig:
     """This node's config: Flower's node config, plus the simulation's per-node settings when simulated."""
-    config: dict[str, object] = dict(context.node_config)
-    if DATA_PATH not in config and PARTITION_ID in config and cfg.data.partition_dir:
-        pid = int(str(config[PARTITION_ID]))
-        config[DATA_PATH] = str(partition_file(cfg.data.partition_dir, pid))
-        settings = node_settings_file(cfg.data.partition_dir, pid)
-        if settings.is_file():
-            config.update(json.loads(settings.read_text()))
-    if DATA_PATH not in config:
-        raise ValueError("this node has no data: start it with --data PATH (node config 'data-path')")
-    return config
+    return NodeConfig.from_flower(context.node_config, cfg.data.partition_dir)
 
 
 @functools.lru_cache(maxsize=2)
@@ -116,13 +92,12 @@ def _instructions(msg: Message) -> Instructions:
     return Instructions.from_record_values(record) if record is not None else Instructions()
 
 
-def _prepare(msg: Message, cfg: RunConfig, instructions: Instructions, config: Mapping[str, object],
+def _prepare(msg: Message, cfg: RunConfig, instructions: Instructions, node: NodeConfig,
              node_state: NodeState, training: bool) -> tuple[PeftModel, BaseModel]:
     """The model at the instructed rank with the received adapter, as the strategy prepares it, loaded."""
     rank = instructions.rank or cfg.adapter.r
-    capacity = int(str(config.get(MAX_RANK, 0)))
-    if training and capacity and rank > capacity:
-        raise ValueError(f"the server sent a rank-{rank} adapter, but this node's max-rank is {capacity}")
+    if training and node.max_rank and rank > node.max_rank:
+        raise ValueError(f"the server sent a rank-{rank} adapter, but this node's max-rank is {node.max_rank}")
     model, base = _model(cfg.replace(**{"adapter.r": rank}) if rank != cfg.adapter.r else cfg)
     tensors, deltas = split_deltas(from_record(msg.content.array_records[ADAPTER]))
     expected, got = specs_of(adapter_state(model)), specs_of(tensors)
@@ -145,26 +120,26 @@ def _reply(msg: Message, context: Context, cfg: RunConfig, tensors: dict, report
                    reply_to=msg)
 
 
-def _device(cfg: RunConfig, config: Mapping[str, object]) -> torch.device:
-    return resolve_device(str(config.get(DEVICE, cfg.train.device)))
+def _device(cfg: RunConfig, node: NodeConfig) -> torch.device:
+    return resolve_device(node.device or cfg.train.device)
 
 
 @app.query()
 def describe_node(msg: Message, context: Context) -> Message:
     """The node's capacity (max-rank) and how many training examples it holds; no tensors."""
     cfg = RunConfig.from_flat(context.run_config)
-    config = node_config(context, cfg)
-    train_set, _ = _local_split(str(config[DATA_PATH]), cfg)
-    report = MetricRecord({"num-examples": len(train_set), MAX_RANK: int(str(config.get(MAX_RANK, 0)))})
+    node = node_config(context, cfg)
+    train_set, _ = _local_split(str(node.data_path), cfg)
+    report = MetricRecord({"num-examples": len(train_set), MAX_RANK: node.max_rank})
     return Message(RecordDict({REPORT: report}), reply_to=msg)
 
 
 @app.train()
 def train_adapter(msg: Message, context: Context) -> Message:
     cfg = RunConfig.from_flat(context.run_config)
-    config = node_config(context, cfg)
+    node = node_config(context, cfg)
     instructions = _instructions(msg)
-    train_set, _ = _local_split(str(config[DATA_PATH]), cfg)
+    train_set, _ = _local_split(str(node.data_path), cfg)
     strategy, node_state = _strategy(cfg), read_node_state(context.state)
     # The reply guard: only names the strategy may upload for what was sent; no base-model tensor leaves.
     allowed = strategy.upload_names(msg.content.array_records[ADAPTER].keys(), instructions)
@@ -172,21 +147,21 @@ def train_adapter(msg: Message, context: Context) -> Message:
         tensors = strategy.answer(from_record(msg.content.array_records[ADAPTER]), instructions, node_state)
         keep_node_state(context.state, node_state)
         return _reply(msg, context, cfg, tensors, MetricRecord({"num-examples": len(train_set)}), allowed)
-    budget = budget_file(config, str(config[DATA_PATH]))
+    budget = BudgetFile(str(node.budget_path))
     plan: PrivateRound | None = None
     if cfg.privacy.mode in ("sample", "local"):
         try:
             plan = plan_round(cfg, instructions, len(train_set), budget)
         except BudgetRefused as e:
             return Message(Error(code=REFUSAL_CODE, reason=str(e)), reply_to=msg)
-    model, base = _prepare(msg, cfg, instructions, config, node_state, training=True)
+    model, base = _prepare(msg, cfg, instructions, node, node_state, training=True)
     received = adapter_state(model)
     if plan is not None and cfg.privacy.mode == "sample":
-        loss = train_sample_dp(model, train_set, base.tokenizer, cfg, _device(cfg, config), instructions, plan)
+        loss = train_sample_dp(model, train_set, base.tokenizer, cfg, _device(cfg, node), instructions, plan)
     else:
         round_seed = zlib.crc32(f"{cfg.seed}/{context.node_id}/{instructions.round}".encode())
         stream = endless_batches(train_set, base.tokenizer, cfg.model, cfg.train.batch_size, round_seed)
-        loss = train(model, stream, cfg.train, _device(cfg, config), instructions.train_factors,
+        loss = train(model, stream, cfg.train, _device(cfg, node), instructions.train_factors,
                      instructions.proximal_mu)
     trained = adapter_state(model)
     report = MetricRecord({"num-examples": len(train_set), "train-loss": loss})
@@ -225,10 +200,10 @@ def secagg_unmask(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate_adapter(msg: Message, context: Context) -> Message:
     cfg = RunConfig.from_flat(context.run_config)
-    config = node_config(context, cfg)
-    model, base = _prepare(msg, cfg, _instructions(msg), config, read_node_state(context.state), training=False)
-    _, eval_set = _local_split(str(config[DATA_PATH]), cfg)
+    node = node_config(context, cfg)
+    model, base = _prepare(msg, cfg, _instructions(msg), node, read_node_state(context.state), training=False)
+    _, eval_set = _local_split(str(node.data_path), cfg)
     eval_set = eval_set[: cfg.train.eval_max_examples]
-    result = evaluate(model, batches(eval_set, base.tokenizer, cfg.model, 64, seed=None), _device(cfg, config))
+    result = evaluate(model, batches(eval_set, base.tokenizer, cfg.model, 64, seed=None), _device(cfg, node))
     report = MetricRecord({"num-examples": result.num_examples, "loss": result.loss, "accuracy": result.accuracy})
     return Message(RecordDict({REPORT: report}), reply_to=msg)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pollinate.flags import RENAMED_TLS_CLIENT, add_certs_argument, certs_of, refuse_renamed
+from pollinate.proto.node_config import DATA_PATH, DEVICE, MAX_RANK
 from pollinate.proto.run_config import ConfigError
 from pollinate.runtime.processes import (Daemon, executable, flower_env, free_port, require_free_port,
                                          stop_on_sigterm, wait_healthy)
@@ -42,8 +43,6 @@ class NodeSecurity:
 
 def node_config(data: Path, max_rank: int, device: str) -> str:
     """Flower's ``--node-config`` string (TOML values, space separated)."""
-    from pollinate.client.app import DATA_PATH, DEVICE, MAX_RANK  # imported here: client.app loads torch
-
     if not data.is_file():
         raise ConfigError(f"--data {data}: no such file on this node; pass the node's CSV or JSONL file "
                         f"(`text` + integer `label`, or `instruction` + `response`)")

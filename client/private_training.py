@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,9 +26,6 @@ from pollinate.privacy.central import add_gaussian_noise, clip_delta, delta_of
 from pollinate.privacy.ledger import MECHANISMS
 from pollinate.proto.instructions import Instructions, trained_names
 from pollinate.proto.run_config import RunConfig
-
-PRIVACY_STATE = "privacy-state"  # node config key: the budget file (default: beside the node's data)
-
 
 class BudgetRefused(RuntimeError):
     """This node will not train this round: its privacy budget would be exceeded, or DP cannot hold."""
@@ -48,12 +44,6 @@ class PrivateRound:
         return {"dp-epsilon": self.epsilon_after, "dp-delta": delta, "dp-noise-multiplier": self.spent.noise_multiplier,
                 "dp-clip-norm": self.spent.clip_norm, "dp-sample-rate": self.spent.sample_rate,
                 "dp-steps": self.spent.steps}
-
-
-def budget_file(config: Mapping[str, object], data_path: str) -> BudgetFile:
-    """The node's budget file: node config ``privacy-state``, else ``<data file>.privacy.json`` beside its data."""
-    path = config.get(PRIVACY_STATE) or Path(data_path).with_suffix(".privacy.json")
-    return BudgetFile(str(path))
 
 
 @functools.lru_cache(maxsize=16)

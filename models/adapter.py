@@ -38,7 +38,7 @@ def peft_config(adapter: AdapterConfig, task: str) -> PeftConfig:
         raise ConfigError(f"adapter.method = {adapter.method!r} is not a PEFT method; use one of dora, {known}")
     field_names = {f.name for f in dataclasses.fields(config_cls)}
     kwargs: dict[str, object] = {"task_type": "SEQ_CLS" if task == "classification" else "CAUSAL_LM",
-                                 "target_modules": adapter.target_module_list}
+                                 "target_modules": list(adapter.target_modules)}
     for ours, theirs in _ALIASES.items():
         for name in theirs:
             if name in field_names:
@@ -64,7 +64,7 @@ def build_peft_model(cfg: RunConfig) -> tuple[PeftModel, BaseModel]:
             model = get_peft_model(base.model, config)
         except ValueError as e:
             hint = BASE_MODELS.get(cfg.model.name, (None, "the model's module names"))[1]
-            raise ConfigError(f"adapter.target-modules = {cfg.adapter.target_modules!r} does not fit "
+            raise ConfigError(f"adapter.target-modules = {','.join(cfg.adapter.target_modules)!r} does not fit "
                               f"{cfg.model.name}: {e}. Try {hint!r}") from e
     return model, base
 

@@ -4,8 +4,18 @@ Flower carries a run's configuration to both sides as a flat mapping of scalars
 (``context.run_config``, keys such as ``"adapter.r"``). This module is the single
 definition of those keys: frozen dataclasses with defaults, parsed and validated once
 at the edge (``RunConfig.from_flat`` / ``RunConfig.from_toml``) so the rest of the code
-takes typed values. ``pyproject.toml``'s ``[tool.flwr.app.config]`` mirrors the
-defaults; a test keeps the two equal.
+takes typed values. Enumerations are ``Literal`` types, checked by one generic rule.
+
+Strategy options are not a section of this module: each strategy declares its own as a
+frozen dataclass ``Options`` on its class (PEFT-style: fields with ``metadata["help"]``,
+see ``option``), and its keys are ``strategy.<strategy-name>.<option>``. The strategy
+registry is the one list of strategies, so the schema of the ``strategy`` section is read
+from it when a config is parsed (imported lazily: ``strategies`` imports this module).
+``RunConfig.strategy`` holds the chosen strategy's ``Options`` instance, never strings.
+
+``pyproject.toml``'s ``[tool.flwr.app.config]`` mirrors every settable key with its default
+(Flower passes on only the keys listed there); ``python -m pollinate.proto.pyproject_mirror
+pyproject.toml`` regenerates it from this schema and a test checks it is current.
 """
 
 from __future__ import annotations
@@ -13,12 +23,34 @@ from __future__ import annotations
 import dataclasses
 import json
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
+from functools import cache, cached_property
 from pathlib import Path
-from typing import Any, get_type_hints
+from types import MappingProxyType
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 Scalar = bool | int | float | str
+
+ModelTask = Literal["classification", "causal-lm"]
+Partitioning = Literal["iid", "dirichlet", "natural"]  # simulation only
+WireDtype = Literal["float32", "float16"]  # bfloat16 does not travel in a Flower ArrayRecord
+OnRoundFailure = Literal["stop", "continue"]
+PrivacyMode = Literal["off", "sample", "central", "local"]
+PRIVACY_MODES: tuple[str, ...] = get_args(PrivacyMode)
+
+# Strategy options that were one shared bag before each strategy had its own ``Options``:
+# old key -> (the option's new name, the strategies that have it). Only for the error that names the new key.
+_RENAMED_STRATEGY_KEYS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "strategy.proximal-mu": ("proximal-mu", ("fedprox",)),
+    "strategy.server-lr": ("server-lr", ("fedadam", "fedyogi")),
+    "strategy.beta1": ("beta1", ("fedadam", "fedyogi")),
+    "strategy.beta2": ("beta2", ("fedadam", "fedyogi")),
+    "strategy.tau": ("tau", ("fedadam", "fedyogi")),
+    "strategy.hetlora-prune": ("prune", ("hetlora",)),
+    "strategy.hetlora-norm-weighting": ("norm-weighting", ("hetlora",)),
+    "strategy.sketch-oversample": ("oversample", ("sketch",)),
+}
 
 
 class ConfigError(ValueError):
@@ -28,13 +60,11 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = "minilm"  # a name from pollinate.models.BASE_MODELS, or a local HF model directory
-    task: str = "classification"  # classification | causal-lm
+    task: ModelTask = "classification"
     num_labels: int = 2  # classification only
     max_length: int = 64  # tokens per example (longer text is truncated)
 
     def validate(self) -> None:
-        _require(self.task in ("classification", "causal-lm"), "model.task", self.task,
-                 "use 'classification' or 'causal-lm'")
         _require(self.num_labels >= 2, "model.num-labels", self.num_labels, "use 2 or more")
         _require(self.max_length >= 8, "model.max-length", self.max_length, "use at least 8 tokens")
 
@@ -45,24 +75,23 @@ class AdapterConfig:
     r: int = 8  # rank (ignored by methods without one, such as ia3)
     alpha: float = 16.0  # scaling numerator (lora_alpha, alpha); ignored where PEFT has none
     dropout: float = 0.05
-    target_modules: str = "query,value"  # comma-separated module names
-    options: str = ""  # JSON object of extra fields for the PEFT config class
+    target_modules: tuple[str, ...] = ("query", "value")  # flat form: "query,value" or a TOML list
+    # Extra fields for the PEFT config class, e.g. '{"use_rslora": true}'. A JSON object string on the wire
+    # (PEFT's fields are open-ended, Flower's config holds scalars only); ``option_dict`` is it parsed.
+    options: str = ""
 
     def validate(self) -> None:
         _require(self.r > 0, "adapter.r", self.r, "the LoRA rank must be a positive integer, e.g. 8")
         _require(0.0 <= self.dropout < 1.0, "adapter.dropout", self.dropout, "use a value in [0, 1)")
-        _require(bool(self.target_module_list), "adapter.target-modules", self.target_modules,
+        _require(bool(self.target_modules), "adapter.target-modules", ",".join(self.target_modules),
                  "name at least one module, e.g. 'query,value'")
         self.option_dict  # parses, or raises ConfigError
 
-    @property
-    def target_module_list(self) -> list[str]:
-        return [m.strip() for m in self.target_modules.split(",") if m.strip()]
-
-    @property
-    def option_dict(self) -> dict[str, Any]:
+    @cached_property
+    def option_dict(self) -> Mapping[str, Any]:
+        """``options`` parsed once: the extra PEFT config fields (read-only)."""
         if not self.options:
-            return {}
+            return MappingProxyType({})
         try:
             parsed = json.loads(self.options)
         except json.JSONDecodeError as e:
@@ -70,7 +99,7 @@ class AdapterConfig:
         if not isinstance(parsed, dict):
             raise ConfigError(f"adapter.options must be a JSON object such as '{{\"use_rslora\": true}}', "
                               f"got {self.options!r}")
-        return parsed
+        return MappingProxyType(parsed)
 
 
 @dataclass(frozen=True)
@@ -87,14 +116,13 @@ class TrainConfig:
         _require(self.batch_size > 0, "train.batch-size", self.batch_size, "use a positive batch size")
         _require(self.local_steps > 0, "train.local-steps", self.local_steps, "use at least 1 step")
         _require(self.eval_max_examples > 0, "train.eval-max-examples", self.eval_max_examples, "use at least 1")
-        _require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
-                 "train.device", self.device, "use auto, cpu, cuda or cuda:N")
+        _require(valid_device(self.device), "train.device", self.device, "use auto, cpu, cuda or cuda:N")
 
 
 @dataclass(frozen=True)
 class DataConfig:
     dataset: str = "rotten-tomatoes"  # a bundled corpus name, or a CSV/JSONL path (simulation)
-    partitioning: str = "iid"  # iid | dirichlet | natural (simulation only)
+    partitioning: Partitioning = "iid"
     dirichlet_alpha: float = 0.5
     partition_dir: str = ""  # where the simulation wrote one JSONL file per partition
     eval_fraction: float = 0.2  # share of each client's local data held out for evaluation
@@ -102,8 +130,6 @@ class DataConfig:
     label_field: str = "label"
 
     def validate(self) -> None:
-        _require(self.partitioning in ("iid", "dirichlet", "natural"), "data.partitioning",
-                 self.partitioning, "use iid, dirichlet or natural")
         _require(self.dirichlet_alpha > 0, "data.dirichlet-alpha", self.dirichlet_alpha, "use a positive alpha")
         _require(0.0 < self.eval_fraction < 1.0, "data.eval-fraction", self.eval_fraction, "use a value in (0, 1)")
 
@@ -116,8 +142,11 @@ class FederationConfig:
     fraction_train: float = 1.0  # share of connected nodes sampled per round
     wait_for_nodes: float = 120.0  # seconds to wait for min-nodes before failing the round
     round_timeout: float = 900.0  # seconds to wait for replies in one exchange
-    wire_dtype: str = "float32"  # float32 | float16: adapter tensors on the wire
-    on_round_failure: str = "stop"  # stop | continue: what follows a failed round (it is stored either way)
+    wire_dtype: WireDtype = field(default="float32", metadata={
+        "hint": "bfloat16 does not travel in a Flower ArrayRecord"})  # adapter tensors on the wire
+    on_round_failure: OnRoundFailure = field(default="stop", metadata={
+        "hint": "'stop' (the run fails) or 'continue' (the next round starts from the last completed round's "
+                "adapter)"})  # what follows a failed round (it is stored either way)
     max_consecutive_failures: int = 3  # continue: the run fails after this many failed rounds in a row
 
     def validate(self) -> None:
@@ -127,39 +156,8 @@ class FederationConfig:
                  "use a value in (0, 1]")
         _require(self.wait_for_nodes > 0, "federation.wait-for-nodes", self.wait_for_nodes, "use seconds > 0")
         _require(self.round_timeout > 0, "federation.round-timeout", self.round_timeout, "use seconds > 0")
-        _require(self.wire_dtype in ("float32", "float16"), "federation.wire-dtype", self.wire_dtype,
-                 "use float32 or float16 (bfloat16 does not travel in a Flower ArrayRecord)")
-        _require(self.on_round_failure in ("stop", "continue"), "federation.on-round-failure",
-                 self.on_round_failure, "use 'stop' (the run fails) or 'continue' (the next round starts from "
-                 "the last completed round's adapter)")
         _require(self.max_consecutive_failures >= 1, "federation.max-consecutive-failures",
                  self.max_consecutive_failures, "use at least 1")
-
-
-@dataclass(frozen=True)
-class StrategyConfig:
-    """Options of individual strategies (each names the strategies that read it)."""
-
-    proximal_mu: float = 0.01  # fedprox: weight of the proximal term
-    server_lr: float = 0.01  # fedadam, fedyogi: server learning rate (Reddi et al. 2021)
-    beta1: float = 0.9  # fedadam, fedyogi
-    beta2: float = 0.99  # fedadam, fedyogi
-    tau: float = 1e-3  # fedadam, fedyogi: adaptivity
-    hetlora_prune: float = 0.0  # hetlora: client self-pruning threshold gamma (0: off)
-    hetlora_norm_weighting: bool = True  # hetlora: weight clients by examples x ||B A|| (false: examples only)
-    sketch_oversample: int = 8  # sketch: sketch size = sum of ranks + this
-
-    def validate(self) -> None:
-        _require(self.proximal_mu >= 0, "strategy.proximal-mu", self.proximal_mu, "use a value >= 0")
-        _require(self.server_lr > 0, "strategy.server-lr", self.server_lr, "use a positive learning rate")
-        _require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "strategy.beta1/beta2", (self.beta1, self.beta2),
-                 "use values in [0, 1)")
-        _require(self.tau > 0, "strategy.tau", self.tau, "use a positive value, e.g. 1e-3")
-        _require(0 <= self.hetlora_prune < 1, "strategy.hetlora-prune", self.hetlora_prune, "use a value in [0, 1)")
-        _require(self.sketch_oversample >= 0, "strategy.sketch-oversample", self.sketch_oversample, "use >= 0")
-
-
-PRIVACY_MODES = ("off", "sample", "central", "local")
 
 
 @dataclass(frozen=True)
@@ -171,7 +169,7 @@ class PrivacyConfig:
     local: each client clips and noises its own adapter delta before upload (trusts no server).
     """
 
-    mode: str = "off"  # off | sample | central | local
+    mode: PrivacyMode = "off"
     target_epsilon: float = 8.0  # the budget: per client (sample, local) or for the run (central)
     delta: float = 1e-5  # must stay below 1/n: n = a client's examples (sample) or the number of clients
     noise_multiplier: float = 0.0  # z; 0: calibrated so that federation.rounds rounds spend target-epsilon
@@ -182,7 +180,6 @@ class PrivacyConfig:
     clipped_count_stddev: float = 0.0  # sigma_b of the noisy unclipped count; 0: max(clients / 20, z)
 
     def validate(self) -> None:
-        _require(self.mode in PRIVACY_MODES, "privacy.mode", self.mode, f"use one of {', '.join(PRIVACY_MODES)}")
         _require(self.target_epsilon > 0 and self.target_epsilon != float("inf"), "privacy.target-epsilon",
                  self.target_epsilon, "the privacy budget epsilon must be a finite number > 0, e.g. 8 (no DP: "
                  "privacy.mode = 'off')")
@@ -239,6 +236,10 @@ class StoreConfig:
                  "or 0 for a new run")
 
 
+def _default_strategy_options() -> Any:
+    return options_class(FederationConfig.strategy)()
+
+
 @dataclass(frozen=True)
 class RunConfig:
     seed: int = 0
@@ -247,33 +248,46 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
-    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    # The chosen strategy's ``Options`` instance (``strategy.<federation.strategy>.<option>`` keys).
+    strategy: Any = field(default_factory=_default_strategy_options)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
 
     def validate(self) -> RunConfig:
         for name, _ in _sections():
-            validate = getattr(getattr(self, name), "validate", None)
+            section = getattr(self, name)
+            _check_literals(name, section)
+            validate = getattr(section, "validate", None)
             if validate is not None:
                 validate()
+        chosen = self.federation.strategy
+        if not isinstance(self.strategy, options_class(chosen)):
+            raise ConfigError(f"the strategy options are {type(self.strategy).__qualname__}, but federation.strategy "
+                              f"= {chosen!r} takes {options_class(chosen).__qualname__}; build the config with "
+                              f"RunConfig.from_flat or .replace so that they match")
         return self
 
     @classmethod
     def from_flat(cls, flat: Mapping[str, Scalar]) -> RunConfig:
         """Parse Flower's flat run config (``{"adapter.r": 8, ...}``); missing keys take defaults."""
         known = _flat_fields()
-        unknown = sorted(set(flat) - set(known))
+        strategy_keys = {k: v for k, v in flat.items() if k.startswith("strategy.")}
+        unknown = sorted(set(flat) - set(known) - set(strategy_keys))
         if unknown:
-            raise ConfigError(f"unknown run config key(s) {unknown}; known keys: {sorted(known)}")
+            raise ConfigError(f"unknown run config key(s) {unknown}; known keys: {sorted(known)} and "
+                              f"strategy.<federation.strategy>.<option> (the chosen strategy's options)")
         values: dict[str, dict[str, Any]] = {}
         top: dict[str, Any] = {}
         for key, value in flat.items():
+            if key in strategy_keys:
+                continue
             section, name, typ = known[key]
             coerced = _coerce(key, value, typ)
             (values.setdefault(section, {}) if section else top)[name] = coerced
         for name, section_type in _sections():
             top[name] = section_type(**values.get(name, {}))
+        top["strategy"] = _parse_strategy_options(top["federation"].strategy, strategy_keys)
         return cls(**top).validate()
 
     @classmethod
@@ -281,14 +295,125 @@ class RunConfig:
         return cls.from_flat({**flatten(load_toml(path)), **(overrides or {})})
 
     def to_flat(self) -> dict[str, Scalar]:
-        flat: dict[str, Scalar] = {}
-        for key, (section, name, _) in _flat_fields().items():
-            flat[key] = getattr(getattr(self, section), name) if section else getattr(self, name)
-        return flat
+        """The flat form Flower carries: every section's keys and the chosen strategy's options."""
+        return _flat(self, options_flat(self.federation.strategy, self.strategy))
 
     def replace(self, **flat_overrides: Scalar) -> RunConfig:
         """A copy with some flat keys changed, e.g. ``cfg.replace(**{"federation.rounds": 5})``."""
         return RunConfig.from_flat({**self.to_flat(), **flat_overrides})
+
+
+def option(default: Scalar, help: str, valid: Callable[[Any], bool] | None = None, how: str = "") -> Any:
+    """A strategy option field with its help text and, optionally, its range (``valid``, and ``how`` to fix).
+
+    Used as ``proximal_mu: float = option(0.01, "weight mu of the proximal term", lambda v: v >= 0, "use >= 0")``
+    in a strategy's ``Options`` dataclass (as PEFT's LoraConfig carries ``metadata={"help": ...}``).
+    """
+    return field(default=default, metadata={"help": help, "valid": valid, "how": how})
+
+
+def options_class(strategy: str) -> type:
+    """The ``Options`` dataclass of a registered strategy (ConfigError naming the strategies if unknown)."""
+    from pollinate.strategies import builtin, get  # lazily: strategies import this module
+
+    # Built-ins first: they take precedence in the registry, and finding them needs no entry-point scan.
+    return (builtin().get(strategy) or get(strategy)).Options
+
+
+def option_fields(strategy: str, options: type) -> dict[str, dataclasses.Field]:
+    """``"strategy.fedprox.proximal-mu" -> its dataclass field``, for one strategy's ``Options``."""
+    return {f"strategy.{strategy}.{f.name.replace('_', '-')}": f for f in fields(options)}
+
+
+def options_flat(strategy: str, options: Any) -> dict[str, Scalar]:
+    """A strategy's ``Options`` instance as flat keys."""
+    return {key: _flat_value(getattr(options, f.name)) for key, f in option_fields(strategy, type(options)).items()}
+
+
+def schema_defaults() -> dict[str, Scalar]:
+    """Every settable key with its default: the sections and every built-in strategy's options.
+
+    This is what ``[tool.flwr.app.config]`` must list: Flower passes on only the keys listed there.
+    """
+    from pollinate.strategies import builtin
+
+    return _flat(RunConfig(), {key: value for name, cls in sorted(builtin().items())
+                               for key, value in options_flat(name, cls.Options()).items()})
+
+
+def _flat(cfg: RunConfig, strategy_flat: Mapping[str, Scalar]) -> dict[str, Scalar]:
+    """``cfg``'s flat keys in the schema's order, with ``strategy_flat`` where the strategy section sits."""
+    flat: dict[str, Scalar] = {}
+    for f in fields(RunConfig):
+        value = getattr(cfg, f.name)
+        if f.name == "strategy":
+            flat.update(strategy_flat)
+        elif dataclasses.is_dataclass(value):
+            flat.update({f"{f.name}.{g.name.replace('_', '-')}": _flat_value(getattr(value, g.name))
+                         for g in fields(value)})
+        else:
+            flat[f.name] = _flat_value(value)
+    return flat
+
+
+def _parse_strategy_options(chosen: str, flat: Mapping[str, Scalar]) -> Any:
+    """The chosen strategy's ``Options`` from its ``strategy.<chosen>.<option>`` keys, checked.
+
+    Flower delivers every key of ``[tool.flwr.app.config]``, which lists every strategy's options at their
+    defaults, so another strategy's option at its default value is indistinguishable from an unset one and is
+    accepted; a value that differs is refused, since it would silently do nothing.
+    """
+    cls = options_class(chosen)
+    valid = option_fields(chosen, cls)
+    values: dict[str, Any] = {}
+    for key, value in flat.items():
+        if key in valid:
+            values[valid[key].name] = _coerce(key, value, _hints(cls)[valid[key].name])
+            continue
+        if key in _RENAMED_STRATEGY_KEYS:
+            name, owners = _RENAMED_STRATEGY_KEYS[key]
+            new = [f"strategy.{s}.{name}" for s in ((chosen,) if chosen in owners else owners)]
+            raise ConfigError(f"{key} is an old key: each strategy has its own options now; use "
+                              f"{' or '.join(new)} (e.g. [strategy.{new[0].split('.')[1]}] {name} = {value!r} "
+                              f"in a scenario, or --set {new[0]}={value})")
+        owner = key.split(".")[1] if key.count(".") == 2 else ""
+        if owner and owner != chosen:
+            other = _other_options(owner)
+            if other is not None and key in option_fields(owner, other):
+                f = option_fields(owner, other)[key]
+                if _coerce(key, value, _hints(other)[f.name]) == f.default:
+                    continue
+                raise ConfigError(f"{key} = {value!r} is an option of strategy {owner!r}, but federation.strategy = "
+                                  f"{chosen!r}: choose {owner} or remove the key ({_valid_options(chosen, valid)})")
+        raise ConfigError(f"unknown strategy option {key!r} for federation.strategy = {chosen!r}: "
+                          f"{_valid_options(chosen, valid)}")
+    options = cls(**values)
+    for key, f in valid.items():
+        check = f.metadata.get("valid")
+        value = getattr(options, f.name)
+        _check_literal(key, value, _hints(cls)[f.name], "")
+        if check is not None:
+            _require(check(value), key, value, f.metadata.get("how") or f"see {chosen}'s Options: {f.metadata.get('help', '')}")
+    return options
+
+
+def _other_options(strategy: str) -> type | None:
+    from pollinate.strategies import builtin, registry
+
+    found = builtin().get(strategy) or registry().get(strategy)
+    return found.Options if found is not None else None
+
+
+def _valid_options(strategy: str, valid: Mapping[str, dataclasses.Field]) -> str:
+    if not valid:
+        return f"{strategy} has no options"
+    return f"{strategy}'s options are " + ", ".join(
+        f"{key} ({f.metadata.get('help', '')})" if f.metadata.get("help") else key for key, f in valid.items())
+
+
+def valid_device(device: str) -> bool:
+    """A torch device pollinate can train on: auto (CUDA when present), cpu, cuda or cuda:N."""
+    return device in ("auto", "cpu") or device.startswith("cuda")
 
 
 def parse_assignments(items: list[str], example: str = "train.lr=5e-4") -> dict[str, Scalar]:
@@ -332,23 +457,55 @@ def _require(ok: bool, key: str, value: Any, how: str) -> None:
         raise ConfigError(f"{key} = {value!r} is invalid: {how}")
 
 
+@cache
+def _hints(cls: type) -> dict[str, Any]:
+    """A dataclass's resolved field types (resolving them is slow, and every message parses a config)."""
+    return get_type_hints(cls)
+
+
 def _sections() -> list[tuple[str, type]]:
     """(name, dataclass) of every section of RunConfig, in order."""
-    hints = get_type_hints(RunConfig)
+    hints = _hints(RunConfig)
     return [(f.name, hints[f.name]) for f in fields(RunConfig) if dataclasses.is_dataclass(hints[f.name])]
 
 
+@cache
 def _flat_fields() -> dict[str, tuple[str, str, type]]:
-    """``"adapter.target-modules" -> ("adapter", "target_modules", str)`` for every field."""
+    """``"adapter.target-modules" -> ("adapter", "target_modules", tuple[str, ...])`` for every section field."""
     out: dict[str, tuple[str, str, type]] = {"seed": ("", "seed", int)}
     for name, section_type in _sections():
-        section_hints = get_type_hints(section_type)
+        section_hints = _hints(section_type)
         for f in fields(section_type):
             out[f"{name}.{f.name.replace('_', '-')}"] = (name, f.name, section_hints[f.name])
     return out
 
 
-def _coerce(key: str, value: Scalar, typ: type) -> Scalar:
+def _flat_value(value: Any) -> Scalar:
+    return ",".join(value) if isinstance(value, tuple) else value  # lists travel as comma-separated strings
+
+
+def _check_literals(section: str, values: Any) -> None:
+    hints = _hints(type(values))
+    for f in fields(values):
+        _check_literal(f"{section}.{f.name.replace('_', '-')}", getattr(values, f.name), hints[f.name],
+                       f.metadata.get("hint", ""))
+
+
+def _check_literal(key: str, value: Any, typ: Any, hint: str) -> None:
+    """The one check of every enumeration (a ``Literal`` type): the value is one of its allowed values."""
+    if get_origin(typ) is Literal and value not in get_args(typ):
+        _require(False, key, value, f"use one of {', '.join(map(str, get_args(typ)))}" + (f" ({hint})" if hint else ""))
+
+
+def _coerce(key: str, value: Scalar, typ: Any) -> Any:
+    if get_origin(typ) is Literal:
+        typ = type(get_args(typ)[0])  # the allowed values are checked by _check_literal
+    if get_origin(typ) is tuple:  # tuple[str, ...]: a comma-separated string or a list
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            raise ConfigError(f"{key} must be a comma-separated string or a list, got {type(value).__name__} "
+                              f"{value!r}")
+        return tuple(str(item).strip() for item in items if str(item).strip())
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if typ is bool and isinstance(value, str) and value.lower() in ("true", "false"):

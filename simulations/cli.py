@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
@@ -31,13 +30,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def write_node_data(cfg: RunConfig, sim: SimulationSettings, directory: Path) -> tuple[RunConfig, list[int]]:
     """Each simulated node's examples and settings (its max-rank) in ``directory``; the config that points the
     nodes at them (``data.partition-dir``), and each node's number of examples."""
-    from pollinate.client.app import MAX_RANK, node_settings_file
+    from pollinate.proto.node_config import write_node_settings
     from pollinate.simulations.datasets import load_corpus
     from pollinate.simulations.partition import write_partitions
 
     sizes = write_partitions(load_corpus(cfg.data.dataset), cfg.data, sim.clients, cfg.seed, directory)
     for i, max_rank in enumerate(sim.max_ranks):
-        node_settings_file(directory, i).write_text(json.dumps({MAX_RANK: max_rank}))
+        write_node_settings(directory, i, max_rank)
     cfg = cfg.replace(**{"data.partition-dir": str(directory.resolve())})
     check_sample_delta(cfg, sizes)
     return cfg, sizes

@@ -13,7 +13,7 @@ from pathlib import Path
 from datasets import Dataset
 from flwr_datasets.partitioner import DirichletPartitioner, GroupedNaturalIdPartitioner, IidPartitioner, Partitioner
 
-from pollinate.client.app import partition_file
+from pollinate.proto.node_config import partition_file
 from pollinate.proto.run_config import ConfigError, DataConfig
 
 

@@ -38,6 +38,11 @@ def registry() -> dict[str, type[Strategy]]:
     return found
 
 
+def builtin() -> dict[str, type[Strategy]]:
+    """The strategies that ship with pollinate: their options make up the pyproject mirror."""
+    return dict(_BUILTIN)
+
+
 def names() -> list[str]:
     return sorted(registry())
 
@@ -67,7 +72,7 @@ def build(cfg: RunConfig) -> Strategy:
     strategy = cls(context(cfg))
     if cfg.secagg.enabled and not strategy.linear:
         linear = sorted(n for n, c in registry().items() if c.linear)
-        hint = " (or hetlora with strategy.hetlora-norm-weighting = false)" if cls.name == "hetlora" else ""
+        hint = " (or hetlora with strategy.hetlora.norm-weighting = false)" if cls.name == "hetlora" else ""
         raise ConfigError(f"strategy {cls.name!r} needs every node's own update, but with secagg.enabled the server "
                           f"learns only their sum; use a linear strategy: {linear}{hint}, or turn secure "
                           f"aggregation off")
@@ -75,4 +80,4 @@ def build(cfg: RunConfig) -> Strategy:
 
 
 __all__ = ["AggregationError", "ClientUpdate", "Exchange", "MeanUpdate", "NamedArrays", "NodeState", "Request",
-           "Strategy", "StrategyContext", "build", "context", "get", "names", "registry"]
+           "Strategy", "StrategyContext", "build", "builtin", "context", "get", "names", "registry"]

@@ -17,12 +17,12 @@ from __future__ import annotations
 from abc import ABC
 from collections.abc import Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
 from pollinate.proto.instructions import Instructions
-from pollinate.proto.run_config import ConfigError, StrategyConfig
+from pollinate.proto.run_config import ConfigError
 from pollinate.strategies.lowrank import lora_scaling
 
 NamedArrays = dict[str, np.ndarray]
@@ -90,7 +90,7 @@ class StrategyContext:
     rank: int
     alpha: float
     seed: int = 0
-    options: StrategyConfig = field(default_factory=StrategyConfig)
+    options: Any = None  # an instance of the strategy's ``Options`` (None: its defaults)
     use_rslora: bool = False  # adapter.options use_rslora: PEFT scales by alpha / sqrt(r) instead of alpha / r
 
     def scaling(self, rank: int) -> float:
@@ -119,8 +119,18 @@ class Strategy(ABC):
     linear: ClassVar[bool]  # the server needs only a weighted sum of uploads (secure aggregation works)
     lora_factors: ClassVar[bool] = False  # works on LoRA's A and B (adapter.method lora or dora only)
 
+    @dataclass(frozen=True)
+    class Options:
+        """The strategy's options, run config keys ``strategy.<name>.<option>`` (``run_config.option``); none here."""
+
     def __init__(self, ctx: StrategyContext) -> None:
+        if ctx.options is None:
+            ctx = replace(ctx, options=self.Options())
+        elif not isinstance(ctx.options, self.Options):
+            raise ConfigError(f"strategy {self.name!r} takes its options as {self.Options.__qualname__}, "
+                              f"got {type(ctx.options).__qualname__}")
         self.ctx = ctx
+        self.options = ctx.options
 
     def assign_rank(self, node_id: int, capacity: int) -> int:
         """The rank a node trains, from the largest rank it announced (0: no limit)."""

@@ -8,6 +8,9 @@ update (IA3 vectors, classifier heads) the mean is exact.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from pollinate.proto.run_config import option
 from pollinate.strategies.base import MeanUpdate, NamedArrays, Request, Strategy, weighted_mean, with_instructions
 
 __all__ = ["FedAvg", "FedProx", "weighted_mean"]
@@ -28,8 +31,15 @@ class FedProx(FedAvg):
     """FedAvg with a proximal term mu/2 ||w - w_global||^2 in each client's loss (Li et al. 2020, Eq. 2)."""
 
     name = "fedprox"
-    summary = "FedAvg whose clients add a proximal term mu/2 ||w - w_global||^2 (strategy.proximal-mu)"
+    summary = "FedAvg whose clients add a proximal term mu/2 ||w - w_global||^2 (strategy.fedprox.proximal-mu)"
+
+    @dataclass(frozen=True)
+    class Options:
+        proximal_mu: float = option(0.01, "weight mu of the proximal term mu/2 ||w - w_global||^2",
+                                    lambda v: v >= 0, "use a value >= 0 (0: plain FedAvg)")
+
+    options: Options
 
     def request(self, state: NamedArrays, rank: int, round_number: int) -> Request:
         return with_instructions(super().request(state, rank, round_number),
-                                 proximal_mu=self.ctx.options.proximal_mu)
+                                 proximal_mu=self.options.proximal_mu)

@@ -13,34 +13,27 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pollinate.proto.run_config import ConfigError
+from pollinate.proto.run_config import option
 from pollinate.strategies.base import AggregationError, MeanUpdate, NamedArrays, StrategyContext
 from pollinate.strategies.fedavg import FedAvg
 
 
-@dataclass(frozen=True)
-class FedAvgMOptions:
-    """FedAvgM's options (strategy section of the run config)."""
-
-    momentum: float = 0.9  # beta: share of last round's server step carried into this one (0: FedAvg), in [0, 1)
-    server_lr: float = 1.0  # eta: server learning rate on the pseudo-gradient (1 with momentum 0: FedAvg), > 0
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.momentum < 1.0:
-            raise ConfigError(f"fedavgm momentum = {self.momentum}: use a value in [0, 1), e.g. 0.9")
-        if self.server_lr <= 0.0:
-            raise ConfigError(f"fedavgm server-lr = {self.server_lr}: use a positive learning rate, e.g. 1.0")
-
-
 class FedAvgM(FedAvg):
     name = "fedavgm"
-    summary = "FedAvg with server momentum: v = beta v + (x - mean), x = x - eta v (momentum, server-lr)"
-    Options = FedAvgMOptions
+    summary = ("FedAvg with server momentum: v = beta v + (x - mean), x = x - eta v "
+               "(strategy.fedavgm.momentum, strategy.fedavgm.server-lr)")
 
-    def __init__(self, ctx: StrategyContext, options: FedAvgMOptions | None = None) -> None:
+    @dataclass(frozen=True)
+    class Options:
+        momentum: float = option(0.9, "beta: share of last round's server step carried into this one (0: FedAvg)",
+                                 lambda v: 0.0 <= v < 1.0, "use a value in [0, 1), e.g. 0.9")
+        server_lr: float = option(1.0, "eta: server learning rate on the pseudo-gradient (1 with momentum 0: FedAvg)",
+                                  lambda v: v > 0.0, "use a positive learning rate, e.g. 1.0")
+
+    options: Options
+
+    def __init__(self, ctx: StrategyContext) -> None:
         super().__init__(ctx)
-        # Until the run config carries per-strategy options, a context holding other options means the defaults.
-        self.options = options or (ctx.options if isinstance(ctx.options, FedAvgMOptions) else FedAvgMOptions())
         self.velocity: NamedArrays = {}  # v per adapter tensor, zero before the first round
 
     def aggregate_mean(self, state: NamedArrays, mean: MeanUpdate, round_number: int) -> NamedArrays:

@@ -7,10 +7,12 @@ clients' part is plain FedAvg, so the server needs only a weighted sum: linear.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import numpy as np
 
+from pollinate.proto.run_config import option
 from pollinate.strategies.base import MeanUpdate, NamedArrays, StrategyContext
 from pollinate.strategies.fedavg import FedAvg
 from pollinate.strategies.fedopt_math import fedopt_step
@@ -18,8 +20,19 @@ from pollinate.strategies.fedopt_math import fedopt_step
 
 class FedAdam(FedAvg):
     name = "fedadam"
-    summary = "server-side Adam on the FedAvg pseudo-gradient (strategy.server-lr, beta1, beta2, tau)"
+    summary = "server-side Adam on the FedAvg pseudo-gradient (strategy.fedadam.server-lr, beta1, beta2, tau)"
     variant: ClassVar[Literal["adam", "yogi"]] = "adam"
+
+    @dataclass(frozen=True)
+    class Options:
+        """Reddi et al. 2021, Algorithm 2 (FedAdam / FedYogi)."""
+
+        server_lr: float = option(0.01, "server learning rate eta", lambda v: v > 0, "use a positive learning rate")
+        beta1: float = option(0.9, "first-moment decay", lambda v: 0 <= v < 1, "use a value in [0, 1)")
+        beta2: float = option(0.99, "second-moment decay", lambda v: 0 <= v < 1, "use a value in [0, 1)")
+        tau: float = option(1e-3, "adaptivity (v_0 = tau^2)", lambda v: v > 0, "use a positive value, e.g. 1e-3")
+
+    options: Options
 
     def __init__(self, ctx: StrategyContext) -> None:
         super().__init__(ctx)
@@ -27,7 +40,7 @@ class FedAdam(FedAvg):
         self.v: NamedArrays = {}
 
     def aggregate_mean(self, state: NamedArrays, mean: MeanUpdate, round_number: int) -> NamedArrays:
-        o = self.ctx.options
+        o = self.options
         out: NamedArrays = {}
         for name, x in state.items():
             m = self.m.get(name, np.zeros_like(x))
@@ -47,5 +60,5 @@ class FedAdam(FedAvg):
 
 class FedYogi(FedAdam):
     name = "fedyogi"
-    summary = "server-side Yogi on the FedAvg pseudo-gradient (strategy.server-lr, beta1, beta2, tau)"
+    summary = "server-side Yogi on the FedAvg pseudo-gradient (strategy.fedyogi.server-lr, beta1, beta2, tau)"
     variant = "yogi"

@@ -1,21 +1,22 @@
 """HetLoRA (Cho et al. 2024, "Heterogeneous LoRA for Federated Fine-tuning of On-Device Foundation Models").
 
-Clients train ranks r_k <= R; with strategy.hetlora-prune = gamma > 0 a client drops the tail of
+Clients train ranks r_k <= R; with strategy.hetlora.prune = gamma > 0 a client drops the tail of
 its LoRA whose share of ||B A|| is at most gamma and trains the smaller rank from then on
 (self-pruning, Sec. 3.2). The server zero-pads every client's factors to R and averages
 them, weighting each client by examples x ||B_k A_k||_F (the paper's sparsity-weighted
-aggregation), or by examples alone with strategy.hetlora-norm-weighting = false, which makes
+aggregation), or by examples alone with strategy.hetlora.norm-weighting = false, which makes
 it linear (a weighted sum; secure aggregation works).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from pollinate.proto.instructions import Instructions
+from pollinate.proto.run_config import option
 from pollinate.strategies.base import (ClientUpdate, MeanUpdate, NamedArrays, NodeState, Request, StrategyContext,
                                        with_instructions)
 from pollinate.strategies.heterogeneous import HeterogeneousLora, to_global_rank
@@ -27,16 +28,24 @@ class HetLora(HeterogeneousLora):
     name = "hetlora"
     summary = "zero-pad every client to the global rank and average, weighted by examples x ||B A|| (approximate)"
     exact = False
-    linear = False  # true with strategy.hetlora-norm-weighting = false
+    linear = False  # true with strategy.hetlora.norm-weighting = false
+
+    @dataclass(frozen=True)
+    class Options:
+        prune: float = option(0.0, "client self-pruning threshold gamma (Sec. 3.2; 0: off)", lambda v: 0 <= v < 1,
+                              "use a value in [0, 1)")
+        norm_weighting: bool = option(True, "weight clients by examples x ||B A|| (false: examples only, linear)")
+
+    options: Options
 
     def __init__(self, ctx: StrategyContext) -> None:
         super().__init__(ctx)
-        self.linear = not ctx.options.hetlora_norm_weighting  # example weights alone: a plain weighted sum
+        self.linear = not self.options.norm_weighting  # example weights alone: a plain weighted sum
         self.pruned: dict[int, int] = {}  # node -> the rank it pruned itself to
 
     def request(self, state: NamedArrays, rank: int, round_number: int) -> Request:
         request = with_instructions(super().request(state, rank, round_number),
-                                    prune_gamma=self.ctx.options.hetlora_prune)
+                                    prune_gamma=self.options.prune)
         if not self.linear:
             return request
         # Linear: the node zero-pads its upload to the global rank in the global scaling, so every
@@ -89,7 +98,7 @@ class HetLora(HeterogeneousLora):
                        scalings: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
         s_global = self.ctx.scaling(self.ctx.rank)
         bs = [b * np.float32(s / s_global) for b, s in zip(bs, scalings, strict=True)]  # into the global scaling
-        if self.ctx.options.hetlora_norm_weighting:
+        if self.options.norm_weighting:
             return hetlora_aggregate(as_, bs, weights, self.ctx.rank)
         padded = [pad_rank(a, b, self.ctx.rank) for a, b in zip(as_, bs, strict=True)]
         a = sum(w * pa for w, (pa, _) in zip(weights, padded, strict=True))

@@ -25,10 +25,12 @@ dense SVD of the materialised Delta W and need every client's factors).
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 from pollinate.proto.instructions import Instructions
+from pollinate.proto.run_config import option
 from pollinate.strategies.base import (AggregationError, ClientUpdate, Exchange, NamedArrays, NodeState, Request,
                                        lora_pairs)
 from pollinate.strategies.heterogeneous import HeterogeneousRanks, at_rank
@@ -45,6 +47,12 @@ class Sketch(HeterogeneousRanks):
     exact = True
     linear = True
 
+    @dataclass(frozen=True)
+    class Options:
+        oversample: int = option(8, "sketch size = sum of the nodes' ranks + this", lambda v: v >= 0, "use >= 0")
+
+    options: Options
+
     def aggregate(self, state: NamedArrays, updates: Sequence[ClientUpdate], round_number: int) -> NamedArrays:
         raise AggregationError("sketch aggregates in run_round, from summed sketches")
 
@@ -53,7 +61,7 @@ class Sketch(HeterogeneousRanks):
         pairs = lora_pairs(state)
         factor_keys = {k for pair in pairs.values() for k in pair}
         others = [k for k in state if k not in factor_keys]
-        size = sum(ranks.values()) + self.ctx.options.sketch_oversample
+        size = sum(ranks.values()) + self.options.oversample
         seed = int(np.random.default_rng([self.ctx.seed, round_number]).integers(2**31))
         first = {}
         for node, rank in ranks.items():

@@ -183,7 +183,7 @@ def test_secure_aggregation_refuses_strategies_that_need_each_update(tiny_cfg) -
         with pytest.raises(ConfigError, match="learns only their sum; use a linear strategy"):
             build(tiny_cfg.replace(**{"secagg.enabled": True, "federation.strategy": name}))
     build(tiny_cfg.replace(**{"secagg.enabled": True, "federation.strategy": "hetlora",
-                              "strategy.hetlora-norm-weighting": False}))  # example weights alone: linear
+                              "strategy.hetlora.norm-weighting": False}))  # example weights alone: linear
     with pytest.raises(ConfigError, match="secagg.bits"):
         tiny_cfg.replace(**{"secagg.bits": 32})
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from peft import PeftModel
 
-from pollinate.client.app import partition_file
+from pollinate.proto.node_config import partition_file
 from pollinate.client.data import batches, read_examples, split
 from pollinate.client.train import evaluate
 from pollinate.models import adapter_state, build_peft_model, load_base_model

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pollinate.proto.run_config import ConfigError
+from pollinate.proto.run_config import ConfigError, RunConfig
 from pollinate.strategies import AggregationError, ClientUpdate, StrategyContext
 from pollinate.strategies.base import mean_of
 from pollinate.strategies.fedavgm import FedAvgM
@@ -35,7 +37,7 @@ options = st.builds(FedAvgM.Options, momentum=st.floats(0.0, 0.99), server_lr=st
 def test_fedavgm_follows_the_heavy_ball_recursion_on_the_fedavg_pseudo_gradient(seed: int, rounds: int, k: int,
                                                                                 opts) -> None:
     rng = np.random.default_rng(seed)
-    strategy = FedAvgM(CTX, opts)
+    strategy = FedAvgM(replace(CTX, options=opts))
     x = {n: rng.standard_normal(s).astype(np.float32) for n, s in SHAPES.items()}
     x_ref = {n: v.astype(np.float64) for n, v in x.items()}
     v_ref = {n: np.zeros(s) for n, s in SHAPES.items()}
@@ -53,7 +55,7 @@ def test_fedavgm_follows_the_heavy_ball_recursion_on_the_fedavg_pseudo_gradient(
 @given(seed=st.integers(0, 2**31), rounds=st.integers(1, 4), k=st.integers(1, 5))
 def test_fedavgm_without_momentum_at_unit_rate_is_fedavg(seed: int, rounds: int, k: int) -> None:
     rng = np.random.default_rng(seed)
-    strategy = FedAvgM(CTX, FedAvgM.Options(momentum=0.0, server_lr=1.0))
+    strategy = FedAvgM(replace(CTX, options=FedAvgM.Options(momentum=0.0, server_lr=1.0)))
     x = {n: rng.standard_normal(s).astype(np.float32) for n, s in SHAPES.items()}
     for number in range(1, rounds + 1):
         updates = _round(rng, k)
@@ -70,13 +72,13 @@ def test_a_fedavgm_run_resumed_from_its_stored_momentum_continues_bit_exactly(se
     stop = data.draw(st.integers(1, rounds - 1))
     rounds_of_updates = [_round(rng, 3) for _ in range(rounds)]
     start = {n: rng.standard_normal(s).astype(np.float32) for n, s in SHAPES.items()}
-    uninterrupted, x = FedAvgM(CTX, opts), dict(start)
+    uninterrupted, x = FedAvgM(replace(CTX, options=opts)), dict(start)
     for number, updates in enumerate(rounds_of_updates, 1):
         x = uninterrupted.aggregate_mean(x, mean_of(updates), number)
-    first, y = FedAvgM(CTX, opts), dict(start)
+    first, y = FedAvgM(replace(CTX, options=opts)), dict(start)
     for number, updates in enumerate(rounds_of_updates[:stop], 1):
         y = first.aggregate_mean(y, mean_of(updates), number)
-    resumed = FedAvgM(CTX, opts)  # a new coordinator: only the stored state and the strategy's arrays survive
+    resumed = FedAvgM(replace(CTX, options=opts))  # a new coordinator: only the stored state and arrays survive
     resumed.load_state_arrays(first.state_arrays())
     for number, updates in enumerate(rounds_of_updates[stop:], stop + 1):
         y = resumed.aggregate_mean(y, mean_of(updates), number)
@@ -84,10 +86,12 @@ def test_a_fedavgm_run_resumed_from_its_stored_momentum_continues_bit_exactly(se
 
 
 def test_fedavgm_refuses_options_outside_their_range_and_foreign_stored_state() -> None:
-    with pytest.raises(ConfigError, match="momentum"):
-        FedAvgM.Options(momentum=1.0)
-    with pytest.raises(ConfigError, match="server-lr"):
-        FedAvgM.Options(server_lr=0.0)
-    assert FedAvgM(CTX).options == FedAvgM.Options()  # the run config's shared options bag: the defaults
+    # Options come from the run config, where each key is checked against its declared range.
+    for key, value in (("strategy.fedavgm.momentum", 1.0), ("strategy.fedavgm.server-lr", 0.0)):
+        with pytest.raises(ConfigError, match=key):
+            RunConfig.from_flat({"federation.strategy": "fedavgm", key: value})
+    cfg = RunConfig.from_flat({"federation.strategy": "fedavgm", "strategy.fedavgm.momentum": 0.5})
+    assert cfg.strategy == FedAvgM.Options(momentum=0.5)
+    assert FedAvgM(CTX).options == FedAvgM.Options()  # no options in the context: the defaults
     with pytest.raises(AggregationError, match="momentum"):
         FedAvgM(CTX).load_state_arrays({"m/t0": np.zeros(3, dtype=np.float32)})

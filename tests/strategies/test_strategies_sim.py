@@ -100,7 +100,7 @@ def test_fedsa_lora_never_uploads_b_and_nodes_keep_their_own(tmp_path: Path) -> 
 def test_hetlora_nodes_prune_their_rank_and_train_the_smaller_rank_next_round(tmp_path: Path) -> None:
     # On the Simulation Engine: `pollinate simulate`, Ray actors, each node's max-rank from its settings file.
     done = simulate("tiny-hetero.toml", tmp_path, "--strategy", "hetlora", "--rounds", "2", "--clients", "3",
-                    "--set", "strategy.hetlora-prune=0.5")
+                    "--set", "strategy.hetlora.prune=0.5")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     store, run_id = _completed(tmp_path, "hetlora", 2)
     ranks = {n: {u.node_id: u.rank for u in store.client_updates(run_id, n) if u.phase == "train"} for n in (1, 2)}

@@ -174,7 +174,6 @@ def test_hetlora_self_pruning_zeroes_the_tail_and_the_node_keeps_the_smaller_ran
     from pollinate.strategies.hetlora import HetLora
     from pollinate.strategies.hetlora_math import prune_tail
     from pollinate.strategies.lowrank import pad_rank
-    from pollinate.proto.run_config import StrategyConfig
 
     rng = np.random.default_rng(0)
     tensors = adapter(rng, 2)
@@ -184,7 +183,7 @@ def test_hetlora_self_pruning_zeroes_the_tail_and_the_node_keeps_the_smaller_ran
     assert rank == 2 and not pruned[A][2:].any() and not pruned[B][:, 2:].any()
     assert close(dense(pruned, 1.0), dense(tensors, 1.0))
 
-    strategy = HetLora(StrategyContext(rank=6, alpha=6.0, options=StrategyConfig(hetlora_prune=1e-6)))
+    strategy = HetLora(StrategyContext(rank=6, alpha=6.0, options=HetLora.Options(prune=1e-6)))
     assert strategy.request(adapter(rng, 6), 6, 1).instructions.prune_gamma == 1e-6
     strategy.aggregate(adapter(rng, 6), [ClientUpdate(7, pruned, 10, 6, {"pruned-rank": 2.0})], 1)
     assert strategy.assign_rank(7, capacity=0) == 2 and strategy.assign_rank(8, capacity=0) == 6
@@ -194,11 +193,10 @@ def test_hetlora_self_pruning_zeroes_the_tail_and_the_node_keeps_the_smaller_ran
 @given(seed=st.integers(0, 2**31), ranks=st.lists(st.integers(1, 4), min_size=1, max_size=4), rslora=st.booleans())
 def test_linear_hetlora_mean_of_client_padded_uploads_equals_padding_on_the_server(seed: int, ranks: list[int],
                                                                                   rslora: bool) -> None:
-    from pollinate.proto.run_config import StrategyConfig
     from pollinate.strategies.hetlora import HetLora
 
     rng = np.random.default_rng(seed)
-    ctx = StrategyContext(rank=4, alpha=8.0, options=StrategyConfig(hetlora_norm_weighting=False), use_rslora=rslora)
+    ctx = StrategyContext(rank=4, alpha=8.0, options=HetLora.Options(norm_weighting=False), use_rslora=rslora)
     strategy, state = HetLora(ctx), adapter(rng, 4)
     assert strategy.linear and strategy.request(state, 2, 1).instructions.upload_rank == 4
     updates = [ClientUpdate(node, _trained(Request(at_rank(state, r, ctx)), rng), int(rng.integers(1, 50)), r)

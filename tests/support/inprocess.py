@@ -23,7 +23,7 @@ from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.supercore.task_identity import TaskIdentity
 
-from pollinate.client.app import PARTITION_ID
+from pollinate.proto.node_config import PARTITION_ID
 from pollinate.client.app import app as pollinate_client
 from pollinate.proto.run_config import RunConfig
 from pollinate.server.app import run_federation
