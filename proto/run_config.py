@@ -53,6 +53,24 @@ _RENAMED_STRATEGY_KEYS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 
+def upgrade_stored(flat: Mapping[str, Scalar]) -> dict[str, Scalar]:
+    """A run config stored before strategies had their own ``Options``, with today's keys (for a resume).
+
+    Such a config holds every shared option: the chosen strategy's move to ``strategy.<chosen>.<option>``, and
+    the others, which that strategy never read, are dropped.
+    """
+    chosen = str(flat.get("federation.strategy", FederationConfig.strategy))
+    upgraded: dict[str, Scalar] = {}
+    for key, value in flat.items():
+        if key not in _RENAMED_STRATEGY_KEYS:
+            upgraded[key] = value
+            continue
+        name, owners = _RENAMED_STRATEGY_KEYS[key]
+        if chosen in owners:
+            upgraded.setdefault(f"strategy.{chosen}.{name}", value)
+    return upgraded
+
+
 class ConfigError(ValueError):
     """A run configuration value is missing, unknown or out of range; the message says how to fix it."""
 

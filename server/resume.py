@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from pollinate.proto.run_config import ConfigError, RunConfig, Scalar
+from pollinate.proto.run_config import ConfigError, RunConfig, Scalar, upgrade_stored
 from pollinate.server.store import RoundStore, RunSummary, StoreError, adapter_bytes, sha256
 from pollinate.strategies import NamedArrays, Strategy
 
@@ -50,9 +50,11 @@ def split_round_state(arrays: Mapping[str, object]) -> tuple[NamedArrays, NamedA
 
 def resumed_config(stored: Mapping[str, Scalar], requested: Mapping[str, Scalar]) -> RunConfig:
     """The stored run's config with the requested values of ``RESUMABLE_KEYS``; any other change is refused."""
-    base = RunConfig.from_flat(stored).to_flat()
+    base = RunConfig.from_flat(upgrade_stored(stored)).to_flat()  # a run stored by an earlier version, too
     asked = RunConfig.from_flat({**base, **requested}).to_flat()
-    refused = sorted(k for k in asked if asked[k] != base[k] and k not in RESUMABLE_KEYS)
+    # The flat config lists the chosen strategy's options only: keys differ just when federation.strategy does,
+    # and that change is named by itself.
+    refused = sorted(k for k in base.keys() & asked.keys() if asked[k] != base[k] and k not in RESUMABLE_KEYS)
     if refused:
         changes = ", ".join(f"{k}: {base[k]!r} -> {asked[k]!r}" for k in refused)
         raise ConfigError(f"a resumed run keeps the config it was started with; refused change(s): {changes}. "

@@ -89,3 +89,20 @@ def test_without_the_stored_strategy_state_fedadam_would_diverge(tmp_path: Path)
     state = _round(kept, initial, 1)
     forgetful = strategies.build(cfg)
     assert not np.array_equal(_round(kept, state, 2)[next(iter(state))], _round(forgetful, state, 2)[next(iter(state))])
+
+
+def test_a_run_stored_before_per_strategy_options_resumes_with_its_own_strategy_options() -> None:
+    from pollinate.proto.run_config import ConfigError
+    from pollinate.server.resume import resumed_config
+
+    today = RunConfig().replace(**{"federation.strategy": "fedprox"}).to_flat()
+    # What an earlier pollinate stored: one shared bag of every strategy's options, no per-strategy keys.
+    stored = {k: v for k, v in today.items() if not k.startswith("strategy.")}
+    stored |= {"strategy.proximal-mu": 0.25, "strategy.server-lr": 0.5, "strategy.hetlora-prune": 0.1}
+    with pytest.raises(ConfigError, match="strategy.fedprox.proximal-mu"):
+        RunConfig.from_flat(stored)  # a new run with the old key is told the new one
+    cfg = resumed_config(stored, {"federation.rounds": 5, "store.resume-run": 1})
+    assert cfg.federation.strategy == "fedprox" and cfg.strategy.proximal_mu == 0.25
+    assert cfg.federation.rounds == 5
+    with pytest.raises(ConfigError, match="refused change"):  # the old value is the stored one: a change is refused
+        resumed_config(stored, {"strategy.fedprox.proximal-mu": 0.5})
