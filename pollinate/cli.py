@@ -61,20 +61,25 @@ def _privacy(args: argparse.Namespace) -> int:
 
 def _strategies(args: argparse.Namespace) -> int:
     from pollinate import strategies
+    from pollinate.proto.run_config import option_fields
 
     rows = [{"name": name, "exact": cls.exact, "heterogeneous_ranks": cls.heterogeneous_ranks,
-             "linear": cls.linear, "summary": cls.summary} for name, cls in sorted(strategies.registry().items())]
+             "linear": cls.linear, "summary": cls.summary,
+             "options": {key: {"default": f.default, "help": f.metadata.get("help", "")}
+                         for key, f in option_fields(name, cls.Options).items()}}
+            for name, cls in sorted(strategies.registry().items())]
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
     from rich.table import Table
 
     table = Table(title="aggregation strategies")
-    for col in ("name", "exact", "heterogeneous ranks", "linear (secure aggregation)", "what it does"):
+    for col in ("name", "exact", "heterogeneous ranks", "linear (secure aggregation)", "what it does", "options"):
         table.add_column(col)
     for r in rows:
+        options = "\n".join(f"{key}={o['default']}" for key, o in r["options"].items()) or "-"
         table.add_row(r["name"], *("yes" if r[k] else "no" for k in ("exact", "heterogeneous_ranks", "linear")),
-                      r["summary"])
+                      r["summary"], options)
     console.print(table)
     return 0
 

@@ -21,6 +21,7 @@ from pollinate.privacy.ledger import MECHANISMS, REFUSAL_CODE, PrivacyEntry, ent
 from pollinate.proto.instructions import trained_names
 from pollinate.proto.run_config import ConfigError, PrivacyConfig, RunConfig
 from pollinate.server.store import ClientRecord, RoundStore, RunSummary
+from pollinate import strategies
 from pollinate.strategies import ClientUpdate, MeanUpdate, Request, Strategy
 
 
@@ -39,10 +40,11 @@ def check_privacy_config(cfg: RunConfig, strategy: Strategy) -> None:
     if cfg.privacy.mode != "central":
         return
     if not strategy.linear or strategy.heterogeneous_ranks:
+        usable = sorted(n for n, c in strategies.registry().items() if c.linear and not c.heterogeneous_ranks)
         raise ConfigError(f"privacy.mode = 'central' clips and noises each node's adapter delta inside the mean, but "
                           f"{strategy.name!r} does not aggregate a plain mean of deltas of what it sent (it is "
-                          f"{'not linear' if not strategy.linear else 'rank-heterogeneous'}); use fedavg, fedprox, "
-                          f"fedadam, fedyogi, ffa-lora, rolora or fedsa-lora, or privacy.mode = 'sample' or 'local'")
+                          f"{'not linear' if not strategy.linear else 'rank-heterogeneous'}); use one of "
+                          f"{', '.join(usable)}, or privacy.mode = 'sample' or 'local'")
     if cfg.secagg.enabled and cfg.privacy.adaptive_clipping:
         raise ConfigError("privacy.adaptive-clipping needs each node's clipped-or-not bit, which secure aggregation "
                           "hides; use fixed clipping (privacy.adaptive-clipping = false) with secagg.enabled")

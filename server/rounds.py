@@ -22,6 +22,7 @@ from flwr.serverapp import Grid
 
 from pollinate.proto.adapter_record import (ADAPTER, INSTRUCTIONS, REPORT, TensorSpec, UpdateRejected, from_record,
                                   payload_bytes, specs_of, to_record)
+from pollinate.proto.node_config import MAX_RANK
 from pollinate.proto.run_config import FederationConfig
 from pollinate.server.store import ClientRecord
 from pollinate.strategies import ClientUpdate, MeanUpdate, NamedArrays, Request
@@ -322,7 +323,7 @@ def query_capacities(grid: Grid, federation: FederationConfig, nodes: Sequence[i
     """Each answering node's announced max-rank (0: no limit); nodes that do not answer are absent."""
     exchange = GridExchange(grid, federation, round_number, ledger, message_type="query",
                             replies_carry_tensors=False)
-    return {u.node_id: int(u.metrics.get("max-rank", 0)) for u in exchange({n: Request({}) for n in nodes})}
+    return {u.node_id: int(u.metrics.get(MAX_RANK, 0)) for u in exchange({n: Request({}) for n in nodes})}
 
 
 def mean_metric(reports: Mapping[int, Mapping[str, float]], key: str) -> float | None:

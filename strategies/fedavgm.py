@@ -20,8 +20,7 @@ from pollinate.strategies.fedavg import FedAvg
 
 class FedAvgM(FedAvg):
     name = "fedavgm"
-    summary = ("FedAvg with server momentum: v = beta v + (x - mean), x = x - eta v "
-               "(strategy.fedavgm.momentum, strategy.fedavgm.server-lr)")
+    summary = "FedAvg with server momentum on the pseudo-gradient: v = beta v + (x - mean), x = x - eta v"
 
     @dataclass(frozen=True)
     class Options:

@@ -45,6 +45,9 @@ def test_strategies_lists_properties_as_json(capsys) -> None:
     assert main(["strategies", "--json"]) == 0
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
     assert rows["fedavg"]["linear"] is True and rows["fedavg"]["exact"] is False
+    assert rows["fedavg"]["options"] == {}  # each strategy lists its own options, with default and help
+    assert rows["fedprox"]["options"]["strategy.fedprox.proximal-mu"]["default"] == 0.01
+    assert set(rows["fedavgm"]["options"]) == {"strategy.fedavgm.momentum", "strategy.fedavgm.server-lr"}
 
 
 def test_help_answers_without_loading_torch(tmp_path: Path) -> None:
