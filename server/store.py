@@ -206,8 +206,9 @@ class _PrivacyLedgerRow(_Base):
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
 
 
-class _AdapterRow(_Base):
-    __tablename__ = "adapters"
+class _RoundBlob:
+    """The columns of one safetensors blob per completed round, checked by its sha256 on load."""
+
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id"), unique=True)
     sha256: Mapped[str] = mapped_column(String(64))
@@ -215,15 +216,16 @@ class _AdapterRow(_Base):
     data: Mapped[bytes] = mapped_column(LargeBinary)  # safetensors
 
 
-class _RoundStateRow(_Base):
+class _AdapterRow(_RoundBlob, _Base):
+    """The global adapter after a completed round."""
+
+    __tablename__ = "adapters"
+
+
+class _RoundStateRow(_RoundBlob, _Base):
     """The round loop's full state after a completed round (base deltas included) and the strategy's own."""
 
     __tablename__ = "round_states"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id"), unique=True)
-    sha256: Mapped[str] = mapped_column(String(64))
-    nbytes: Mapped[int] = mapped_column(BigInteger)
-    data: Mapped[bytes] = mapped_column(LargeBinary)  # safetensors
 
 
 class _RunAttemptRow(_Base):

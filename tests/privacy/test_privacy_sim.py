@@ -14,8 +14,7 @@ from pollinate.privacy.accountant import Release, epsilon
 from pollinate.server.store import RoundStore
 from tests.support.paths import SCENARIOS
 from tests.support.inprocess import run_in_process
-from tests.support.commands import pollinate
-from tests.support.commands import simulate
+from tests.support.commands import pollinate, simulated_run
 
 
 def _report(store: RoundStore, run_id: int) -> dict:
@@ -35,12 +34,8 @@ def _simulate_here(capsys: pytest.CaptureFixture[str], workdir: Path, *args: str
 def sample_run(tmp_path_factory: pytest.TempPathFactory):
     workdir = tmp_path_factory.mktemp("dp-sample")
     # z = 0.5 and 4 steps at q = 8 / n per round: epsilon 3.80, 3.99, then 4.10 > 4.05 in round 3.
-    done = simulate("tiny.toml", workdir, "--dp", "sample", "--noise-multiplier", "0.5", "--epsilon", "4.05",
-                    "--clip-norm", "1.0")
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    store = RoundStore(f"sqlite:///{workdir / 'store.db'}")
-    [run] = store.runs()
-    return done, store, run
+    return simulated_run("tiny.toml", workdir, "--dp", "sample", "--noise-multiplier", "0.5", "--epsilon", "4.05",
+                         "--clip-norm", "1.0")
 
 
 def test_dp_runs_default_to_ffa_lora_and_say_so(sample_run) -> None:
@@ -94,11 +89,8 @@ def test_each_node_keeps_its_budget_in_a_file_beside_its_data(sample_run) -> Non
 
 def test_central_dp_spends_the_run_budget_then_stops_cleanly(tmp_path: Path) -> None:
     # z = 1 with every node in every round: epsilon 4.73, 7.08, then 9.01 > 8 in round 3.
-    done = simulate("tiny.toml", tmp_path, "--dp", "central", "--noise-multiplier", "1.0", "--epsilon", "8",
-                    "--clip-norm", "0.5", "--adaptive-clipping")
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    store = RoundStore(f"sqlite:///{tmp_path / 'store.db'}")
-    [run] = store.runs()
+    done, store, run = simulated_run("tiny.toml", tmp_path, "--dp", "central", "--noise-multiplier", "1.0",
+                                     "--epsilon", "8", "--clip-norm", "0.5", "--adaptive-clipping")
     assert run.status == "completed" and run.strategy == "ffa-lora" and run.adapter_dir
     assert [r.number for r in store.rounds(run.id)] == [1, 2]
     ledger = store.privacy_ledger(run.id)

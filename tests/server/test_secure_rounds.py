@@ -22,13 +22,11 @@ from pollinate.proto.run_config import ConfigError, RunConfig
 from pollinate.proto.secagg_record import SECAGG
 from pollinate.server.rounds import RoundExchange, RoundFailed, RoundLedger
 from pollinate.server.secure import SecureAggregation
-from pollinate.server.store import RoundStore
 from pollinate.strategies import ClientUpdate, Request, build
 from pollinate.strategies.base import mean_of
 from tests.support.paths import SCENARIOS
 from tests.support.inprocess import InProcessGrid, serverapp_identity
-from tests.support.commands import pollinate
-from tests.support.commands import simulate
+from tests.support.commands import pollinate, simulated_run
 
 SHAPES = {"m.lora_A.weight": (4, 30), "m.lora_B.weight": (20, 4), "head.weight": (2, 16)}
 STAGES = ("train", "train.secagg_share", "train.secagg_mask", "train.secagg_unmask")
@@ -192,10 +190,7 @@ def test_secure_aggregation_refuses_strategies_that_need_each_update(tiny_cfg) -
 
 
 def test_simulation_with_secagg_survives_a_dropout_and_never_sees_an_adapter(tmp_path: Path) -> None:
-    done = simulate("secagg-dropout.toml", tmp_path)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    store = RoundStore(f"sqlite:///{tmp_path / 'store.db'}")
-    [run] = store.runs()
+    _, store, run = simulated_run("secagg-dropout.toml", tmp_path)
     assert run.status == "completed"
     rounds = store.rounds(run.id)
     # 5 nodes; one drops after sharing its keys, before masking: the mean is that of the other 4.

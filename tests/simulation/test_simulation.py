@@ -18,17 +18,14 @@ from pollinate.models import adapter_state, build_peft_model, load_base_model
 from pollinate.proto.adapter_record import payload_bytes, to_record
 from pollinate.proto.run_config import RunConfig
 from pollinate.simulations.scenario import DEFAULT_SCENARIO, load_scenario
-from pollinate.server.store import RoundStore, sha256
-from tests.support.commands import simulate
+from pollinate.server.store import sha256
+from tests.support.commands import simulated_run
 
 
 @pytest.fixture(scope="module")
 def honest(tmp_path_factory: pytest.TempPathFactory):
     workdir = tmp_path_factory.mktemp("honest")
-    done = simulate("tiny.toml", workdir)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    store = RoundStore(f"sqlite:///{workdir / 'store.db'}")
-    [run] = store.runs()
+    done, store, run = simulated_run("tiny.toml", workdir)
     return done, store, run
 
 
@@ -113,10 +110,7 @@ def test_runs_lists_the_run_and_its_rounds(honest) -> None:
 
 
 def test_bad_uploads_are_rejected_recorded_and_the_rounds_go_on(tmp_path: Path) -> None:
-    done = simulate("faulty.toml", tmp_path)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    store = RoundStore(f"sqlite:///{tmp_path / 'store.db'}")
-    [run] = store.runs()
+    done, store, run = simulated_run("faulty.toml", tmp_path)
     assert run.status == "completed"
     rounds = store.rounds(run.id)
     assert [(r.participants, r.accepted) for r in rounds] == [(5, 2), (5, 2)]

@@ -25,3 +25,14 @@ def simulate(scenario: str, workdir: Path, *extra: str) -> subprocess.CompletedP
     cmd = [sys.executable, "-m", "pollinate.cli", "simulate", str(SCENARIOS / scenario),
            "--db", f"sqlite:///{workdir / 'store.db'}", "--output", str(workdir / "out"), *extra]
     return subprocess.run(cmd, cwd=workdir, env=os.environ.copy(), capture_output=True, text=True, timeout=600)
+
+
+def simulated_run(scenario: str, workdir: Path, *extra: str):  # -> (CompletedProcess, RoundStore, RunSummary)
+    """``simulate`` that must succeed, with the store it wrote and the one run in it."""
+    from pollinate.server.store import RoundStore
+
+    done = simulate(scenario, workdir, *extra)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    store = RoundStore(f"sqlite:///{workdir / 'store.db'}")
+    [run] = store.runs()
+    return done, store, run

@@ -108,7 +108,7 @@ def run_in_process(scenario: str, workdir: Path, clients: int | None = None, **o
         "store.db": f"sqlite:///{workdir / 'store.db'}", "store.output-dir": str(workdir / "out"), **overrides},
         clients)
     cfg, _ = write_node_data(cfg, sim, workdir / "partitions")
-    module, _, name = sim.client_app.partition(":")  # the scenario's ClientApp, e.g. tests.support.apps.faulty_client:app
+    module, _, name = sim.client_app.partition(":")  # e.g. tests.support.apps.faulty_client:app
     grid = InProcessGrid.of_scenario(cfg, sim.clients, getattr(importlib.import_module(module), name))
     with serverapp_identity():
         return run_federation(grid, cfg)  # type: ignore[arg-type]

@@ -13,9 +13,11 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from pollinate.client import secure
-from pollinate.client.app import describe_node, evaluate_adapter, train_adapter
+from pollinate.client.app import train_adapter
+from tests.support.apps import answer_honestly
 
 app = ClientApp()
+answer_honestly(app)
 
 
 def _partition(context: Context) -> int:
@@ -42,13 +44,3 @@ def mask(msg: Message, context: Context) -> Message:
 @app.train("secagg_unmask")
 def unmask(msg: Message, context: Context) -> Message:
     return secure.unmask(msg, context)
-
-
-@app.evaluate()
-def evaluate(msg: Message, context: Context) -> Message:
-    return evaluate_adapter(msg, context)
-
-
-@app.query()
-def query(msg: Message, context: Context) -> Message:
-    return describe_node(msg, context)

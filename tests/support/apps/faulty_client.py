@@ -10,10 +10,12 @@ import numpy as np
 from flwr.app import Array, Context, Message
 from flwr.clientapp import ClientApp
 
-from pollinate.client.app import describe_node, evaluate_adapter, train_adapter
+from pollinate.client.app import train_adapter
+from tests.support.apps import answer_honestly
 from pollinate.proto.adapter_record import ADAPTER, RAW_STYPE
 
 app = ClientApp()
+answer_honestly(app)
 
 
 @app.train()
@@ -35,13 +37,3 @@ def train(msg: Message, context: Context) -> Message:
         record["base_model.model.bert.embeddings.word_embeddings.weight"] = Array(
             dtype="float32", shape=extra.shape, stype=RAW_STYPE, data=extra.tobytes())
     return reply
-
-
-@app.evaluate()
-def evaluate(msg: Message, context: Context) -> Message:
-    return evaluate_adapter(msg, context)
-
-
-@app.query()
-def query(msg: Message, context: Context) -> Message:
-    return describe_node(msg, context)
