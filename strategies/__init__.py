@@ -20,13 +20,16 @@ from pollinate.strategies.flexlora import FlexLora
 from pollinate.strategies.flora import FLora
 from pollinate.strategies.frozen_factor import FfaLora, RoLora
 from pollinate.strategies.hetlora import HetLora
+from pollinate.strategies.robust_clip import RobustClip
+from pollinate.strategies.robust_coordinatewise import Median, TrimmedMean
+from pollinate.strategies.robust_krum import MultiKrum
 from pollinate.strategies.sketch import Sketch
 
 ENTRY_POINT_GROUP = "pollinate.strategies"
 
 _BUILTIN: dict[str, type[Strategy]] = {cls.name: cls for cls in (
     FedAvg, FedProx, FedAdam, FedYogi, FfaLora, RoLora, FedSaLora, FedExLora, HetLora, FlexLora, FLora, Sketch,
-    FedAvgM)}
+    FedAvgM, RobustClip, TrimmedMean, Median, MultiKrum)}
 
 
 def registry() -> dict[str, type[Strategy]]:
