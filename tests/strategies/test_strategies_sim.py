@@ -80,7 +80,7 @@ def test_fedex_lora_exports_the_exact_mean_model_as_a_larger_lora(tmp_path: Path
     assert json.loads((Path(run.adapter_dir) / "adapter_config.json").read_text())["r"] > 4
 
 
-HETEROGENEOUS = ["hetlora", "flexlora", "flora", "sketch"]
+HETEROGENEOUS = ["hetlora", "flexlora", "flora", "sketch", "robust-clip", "trimmed-mean", "median", "multi-krum"]
 
 
 def test_fedsa_lora_never_uploads_b_and_nodes_keep_their_own(tmp_path: Path) -> None:
