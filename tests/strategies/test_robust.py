@@ -3,12 +3,14 @@
 The module is 12 x 10 and the global rank R = 10 = min(d_out, d_in), so the rank-R refactorisation of any
 aggregate is exact and what is checked is the rule itself. Nodes train ranks 1..R (heterogeneous), so every
 rule is checked at mixed ranks too. A hostile node uploads a huge (B = 5.0, as in issue #13) or a
-sign-flipped update and reports a huge example count.
+sign-flipped update and reports a huge example count; the last test runs that attack end to end through the
+real coordinator and ClientApp in this process.
 """
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,13 +19,16 @@ from hypothesis import strategies as st
 
 from pollinate.proto.run_config import ConfigError, RunConfig
 from pollinate.server.privacy_rounds import check_privacy_config
+from pollinate.server.store import RoundStore
 from pollinate.strategies import ClientUpdate, NamedArrays, Strategy, StrategyContext, build, registry
+from pollinate.strategies.base import lora_pairs
 from pollinate.strategies.flexlora import FlexLora
 from pollinate.strategies.heterogeneous import at_rank
 from pollinate.strategies.robust import as_products, gram
 from pollinate.strategies.robust_math import (coordinate_median, krum_scores, product_gram, squared_distances,
                                               trim_count, trimmed_mean)
-from tests.support.adapters import A, B, HEAD, adapter, dense
+from tests.support.adapters import A, B, HEAD, adapter
+from tests.support.inprocess import run_in_process
 
 R, ALPHA = 10, 8.0
 ROBUST = ["robust-clip", "trimmed-mean", "median", "multi-krum"]
@@ -288,3 +293,22 @@ def test_a_hostile_node_with_a_huge_example_count_takes_over_flexlora_but_no_rob
         result = _flat(_global(_strategy(name, ctx).aggregate(state, updates, 1), ctx))  # default options
         assert np.linalg.norm(result - honest) < 0.1 * np.linalg.norm(hostile - honest), name
         assert math.isfinite(float(np.linalg.norm(result)))
+
+
+@pytest.mark.parametrize("name", ["flexlora", *ROBUST])
+def test_end_to_end_one_hostile_node_of_five_takes_over_flexlora_but_no_robust_rule(name: str,
+                                                                                    tmp_path: Path) -> None:
+    # The real coordinator against the real ClientApp in this process; partition 0 uploads lora_B = 5.0 and claims
+    # a million examples (tests/support/apps/hostile_b_client.py). Honest training from B = 0 stays far below 5.
+    run_in_process("hostile-b.toml", tmp_path, **{"federation.strategy": name})
+    store = RoundStore(f"sqlite:///{tmp_path / 'store.db'}")
+    [run] = store.runs()
+    assert run.status == "completed", run.error
+    adapter = store.adapter(run.id, 1).tensors()
+    scaling = 8 / 4  # alpha / r of hostile-b.toml
+    largest = max(float(np.abs(scaling * adapter[b] @ adapter[a]).max()) for a, b in lora_pairs(adapter).values())
+    # Measured: flexlora ~4, every robust rule ~0.01-0.02 (what honest training reaches from B = 0).
+    if name == "flexlora":  # the weakness: sum_k p_k s_k B_k A_k is the hostile node's product
+        assert largest > 0.2  # even at a fifth of the weight the hostile product would reach ~0.8
+    else:
+        assert largest < 0.1, f"{name}: the global update reaches {largest} in one entry"

@@ -1,4 +1,5 @@
-"""ClientApps for tests: pollinate's real client with one behaviour changed (faulty uploads, a dropout)."""
+"""ClientApps for tests: pollinate's real client with one behaviour changed (faulty uploads, a dropout, a hostile
+node)."""
 
 from __future__ import annotations
 
