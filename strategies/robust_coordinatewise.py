@@ -54,10 +54,15 @@ class TrimmedMean(Coordinatewise):
         trim: float = option(0.2, "fraction beta of nodes dropped at each end of every coordinate "
                                   "(ceil(beta n), at most (n - 1) / 2; 0: flexlora's weighted mean)",
                              lambda v: 0.0 <= v < 0.5, "use a value in [0, 0.5), above the share of hostile nodes")
+        # A node reports its own example count: one that claims a huge count and uploads values inside the honest
+        # range would set every coordinate where it is kept. Unweighted, its pull is at most 1 / (n - 2 trim).
+        weighted: bool = option(True, "weight the kept values by the nodes' example counts (false: the plain mean "
+                                      "of Yin et al., which no reported count can sway)")
 
     options: Options
 
     def statistic(self, x: np.ndarray, weights: Sequence[float]) -> np.ndarray:
+        weights = weights if self.options.weighted else [1.0] * x.shape[0]
         return trimmed_mean(x, weights, trim_count(x.shape[0], self.options.trim))
 
 

@@ -190,6 +190,24 @@ def test_coordinatewise_rules_stay_within_the_honest_nodes_range(name: str, seed
         assert np.all(v >= low[k] - slack) and np.all(v <= high[k] + slack), k
 
 
+@SETTINGS
+@given(seed=st.integers(0, 2**31), ranks=st.lists(st.integers(1, R), min_size=3, max_size=6),
+       trim=st.floats(0.0, 0.49), weighted=st.booleans())
+def test_trimmed_mean_of_a_round_equals_the_dense_per_coordinate_trimmed_mean(seed: int, ranks: list[int],
+                                                                              trim: float, weighted: bool) -> None:
+    state, updates, ctx = _round(seed, ranks, 1, "flip")
+    products = [_products(u.tensors, u.rank, ctx) for u in updates]
+    w = np.array([u.num_examples if weighted else 1.0 for u in updates], dtype=np.float64)
+    k = trim_count(len(updates), trim)
+    result = _global(_strategy("trimmed-mean", ctx, trim=trim, weighted=weighted).aggregate(state, updates, 1), ctx)
+    for name, got in result.items():
+        x = np.stack([p[name] for p in products])
+        order = np.argsort(x, axis=0)[k:len(updates) - k]  # per coordinate, the kept nodes
+        kept_w = w[order]
+        reference = (np.take_along_axis(x, order, axis=0) * kept_w).sum(axis=0) / kept_w.sum(axis=0)
+        np.testing.assert_allclose(got, reference, rtol=1e-4, atol=1e-4 * np.abs(reference).max())
+
+
 def _update_norms(state: NamedArrays, updates: list[ClientUpdate], ctx: StrategyContext) -> np.ndarray:
     g = _flat(_products(state, R, ctx))
     return np.array([np.linalg.norm(_flat(_products(u.tensors, u.rank, ctx)) - g) for u in updates])
