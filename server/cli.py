@@ -91,13 +91,13 @@ def serve(args: argparse.Namespace) -> int:
     from pollinate.server.report import rounds_table
     from pollinate.server.store import RoundStore
 
-    stop_on_sigterm()  # `docker stop`, systemd: stop the SuperLink and its runs too
     security = SuperLinkSecurity(certs_of(args), args.enable_supernode_auth, tuple(args.register_node))
     # Before anything else: Flower 1.42 serves its unauthenticated Control API on --host:--port too.
     warning = check_exposure(args.host, security.tls, args.insecure, SERVES)
     security.flags()  # fail fast: inconsistent TLS / node-auth flags, missing key files
     if warning:
         console.print(f"[yellow]{warning}[/]")
+    stop_on_sigterm()  # `docker stop`, systemd: stop the SuperLink and its runs too
     cfg = run_config(args)
     state_dir = Path(args.state_dir or Path(cfg.store.output_dir) / "superlink")
     console.print(f"SuperLink on {args.host}:{args.port} ({'TLS' if security.tls else 'insecure'}); nodes join with "

@@ -104,9 +104,9 @@ def _password(url: str) -> str:
             raise StoreError(f"{PASSWORD_FILE_ENV} = {os.environ[PASSWORD_FILE_ENV]}: cannot read the store password "
                              f"({e.strerror}); point it at the secret file") from None
     if not password:
-        raise StoreError(f"the round store URL {url} has its password withheld ({_WITHHELD}) and neither {PASSWORD_ENV} "
-                         f"nor {PASSWORD_FILE_ENV} is set; set one in the coordinator's environment "
-                         f"(`pollinate server` passes the password to the SuperLink it starts)")
+        raise StoreError(f"the round store URL {url} has its password withheld ({_WITHHELD}) and {PASSWORD_ENV} is "
+                         f"not set; set {PASSWORD_ENV} (or {PASSWORD_FILE_ENV}, a file holding it) in the "
+                         f"coordinator's environment (`pollinate server` passes it to the SuperLink it starts)")
     return password
 
 
