@@ -150,12 +150,16 @@ def absolute_location(value: str, key: str) -> str:
     """An output directory or a SQLite file URL resolved against the working directory; other URLs as given."""
     if key == "store.output-dir":
         return str(_output_dir(Path(value).resolve()))
+    example = f"sqlite:///{DEFAULT_STORE_FILE} or postgresql+psycopg://user@host:5432/db"
     try:
         url = make_url(value)
+    except ArgumentError:
+        raise ConfigError(f"--db {value!r} is not a database URL; give one such as {example}") from None
+    try:
         url.get_dialect()  # an unknown scheme (foo://) fails here, not in the middle of a run
-    except (ArgumentError, NoSuchModuleError):
-        raise ConfigError(f"--db {value!r} is not a database URL pollinate can open; give one such as "
-                          f"sqlite:///{DEFAULT_STORE_FILE} or postgresql+psycopg://user@host:5432/db") from None
+    except NoSuchModuleError:
+        raise ConfigError(f"--db {value!r}: {url.drivername!r} is not a database pollinate can open; give a URL "
+                          f"such as {example}") from None
     if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
         return url.set(database=str(Path(url.database).resolve())).render_as_string(hide_password=False)
     return value

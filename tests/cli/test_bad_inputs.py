@@ -42,11 +42,11 @@ DATA_ERRORS = {
 
 # (what is wrong, the command after `pollinate`, what the message says); {tmp} is the test's directory.
 ROWS: list[tuple[str, list[str], str]] = [
-    ("db-unknown-scheme", ["runs", "--db", "foo://x"], "--db 'foo://x' is not a database URL pollinate can open; "
-                                                      "give one such as sqlite:///"),
+    ("db-unknown-scheme", ["runs", "--db", "foo://x"], "--db 'foo://x': 'foo' is not a database pollinate can "
+                                                      "open; give a URL such as sqlite:///"),
     ("db-not-a-url", ["runs", "--db", "notaurl"], "--db 'notaurl' is not a database URL"),
-    ("simulate-db-unknown-scheme", ["simulate", TINY, "--db", "foo://x"], "is not a database URL pollinate can open"),
-    ("server-db-unknown-scheme", ["server", TINY, "--db", "foo://x"], "is not a database URL pollinate can open"),
+    ("simulate-db-unknown-scheme", ["simulate", TINY, "--db", "foo://x"], "'foo' is not a database pollinate can open"),
+    ("server-db-unknown-scheme", ["server", TINY, "--db", "foo://x"], "'foo' is not a database pollinate can open"),
     ("output-under-a-file", ["simulate", TINY, "--output", "{tmp}/a-file/out"],
      "{tmp}/a-file is a file, not a directory; give a directory"),
     ("alpha-nan", ["simulate", TINY, "--set", "adapter.alpha=nan"], "adapter.alpha = nan is invalid: use a finite number"),
