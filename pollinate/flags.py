@@ -196,7 +196,7 @@ PORT_RANGE = (1, 65535)
 
 
 def port_number(value: str) -> int:
-    """argparse ``type`` of a TCP port a server listens on: 1..65535 (0, "any free port", is not a port to tell nodes)."""
+    """argparse ``type`` of a port a server listens on: 1..65535 (0, "any free port", is no port to tell nodes)."""
     try:
         port = int(value)
     except ValueError:

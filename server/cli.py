@@ -105,7 +105,8 @@ def serve(args: argparse.Namespace) -> int:
                   f"{' --certs DIR' if security.tls else ''}`")
     store = RoundStore(cfg.store.db)
     stale = [int(a.flower_run_id) for a in store.attempts(cfg.store.resume_run)] if cfg.store.resume_run else []
-    status = None if args.no_status else _start_status(cfg.store.db, args.host, args.status_port, security, args.insecure)
+    status = None if args.no_status else _start_status(cfg.store.db, args.host, args.status_port, security,
+                                                       args.insecure)
     try:
         result = coordinate(cfg, args.host, args.port, state_dir, security, stale_runs=stale)
     finally:

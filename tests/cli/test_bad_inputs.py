@@ -42,14 +42,15 @@ DATA_ERRORS = {
 
 # (what is wrong, the command after `pollinate`, what the message says); {tmp} is the test's directory.
 ROWS: list[tuple[str, list[str], str]] = [
-    ("db-unknown-scheme", ["runs", "--db", "foo://x"], "--db 'foo://x': 'foo' is not a database pollinate can "
-                                                      "open; give a URL such as sqlite:///"),
+    ("db-unknown-scheme", ["runs", "--db", "foo://x"],
+     "--db 'foo://x': 'foo' is not a database pollinate can open; give a URL such as sqlite:///"),
     ("db-not-a-url", ["runs", "--db", "notaurl"], "--db 'notaurl' is not a database URL"),
     ("simulate-db-unknown-scheme", ["simulate", TINY, "--db", "foo://x"], "'foo' is not a database pollinate can open"),
     ("server-db-unknown-scheme", ["server", TINY, "--db", "foo://x"], "'foo' is not a database pollinate can open"),
     ("output-under-a-file", ["simulate", TINY, "--output", "{tmp}/a-file/out"],
      "{tmp}/a-file is a file, not a directory; give a directory"),
-    ("alpha-nan", ["simulate", TINY, "--set", "adapter.alpha=nan"], "adapter.alpha = nan is invalid: use a finite number"),
+    ("alpha-nan", ["simulate", TINY, "--set", "adapter.alpha=nan"],
+     "adapter.alpha = nan is invalid: use a finite number"),
     ("lr-inf", ["simulate", TINY, "--set", "train.lr=inf"], "train.lr = inf is invalid: use a finite number"),
     ("clip-norm-inf", ["simulate", TINY, "--set", "privacy.clip-norm=inf"],
      "privacy.clip-norm = inf is invalid: use a finite number"),
@@ -63,8 +64,8 @@ ROWS: list[tuple[str, list[str], str]] = [
      "--host 0.0.0.0 without --certs would serve the SuperLink"),
     ("dns-host-without-tls", ["server", TINY, "--host", "coordinator.example.org"],
      "or --host 127.0.0.1, or --insecure on a network you trust"),
-    ("missing-tls-file", ["server", TINY, "--certs", "{tmp}/certs"], "{tmp}/certs/server.key missing; create the "
-                                                                     "directory with `pollinate certs"),
+    ("missing-tls-file", ["server", TINY, "--certs", "{tmp}/certs"],
+     "{tmp}/certs/server.key missing; create the directory with `pollinate certs"),
     ("san-not-an-ip", ["certs", "{tmp}/new-certs", "--host", "999.1.1.1"],
      "--host 999.1.1.1 is not a valid IP address (each IPv4 part is 0..255)"),
     ("san-not-a-name", ["certs", "{tmp}/new-certs", "--host", "coord inator"],
