@@ -28,5 +28,5 @@ def check_exposure(host: str, tls: bool, insecure: bool, serves: str) -> str | N
         raise ConfigError(f"--host {host} without --certs would serve {serves} in plaintext and unauthenticated to "
                           f"every machine that reaches this one; pass --certs DIR (`pollinate certs DIR`), or "
                           f"--host 127.0.0.1, or --insecure on a network you trust")
-    return (f"warning: --insecure: {serves} listen(s) on {host} without TLS or authentication; whoever reaches "
-            f"this host can use it")
+    return (f"warning: --insecure: {host} serves {serves} without TLS or authentication; whoever reaches this "
+            f"host can use them")
