@@ -207,6 +207,15 @@ def port_number(value: str) -> int:
     return port
 
 
+def host_port(value: str) -> str:
+    """argparse ``type`` of a server's address, ``HOST:PORT`` (``[v6]:PORT`` for IPv6), the port in 1..65535."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host.strip("[]"):
+        raise argparse.ArgumentTypeError(f"{value!r} is not HOST:PORT, e.g. coordinator.example.org:9092")
+    port_number(port)
+    return value
+
+
 def add_insecure_argument(parser: argparse.ArgumentParser, serves: str) -> None:
     """``--insecure``: allow serving ``serves`` without TLS on a non-loopback --host (explicitly, with a warning)."""
     parser.add_argument("--insecure", action="store_true",
