@@ -8,6 +8,7 @@ from the node's disk and never leaves it.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import random
 from collections.abc import Iterator
@@ -18,13 +19,13 @@ import torch
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from transformers import PreTrainedTokenizerBase
 
-from pollinate.proto.run_config import DataConfig, ModelConfig
+from pollinate.proto.run_config import ConfigError, DataConfig, ModelConfig
 
 PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
 
 
-class DataError(ValueError):
-    """The node's data is missing or malformed; the message names the file, row and fix."""
+class DataError(ConfigError):
+    """The node's data is missing or malformed; the message names the file, row and fix (a user error, no traceback)."""
 
 
 @dataclass(frozen=True)
@@ -40,17 +41,50 @@ def read_examples(path: str | Path, data: DataConfig, model: ModelConfig) -> lis
     if not path.is_file():
         raise DataError(f"data file {path} does not exist on this node; pass --data PATH "
                         f"(CSV or JSONL with {_fields(data, model)})")
-    if path.suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-    elif path.suffix in (".jsonl", ".json"):
-        with path.open(encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-    else:
-        raise DataError(f"data file {path} must end in .csv or .jsonl")
+    rows = read_rows(path)
     if not rows:
         raise DataError(f"data file {path} holds no examples")
-    return [_example(row, i, path, data, model) for i, row in enumerate(rows, start=1)]
+    return examples_of(rows, path, data, model)
+
+
+def read_rows(path: Path) -> list[dict[str, object]]:
+    """The rows of a UTF-8 .csv (header first) or .jsonl (one JSON object a line) file; a DataError naming the
+    file and line otherwise. ``simulate --corpus`` reads a corpus with it too."""
+    if path.suffix not in (".csv", ".jsonl", ".json"):
+        raise DataError(f"data file {path} must end in .csv or .jsonl")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DataError(f"{path} line {line}: byte 0x{raw[e.start]:02x} is not UTF-8 text; save the file as UTF-8 "
+                        f"(e.g. `iconv -f latin1 -t utf-8`)") from None
+    if path.suffix == ".csv":
+        try:
+            return list(csv.DictReader(io.StringIO(text, newline="")))
+        except csv.Error as e:
+            raise DataError(f"{path}: not a valid CSV file ({e}); quote fields that hold commas or line breaks") \
+                from None
+    rows: list[dict[str, object]] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path} line {number}: not valid JSON ({e.msg} at column {e.colno}); each line must be "
+                            f"one JSON object such as {{\"text\": \"...\", \"label\": 0}}") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path} line {number}: a JSON {type(row).__name__}, not an object; each line must be one "
+                            f"JSON object such as {{\"text\": \"...\", \"label\": 0}}")
+        rows.append(row)
+    return rows
+
+
+def examples_of(rows: list[dict[str, object]], path: str | Path, data: DataConfig,
+                model: ModelConfig) -> list[Example]:
+    """``rows`` (from ``path``) checked against the task: row i is the i-th example of the file."""
+    return [_example(row, i, Path(path), data, model) for i, row in enumerate(rows, start=1)]
 
 
 def split(examples: list[Example], eval_fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
@@ -140,16 +174,44 @@ def _example(row: dict[str, object], i: int, path: Path, data: DataConfig, model
     if model.task == "causal-lm":
         if not row.get("instruction") or not row.get("response"):
             raise DataError(f"{where} lacks 'instruction' or 'response' (causal-lm examples need both)")
+        for name in ("instruction", "response"):
+            _require_text(row[name], f"{where}: {name!r}")
         return Example(text=PROMPT.format(instruction=row["instruction"]), response=str(row["response"]))
     text, label = row.get(data.text_field), row.get(data.label_field)
     if text is None or label is None:
         raise DataError(f"{where} lacks {_fields(data, model)}; set data.text-field / data.label-field "
                         f"to your column names")
-    try:
-        value = int(label)  # type: ignore[call-overload]
-    except (TypeError, ValueError):
-        value = -1
-    if not 0 <= value < model.num_labels:
-        raise DataError(f"{where}: label {label!r} is not an integer in [0, {model.num_labels}); map your labels "
+    _require_text(text, f"{where}: {data.text_field!r}")
+    value = _integer(label)
+    if value is None or not 0 <= value < model.num_labels:
+        raise DataError(f"{where}: label {_shown(label)} is not an integer in [0, {model.num_labels}); map your labels "
                         f"to 0..{model.num_labels - 1} or set model.num-labels")
     return Example(text=str(text), label=value)
+
+
+def _require_text(value: object, where: str) -> None:
+    """Text is a string: a JSON number or boolean is a column mix-up, not text to train on."""
+    if not isinstance(value, str):
+        raise DataError(f"{where} is {_shown(value)}, not a string of text; write it as a JSON string (in quotes) "
+                        f"or check that the columns are the right way round")
+
+
+def _shown(value: object) -> str:
+    """A value as the file holds it: JSON's ``true`` and ``1.7``, a string in quotes."""
+    return repr(value) if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
+
+
+def _integer(label: object) -> int | None:
+    """A class label: an int, an integral float (1.0) or a string of one (CSV); never a bool or 1.7."""
+    if isinstance(label, bool):
+        return None
+    if isinstance(label, int):
+        return label
+    if isinstance(label, float):
+        return int(label) if label.is_integer() else None
+    if isinstance(label, str):
+        try:
+            return int(label.strip())
+        except ValueError:
+            return None
+    return None

@@ -13,7 +13,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from pollinate.flags import RENAMED_TLS_CLIENT, add_certs_argument, certs_of, refuse_renamed
+from pollinate.flags import RENAMED_TLS_CLIENT, add_certs_argument, certs_of, host_port, port_number, refuse_renamed
 from pollinate.proto.node_config import DATA_PATH, DEVICE, MAX_RANK
 from pollinate.proto.run_config import ConfigError
 from pollinate.runtime.processes import (Daemon, executable, flower_env, free_port, require_free_port,
@@ -62,12 +62,12 @@ def supernode_command(superlink: str, config: str, runtime_port: int, security: 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--superlink", required=True, metavar="HOST:PORT",
+    parser.add_argument("--superlink", required=True, metavar="HOST:PORT", type=host_port,
                         help="the coordinator's SuperLink (`pollinate server --port`)")
     parser.add_argument("--data", required=True, type=Path, help="this node's CSV/JSONL examples (stay here)")
     parser.add_argument("--max-rank", type=int, default=0, help="largest LoRA rank this node can train (0: no limit)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
-    parser.add_argument("--runtime-port", type=int, help="local port of the SuperNode's Runtime API "
+    parser.add_argument("--runtime-port", type=port_number, help="local port of the SuperNode's Runtime API "
                         "(default: a free one; nodes on one machine need different ports)")
     parser.add_argument("--wait", type=float, default=120.0,
                         help="seconds to wait for the SuperLink to answer before giving up (default 120)")

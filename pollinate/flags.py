@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
 from pollinate.proto.run_config import PRIVACY_MODES, ConfigError, RunConfig, Scalar, parse_assignments
 from pollinate.security.certs import CertDir
@@ -149,15 +149,31 @@ def absolute_locations(cfg: RunConfig) -> RunConfig:
 def absolute_location(value: str, key: str) -> str:
     """An output directory or a SQLite file URL resolved against the working directory; other URLs as given."""
     if key == "store.output-dir":
-        return str(Path(value).resolve())
+        return str(_output_dir(Path(value).resolve()))
+    example = f"sqlite:///{DEFAULT_STORE_FILE} or postgresql+psycopg://user@host:5432/db"
     try:
         url = make_url(value)
     except ArgumentError:
-        raise ConfigError(f"--db {value!r} is not a database URL; give one such as sqlite:///{DEFAULT_STORE_FILE} "
-                          f"or postgresql+psycopg://user@host:5432/db") from None
+        raise ConfigError(f"--db {value!r} is not a database URL; give one such as {example}") from None
+    try:
+        url.get_dialect()  # an unknown scheme (foo://) fails here, not in the middle of a run
+    except NoSuchModuleError:
+        raise ConfigError(f"--db {value!r}: {url.drivername!r} is not a database pollinate can open; give a URL "
+                          f"such as {example}") from None
     if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
         return url.set(database=str(Path(url.database).resolve())).render_as_string(hide_password=False)
     return value
+
+
+def _output_dir(path: Path) -> Path:
+    """``path`` if it is, or can become, a directory: refused when it or a parent is a regular file."""
+    for ancestor in (path, *path.parents):
+        if ancestor.exists():
+            if not ancestor.is_dir():
+                raise ConfigError(f"--output {path}: {ancestor} is a file, not a directory; give a directory "
+                                  f"(store.output-dir) that does not lie under a file")
+            return path
+    return path
 
 
 def store_url(db: str | None) -> str:
@@ -174,3 +190,34 @@ def add_certs_argument(parser: argparse.ArgumentParser, reads: str) -> None:
 
 def certs_of(args: argparse.Namespace) -> CertDir | None:
     return CertDir(args.certs) if args.certs is not None else None
+
+
+PORT_RANGE = (1, 65535)
+
+
+def port_number(value: str) -> int:
+    """argparse ``type`` of a port a server listens on: 1..65535 (0, "any free port", is no port to tell nodes)."""
+    try:
+        port = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a port number; use {PORT_RANGE[0]}..{PORT_RANGE[1]}") \
+            from None
+    if not PORT_RANGE[0] <= port <= PORT_RANGE[1]:
+        raise argparse.ArgumentTypeError(f"{port} is outside the valid range {PORT_RANGE[0]}..{PORT_RANGE[1]}")
+    return port
+
+
+def host_port(value: str) -> str:
+    """argparse ``type`` of a server's address, ``HOST:PORT`` (``[v6]:PORT`` for IPv6), the port in 1..65535."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host.strip("[]"):
+        raise argparse.ArgumentTypeError(f"{value!r} is not HOST:PORT, e.g. coordinator.example.org:9092")
+    port_number(port)
+    return value
+
+
+def add_insecure_argument(parser: argparse.ArgumentParser, serves: str) -> None:
+    """``--insecure``: allow serving ``serves`` without TLS on a non-loopback --host (explicitly, with a warning)."""
+    parser.add_argument("--insecure", action="store_true",
+                        help=f"allow {serves} without TLS on a non-loopback --host (plaintext and unauthenticated: "
+                             f"only on a network you trust); without --certs a non-loopback --host is refused")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -276,6 +277,7 @@ class RunConfig:
         for name, _ in _sections():
             section = getattr(self, name)
             _check_literals(name, section)
+            _check_finite(name, section)
             validate = getattr(section, "validate", None)
             if validate is not None:
                 validate()
@@ -410,6 +412,7 @@ def _parse_strategy_options(chosen: str, flat: Mapping[str, Scalar]) -> Any:
         check = f.metadata.get("valid")
         value = getattr(options, f.name)
         _check_literal(key, value, _hints(cls)[f.name], "")
+        _require_finite(key, value)
         if check is not None:
             _require(check(value), key, value, f.metadata.get("how") or f"see {chosen}'s Options: {f.metadata.get('help', '')}")
     return options
@@ -507,6 +510,17 @@ def _check_literals(section: str, values: Any) -> None:
     for f in fields(values):
         _check_literal(f"{section}.{f.name.replace('_', '-')}", getattr(values, f.name), hints[f.name],
                        f.metadata.get("hint", ""))
+
+
+def _check_finite(section: str, values: Any) -> None:
+    """The one check that no float of a section is NaN or infinite (``--set train.lr=inf`` parses as a float)."""
+    for f in fields(values):
+        _require_finite(f"{section}.{f.name.replace('_', '-')}", getattr(values, f.name))
+
+
+def _require_finite(key: str, value: Any) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        _require(False, key, value, "use a finite number")
 
 
 def _check_literal(key: str, value: Any, typ: Any, hint: str) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,7 +90,7 @@ def create_cert_dir(out_dir: str | Path, hosts: list[str] | None = None, nodes: 
                     force: bool = False) -> CertDir:
     """Write a CA, server and operator certificates and ``nodes`` node key pairs into ``out_dir``."""
     certs = CertDir(Path(out_dir))
-    hosts = list(hosts or DEFAULT_HOSTS)
+    hosts = [_checked_host(h) for h in hosts or DEFAULT_HOSTS]
     if nodes < 0:
         raise CertError(f"--nodes {nodes}: use 0 or more")
     targets = [certs.ca_cert, certs.ca_key, certs.server_cert, certs.server_key, certs.operator_cert,
@@ -156,6 +157,27 @@ def _leaf_certificate(key: ec.EllipticCurvePrivateKey, cn: str, usage: x509.Obje
     if hosts:
         builder = builder.add_extension(x509.SubjectAlternativeName([_san(h) for h in hosts]), critical=False)
     return _validity(builder, LEAF_DAYS).sign(ca_key, hashes.SHA384())
+
+
+_DNS_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
+def _checked_host(host: str) -> str:
+    """A SAN the nodes can match: an IP address (``ipaddress``), or a DNS name of RFC 1123 labels.
+
+    A dotted all-numeric name (``999.1.1.1``) is an IP address with an octet out of range, not a host name."""
+    try:
+        return str(ipaddress.ip_address(host.strip("[]")))
+    except ValueError:
+        pass
+    labels = host.rstrip(".").split(".")
+    if all(label.isdigit() for label in labels):
+        raise CertError(f"--host {host} is not a valid IP address (each IPv4 part is 0..255); give the coordinator's "
+                        f"real address or DNS name")
+    if len(host) > 253 or not all(_DNS_LABEL.fullmatch(label) for label in labels):
+        raise CertError(f"--host {host!r} is neither an IP address nor a DNS name (letters, digits and '-' between "
+                        f"dots); give the name or address the nodes use to reach the coordinator")
+    return host
 
 
 def _san(host: str) -> x509.GeneralName:

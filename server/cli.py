@@ -13,11 +13,12 @@ from typing import TYPE_CHECKING
 
 from rich.console import Console
 
-from pollinate.flags import (RENAMED_TLS_SERVER, absolute_locations, add_certs_argument, add_run_config_arguments,
-                             add_scenario_arguments, certs_of, overrides_from_args, refuse_renamed, scenario_of,
-                             store_url)
+from pollinate.flags import (RENAMED_TLS_SERVER, absolute_locations, add_certs_argument, add_insecure_argument,
+                             add_run_config_arguments, add_scenario_arguments, certs_of, overrides_from_args,
+                             port_number, refuse_renamed, scenario_of, store_url)
 from pollinate.proto.run_config import ConfigError, RunConfig
 from pollinate.runtime.processes import stop_on_sigterm
+from pollinate.security.exposure import check_exposure
 from pollinate.simulations.scenario import DEFAULT_SCENARIO, load_scenario
 
 if TYPE_CHECKING:
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
 
 DEFAULT_PORT = 9092
 STATUS_PORT = 9095  # server.status_service.DEFAULT_PORT (not imported here: it loads grpc for --help)
+SERVES = "the SuperLink (its Control API accepts runs, i.e. code to run here) and the status service"
 console = Console(highlight=False, width=max(100, Console().width))
 
 
@@ -33,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_scenario_arguments(parser, "default: the default scenario (its [simulation] table is ignored). "
                            "Not with --resume")
     parser.add_argument("--host", default="127.0.0.1", help="address the SuperLink listens on (0.0.0.0: all)")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="the SuperLink's port: nodes connect to "
+    parser.add_argument("--port", type=port_number, default=DEFAULT_PORT, help="the SuperLink's port: nodes connect to "
                         "it (`pollinate client --superlink HOST:PORT`)")
     add_run_config_arguments(parser, "federation.min-nodes=3")
     parser.add_argument("--resume", type=int, metavar="RUN_ID",
@@ -47,10 +49,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--register-node", type=Path, action="append", default=[], metavar="PUBLIC_KEY",
                         help="with --enable-supernode-auth: register this SuperNode public key (nodes/node-<i>.pub "
                              "from `pollinate certs`) when the SuperLink is up; repeat per node")
-    parser.add_argument("--status-port", type=int, default=STATUS_PORT,
+    parser.add_argument("--status-port", type=port_number, default=STATUS_PORT,
                         help="pollinate's status service (`pollinate status`, `pollinate download`) on --host; "
                              "with --certs it requires an operator certificate from the same CA")
     parser.add_argument("--no-status", action="store_true", help="do not start the status service")
+    add_insecure_argument(parser, SERVES)
     refuse_renamed(parser, RENAMED_TLS_SERVER)
 
 
@@ -88,17 +91,22 @@ def serve(args: argparse.Namespace) -> int:
     from pollinate.server.report import rounds_table
     from pollinate.server.store import RoundStore
 
+    security = SuperLinkSecurity(certs_of(args), args.enable_supernode_auth, tuple(args.register_node))
+    # Before anything else: Flower 1.42 serves its unauthenticated Control API on --host:--port too.
+    warning = check_exposure(args.host, security.tls, args.insecure, SERVES)
+    security.flags()  # fail fast: inconsistent TLS / node-auth flags, missing key files
+    if warning:
+        console.print(f"[yellow]{warning}[/]")
     stop_on_sigterm()  # `docker stop`, systemd: stop the SuperLink and its runs too
     cfg = run_config(args)
-    security = SuperLinkSecurity(certs_of(args), args.enable_supernode_auth, tuple(args.register_node))
-    security.flags()  # fail fast: inconsistent TLS / node-auth flags, missing key files
     state_dir = Path(args.state_dir or Path(cfg.store.output_dir) / "superlink")
     console.print(f"SuperLink on {args.host}:{args.port} ({'TLS' if security.tls else 'insecure'}); nodes join with "
                   f"`pollinate client --superlink HOST:{args.port} --data PATH"
                   f"{' --certs DIR' if security.tls else ''}`")
     store = RoundStore(cfg.store.db)
     stale = [int(a.flower_run_id) for a in store.attempts(cfg.store.resume_run)] if cfg.store.resume_run else []
-    status = None if args.no_status else _start_status(cfg.store.db, args.host, args.status_port, security)
+    status = None if args.no_status else _start_status(cfg.store.db, args.host, args.status_port, security,
+                                                       args.insecure)
     try:
         result = coordinate(cfg, args.host, args.port, state_dir, security, stale_runs=stale)
     finally:
@@ -125,12 +133,12 @@ def serve(args: argparse.Namespace) -> int:
     return 130 if result.interrupted else 1
 
 
-def _start_status(store_url: str, host: str, port: int, security: SuperLinkSecurity) -> StatusServer:
+def _start_status(store_url: str, host: str, port: int, security: SuperLinkSecurity, insecure: bool) -> StatusServer:
     from pollinate.runtime.processes import require_free_port
     from pollinate.server.status_service import serve_status
 
     require_free_port(host, port, "status service", "--status-port (or --no-status)")
-    status = serve_status(store_url, host, port, tls=security if security.tls else None)
+    status = serve_status(store_url, host, port, tls=security if security.tls else None, insecure=insecure)
     console.print(f"status service on {host}:{status.port} ({'mutual TLS' if security.tls else 'insecure'}): "
                   f"`pollinate status --coordinator HOST:{status.port}`")
     return status

@@ -29,9 +29,13 @@ from pollinate.runtime.app_dir import write_app_dir
 from pollinate.runtime.processes import Daemon, executable, flower_env, require_free_port, wait_healthy
 from pollinate.security.certs import CertDir
 from pollinate.security.flower_flags import superlink_flags
-from pollinate.server.store import password_env
+from pollinate.server.store import PASSWORD_ENV, PASSWORD_FILE_ENV, password_env
 
 CONNECTION = "pollinate"  # the SuperLink connection's name in our private FLWR_HOME
+# Where the coordinator's own environment may hold store credentials ("POLLINATE_DB" is pollinate.flags.STORE_ENV,
+# a layer above; its URL may carry a password). None of them is passed on: the SuperLink gets exactly the password
+# of this run's store, and the `flwr` CLI calls get none.
+STORE_CREDENTIALS = ("POLLINATE_DB", PASSWORD_ENV, PASSWORD_FILE_ENV)
 
 
 @dataclass(frozen=True)
@@ -112,10 +116,9 @@ def coordinate(cfg: RunConfig, host: str, port: int, state_dir: Path,
     with tempfile.TemporaryDirectory(prefix="pollinate-coordinator-") as tmp, result.log.open("a") as log:
         home = Path(tmp) / "flwr-home"
         write_connection(home, host, port, security)
-        env = flower_env(home)
-        # The SuperLink starts the ServerApp, which opens the store: only it gets the store's password (if any).
+        env = without_store_credentials(flower_env(home))
         superlink = Daemon("SuperLink", superlink_command(host, port, state_dir / "state.db", security),
-                           {**env, **password_env(cfg.store.db)}, log)
+                           superlink_env(env, cfg.store.db), log)
         try:
             scheme = "https" if security.tls else "http"
             verify: str | bool = str(security.ca_cert) if security.tls else False
@@ -133,6 +136,20 @@ def coordinate(cfg: RunConfig, host: str, port: int, state_dir: Path,
         finally:
             superlink.stop()
     return result
+
+
+def without_store_credentials(env: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in env.items() if k not in STORE_CREDENTIALS}
+
+
+def superlink_env(env: dict[str, str], store_url: str) -> dict[str, str]:
+    """The SuperLink's environment: ``env`` plus the password of ``store_url`` only (if it has one).
+
+    Flower 1.42 gives the SuperLink's environment to the SuperExec it starts and to every ``flwr-serverapp``
+    that one launches (subprocess isolation; no option narrows it), and the ServerApp opens the store. So the
+    SuperLink, the SuperExec and the ServerApp hold this one password, and no other store credential of ours.
+    """
+    return {**without_store_credentials(env), **password_env(store_url)}
 
 
 def _follow(result: Coordinated, superlink: Daemon, env: dict[str, str]) -> None:

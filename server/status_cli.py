@@ -11,7 +11,7 @@ from google.protobuf.json_format import MessageToDict
 from rich.console import Console
 from rich.table import Table
 
-from pollinate.flags import add_certs_argument, certs_of
+from pollinate.flags import add_certs_argument, certs_of, host_port
 from pollinate.proto import pollinate_status_pb2 as pb
 from pollinate.server.status_client import connect, download
 from pollinate.server.status_service import DEFAULT_PORT
@@ -20,7 +20,7 @@ console = Console(highlight=False, width=max(120, Console().width))
 
 
 def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--coordinator", default=f"127.0.0.1:{DEFAULT_PORT}",
+    parser.add_argument("--coordinator", default=f"127.0.0.1:{DEFAULT_PORT}", type=host_port,
                         help="HOST:PORT of the status service (started by `pollinate server`)")
     add_certs_argument(parser, "mutual TLS: the service is verified against ca.crt, and operator.crt/operator.key "
                        "are presented")

@@ -19,6 +19,7 @@ from sqlalchemy.exc import OperationalError
 
 from pollinate.proto import pollinate_status_pb2 as pb
 from pollinate.proto import pollinate_status_pb2_grpc as pb_grpc
+from pollinate.security.exposure import check_exposure
 from pollinate.server.status_messages import round_message, run_message
 from pollinate.server.store import RoundStore, RunSummary, StoredRound, StoreError
 
@@ -133,12 +134,14 @@ class StatusTLS(Protocol):
 
 
 def serve_status(store_url: str, host: str = "127.0.0.1", port: int = DEFAULT_PORT, tls: StatusTLS | None = None,
-                 poll_interval_s: float = 1.0, max_streams: int = 16) -> StatusServer:
+                 poll_interval_s: float = 1.0, max_streams: int = 16, insecure: bool = False) -> StatusServer:
     """Start the status service on ``host:port`` (port 0: a free one, see ``.port``).
 
     With ``tls`` the service uses the deployment's server certificate and requires a client
-    certificate signed by the same CA (``pollinate certs`` writes one for operators).
+    certificate signed by the same CA (``pollinate certs`` writes one for operators). Without it, a
+    non-loopback ``host`` is refused unless ``insecure``: it serves adapters, per-node metrics and the config.
     """
+    check_exposure(host, tls is not None, insecure, "the status service (adapters, per-node metrics, the config)")
     if not 0.05 <= poll_interval_s <= 60:
         raise ValueError(f"poll_interval_s = {poll_interval_s}: use 0.05..60 seconds")
     store, stopping = RoundStore(store_url), threading.Event()

@@ -48,6 +48,7 @@ class StoreError(RuntimeError):
 # travels with its password withheld ("***"). The coordinator's own processes get the password back from
 # the command that started them (see ``keep_password``).
 PASSWORD_ENV = "POLLINATE_STORE_PASSWORD"
+PASSWORD_FILE_ENV = "POLLINATE_STORE_PASSWORD_FILE"  # or a file holding it (a Docker/Compose secret)
 _WITHHELD = "***"
 _PASSWORDS: dict[str, str] = {}  # withheld URL -> its password, for this process only
 _PASSWORDS_LOCK = threading.Lock()
@@ -82,6 +83,8 @@ def password_env(url: str) -> dict[str, str]:
     (``{PASSWORD_ENV: password}``), or nothing when this process keeps no password for it."""
     with _PASSWORDS_LOCK:
         password = _PASSWORDS.get(_key(url))
+    if password is None and make_url(url).password == _WITHHELD:
+        password = _password(url)  # from this process's environment or secret file
     return {} if password is None else {PASSWORD_ENV: password}
 
 
@@ -94,10 +97,16 @@ def _password(url: str) -> str:
     with _PASSWORDS_LOCK:
         kept = _PASSWORDS.get(_key(url))
     password = kept or os.environ.get(PASSWORD_ENV)
+    if not password and os.environ.get(PASSWORD_FILE_ENV):
+        try:
+            password = Path(os.environ[PASSWORD_FILE_ENV]).read_text().rstrip("\r\n")
+        except OSError as e:
+            raise StoreError(f"{PASSWORD_FILE_ENV} = {os.environ[PASSWORD_FILE_ENV]}: cannot read the store password "
+                             f"({e.strerror}); point it at the secret file") from None
     if not password:
         raise StoreError(f"the round store URL {url} has its password withheld ({_WITHHELD}) and {PASSWORD_ENV} is "
-                         f"not set; set {PASSWORD_ENV} to the database password in the coordinator's environment "
-                         f"(`pollinate server` passes it to the SuperLink it starts)")
+                         f"not set; set {PASSWORD_ENV} (or {PASSWORD_FILE_ENV}, a file holding it) in the "
+                         f"coordinator's environment (`pollinate server` passes it to the SuperLink it starts)")
     return password
 
 

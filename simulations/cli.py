@@ -30,11 +30,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def write_node_data(cfg: RunConfig, sim: SimulationSettings, directory: Path) -> tuple[RunConfig, list[int]]:
     """Each simulated node's examples and settings (its max-rank) in ``directory``; the config that points the
     nodes at them (``data.partition-dir``), and each node's number of examples."""
+    from pollinate.client.data import examples_of
     from pollinate.proto.node_config import write_node_settings
     from pollinate.simulations.datasets import load_corpus
     from pollinate.simulations.partition import write_partitions
 
-    sizes = write_partitions(load_corpus(cfg.data.dataset), cfg.data, sim.clients, cfg.seed, directory)
+    rows = load_corpus(cfg.data.dataset)
+    examples_of(rows, cfg.data.dataset, cfg.data, cfg.model)  # a bad row is refused here, not by a node in round 1
+    sizes = write_partitions(rows, cfg.data, sim.clients, cfg.seed, directory)
     for i, max_rank in enumerate(sim.max_ranks):
         write_node_settings(directory, i, max_rank)
     cfg = cfg.replace(**{"data.partition-dir": str(directory.resolve())})

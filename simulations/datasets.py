@@ -11,7 +11,6 @@ from __future__ import annotations
 import bz2
 import csv
 import io
-import json
 from pathlib import Path
 
 from pollinate.proto.run_config import ConfigError
@@ -39,10 +38,6 @@ def load_corpus(name: str) -> list[dict[str, object]]:
     if not path.is_file():
         raise ConfigError(f"data.dataset = {name!r} is neither a bundled corpus (rotten-tomatoes, "
                           f"rotten-tomatoes-instruct) nor an existing CSV/JSONL file; pass --data PATH")
-    if path.suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f))
-    if path.suffix in (".jsonl", ".json"):
-        with path.open(encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
-    raise ConfigError(f"data file {path} must end in .csv or .jsonl")
+    from pollinate.client.data import read_rows  # the node's reader: the same errors, naming file and line
+
+    return read_rows(path)

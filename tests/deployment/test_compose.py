@@ -44,9 +44,51 @@ def test_the_coordinator_runs_pollinate_server_on_postgres_once_it_is_healthy(se
     db = urlsplit(args.db)
     env = postgres["environment"]
     assert db.scheme.startswith("postgresql") and db.hostname == "postgres"
-    assert (db.username, db.password, db.path.lstrip("/")) == (env["POSTGRES_USER"], env["POSTGRES_PASSWORD"],
-                                                               env["POSTGRES_DB"])
-    assert f"{args.port}:{args.port}" in coordinator["ports"]
+    assert (db.username, db.path.lstrip("/")) == (env["POSTGRES_USER"], env["POSTGRES_DB"])
+    assert f"127.0.0.1:{args.port}:{args.port}" in coordinator["ports"]
+
+
+def test_the_store_password_is_a_secret_file_on_no_command_line(services: dict) -> None:
+    from pollinate.server.store import PASSWORD_FILE_ENV
+
+    compose = yaml.safe_load(COMPOSE.read_text())
+    coordinator, postgres = services["coordinator"], services["postgres"]
+    assert "file" in compose["secrets"]["db_password"]
+    secret = "/run/secrets/db_password"
+    assert postgres["environment"]["POSTGRES_PASSWORD_FILE"] == secret and "db_password" in postgres["secrets"]
+    assert coordinator["environment"][PASSWORD_FILE_ENV] == secret and "db_password" in coordinator["secrets"]
+    assert urlsplit(_args(coordinator).db).password == "***"  # withheld: the store reads the secret file
+    for name, service in services.items():
+        assert "POSTGRES_PASSWORD" not in service.get("environment", {}), name
+        assert "POLLINATE_STORE_PASSWORD" not in service.get("environment", {}), name
+    nodes = [name for name in services if name.startswith("node-")]
+    assert not any("db_password" in services[n].get("secrets", []) for n in nodes), "no node gets the password"
+
+
+def test_ports_are_published_on_loopback_and_every_connection_is_tls(services: dict) -> None:
+    from pollinate.security.exposure import check_exposure
+
+    for name, service in services.items():
+        for published in service.get("ports", []):
+            assert str(published).startswith("127.0.0.1:"), f"{name} publishes {published} on every interface"
+        if "command" in service and _args(service).command in ("server", "client"):
+            assert _args(service).certs is not None, f"{name} runs without TLS"
+    coordinator = _args(services["coordinator"])
+    assert not coordinator.insecure
+    assert check_exposure(coordinator.host, coordinator.certs is not None, coordinator.insecure, "it") is None
+
+
+def test_each_service_mounts_only_its_own_certificate_files_and_none_the_ca_key(services: dict) -> None:
+    mounted = {name: {m.rsplit(":", 2)[1]: m.rsplit(":", 2)[0] for m in s.get("volumes", [])
+                      if ":" in m and m.rsplit(":", 2)[1].startswith("/certs")} for name, s in services.items()}
+    assert set(mounted["coordinator"]) == {"/certs/ca.crt", "/certs/server.crt", "/certs/server.key"}
+    for name in (n for n in services if n.startswith("node-")):
+        args = _args(services[name])
+        assert set(mounted[name]) == {f"{args.certs}/ca.crt"} | ({str(args.node_key)} if args.node_key else set())
+    sources = [source for files in mounted.values() for source in files.values()]
+    assert all(Path(source).name != "ca.key" for source in sources), "the CA key is in no container"
+    assert all(Path(source).suffix in (".crt", ".key", ".pub") or "nodes/" in source for source in sources), \
+        "files are mounted one by one, never a whole certificate directory"
 
 
 def test_each_node_runs_pollinate_client_on_its_own_data_volume(services: dict) -> None:
