@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, NoReturn
 
@@ -104,20 +104,30 @@ class Daemon:
 
     def stop(self, grace_s: float = 10.0) -> None:
         """SIGTERM the process and all its descendants, SIGKILL whatever is left after ``grace_s``."""
-        tree = process_tree(self.pid)
-        for p in tree:
-            try:
-                p.terminate()
-            except psutil.NoSuchProcess:
-                pass
-        _, alive = psutil.wait_procs(tree, timeout=grace_s)
-        for p in alive:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(alive, timeout=grace_s)
+        end_tree(self.pid, grace_s)
         self.process.poll()
+
+
+def end_tree(pid: int, grace_s: float) -> None:
+    """End a process and every descendant: SIGTERM, then SIGKILL what is left after ``grace_s``.
+
+    ``grace_s = 0`` is a crash: SIGKILL at once, so nothing gets to clean up (what the fault tests need).
+    """
+    tree = process_tree(pid)
+    alive = tree
+    if grace_s > 0:
+        _signal(tree, psutil.Process.terminate)
+        _, alive = psutil.wait_procs(tree, timeout=grace_s)
+    _signal(alive, psutil.Process.kill)
+    psutil.wait_procs(alive, timeout=max(grace_s, 30.0))
+
+
+def _signal(processes: Sequence[psutil.Process], send: Callable[[psutil.Process], None]) -> None:
+    for p in processes:
+        try:
+            send(p)
+        except psutil.NoSuchProcess:
+            pass
 
 
 def stop_on_sigterm() -> None:

@@ -19,7 +19,7 @@ import json
 import os
 import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -264,8 +264,8 @@ class ClientRecord:
 
 
 @dataclass(frozen=True)
-class RoundRecord:
-    """Everything stored about one completed round."""
+class RoundMeasures:
+    """What one round measured: who took part, its mean losses and accuracy, its bytes and its duration."""
 
     number: int
     participants: int
@@ -276,6 +276,12 @@ class RoundRecord:
     bytes_up: int
     bytes_down: int
     duration_s: float
+
+
+@dataclass(frozen=True)
+class RoundRecord(RoundMeasures):
+    """Everything stored about one round: its measures, every node's record, and its ledger."""
+
     clients: Sequence[ClientRecord]
     metrics: Mapping[str, float] = field(default_factory=dict)
     privacy: Sequence[PrivacyEntry] = ()  # the round's privacy ledger entries
@@ -315,19 +321,10 @@ class StoredClientUpdate(ClientRecord):
 
 
 @dataclass(frozen=True)
-class StoredRound:
+class StoredRound(RoundMeasures):
     """A stored round as ``rounds`` reads it: its record's numbers, and its adapter's digest and size (if any)."""
 
     run_id: int
-    number: int
-    participants: int
-    accepted: int
-    train_loss: float | None
-    eval_loss: float | None
-    eval_accuracy: float | None
-    bytes_up: int
-    bytes_down: int
-    duration_s: float
     metrics: Mapping[str, float | None]  # NaN/Inf were stored as None
     status: str  # completed | failed
     reason: str | None
@@ -563,11 +560,9 @@ def _summary(r: _RunRow) -> RunSummary:
 
 
 def _stored_round(r: _RoundRow, adapter_sha256: str | None, adapter_nbytes: int | None) -> StoredRound:
-    return StoredRound(run_id=r.run_id, number=r.number, participants=r.participants, accepted=r.accepted,
-                       train_loss=r.train_loss, eval_loss=r.eval_loss, eval_accuracy=r.eval_accuracy,
-                       bytes_up=r.bytes_up, bytes_down=r.bytes_down, duration_s=r.duration_s,
-                       metrics=dict(r.metrics or {}), status=r.status, reason=r.reason, parent_sha256=r.parent_sha256,
-                       adapter_sha256=adapter_sha256, adapter_nbytes=adapter_nbytes)
+    measures = {f.name: getattr(r, f.name) for f in fields(RoundMeasures)}
+    return StoredRound(**measures, run_id=r.run_id, metrics=dict(r.metrics or {}), status=r.status, reason=r.reason,
+                       parent_sha256=r.parent_sha256, adapter_sha256=adapter_sha256, adapter_nbytes=adapter_nbytes)
 
 
 def _client_update(number: int, r: _ClientUpdateRow) -> StoredClientUpdate:

@@ -12,9 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-import psutil
 
-from pollinate.runtime.processes import process_tree
+from pollinate.runtime.processes import end_tree
 from pollinate.simulations.datasets import load_corpus
 from tests.support.paths import REPO
 
@@ -53,14 +52,9 @@ class Processes:
 
     @staticmethod
     def kill_tree(proc: subprocess.Popen[bytes]) -> None:
-        """SIGKILL a process and every descendant (Flower's SuperExec and apps run in sessions of their own)."""
-        tree = process_tree(proc.pid)
-        for p in tree:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(tree, timeout=30)
+        """SIGKILL a process and every descendant at once: a crash (Flower's SuperExec and apps have sessions
+        of their own)."""
+        end_tree(proc.pid, grace_s=0)
         proc.poll()
 
     def stop_all(self) -> None:
