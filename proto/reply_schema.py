@@ -22,6 +22,7 @@ from flwr.app import RecordDict
 from pollinate.proto.adapter_record import ADAPTER, REPORT, UpdateRejected
 from pollinate.proto.node_config import MAX_RANK
 from pollinate.proto.secagg_record import CLIPPED, MASKED, SECAGG
+from pollinate.privacy.ledger import REPORT_KEYS as DP_KEYS
 
 MAX_EXAMPLES = 2**31 - 1  # a count above this is no training set; it also overflows the store's INTEGER column
 MAX_RANK_DECLARED = 2**16  # no LoRA is wider than this
@@ -55,21 +56,27 @@ class ReplySchema:
     required: frozenset[str] = frozenset()  # record names that must be present (in whichever map they belong)
     report: Mapping[str, Metric] = field(default_factory=dict)
     open_report: bool = False  # the report may carry further finite numbers (strategy and DP metrics of training)
+    all_or_none: tuple[str, ...] = ()  # keys that come together or not at all (a DP release's description)
 
 
 EXAMPLES = Metric(low=1, high=MAX_EXAMPLES, integer=True, required=True)
-_TRAIN_REPORT = {"num-examples": EXAMPLES, "train-loss": Metric()}
+# A DP release as the node describes it (privacy.ledger.entry_from_report reads all six).
+_DP_REPORT = {"dp-epsilon": Metric(low=0), "dp-delta": Metric(0, 1), "dp-noise-multiplier": Metric(low=0),
+              "dp-clip-norm": Metric(low=0), "dp-sample-rate": Metric(0, 1),
+              "dp-steps": Metric(0, MAX_EXAMPLES, integer=True)}
+_TRAIN_REPORT = {"num-examples": EXAMPLES, "train-loss": Metric(), **_DP_REPORT}
 
 SCHEMAS: Mapping[str, ReplySchema] = {
     QUERY: ReplySchema(metrics=frozenset({REPORT}), required=frozenset({REPORT}),
                        report={"num-examples": EXAMPLES, MAX_RANK: Metric(0, MAX_RANK_DECLARED, integer=True)}),
     TRAIN: ReplySchema(arrays=frozenset({ADAPTER}), metrics=frozenset({REPORT}), required=frozenset({ADAPTER, REPORT}),
-                       report=_TRAIN_REPORT, open_report=True),
+                       report=_TRAIN_REPORT, open_report=True, all_or_none=DP_KEYS),
     EVALUATE: ReplySchema(metrics=frozenset({REPORT}), required=frozenset({REPORT}),
                           report={"num-examples": EXAMPLES, "loss": Metric(low=0, required=True),
                                   "accuracy": Metric(0, 1, required=True)}),
     SECAGG_KEYS: ReplySchema(configs=frozenset({SECAGG}), metrics=frozenset({REPORT}),
-                             required=frozenset({SECAGG, REPORT}), report=_TRAIN_REPORT, open_report=True),
+                             required=frozenset({SECAGG, REPORT}), report=_TRAIN_REPORT, open_report=True,
+                             all_or_none=DP_KEYS),
     SECAGG_SHARE: ReplySchema(configs=frozenset({SECAGG}), required=frozenset({SECAGG})),
     SECAGG_MASK: ReplySchema(arrays=frozenset({MASKED}), configs=frozenset({SECAGG}), metrics=frozenset({CLIPPED}),
                              required=frozenset({MASKED, SECAGG}),
@@ -112,10 +119,15 @@ def _check_report(exchange: str, schema: ReplySchema, report: Mapping[str, objec
     missing = sorted(k for k, m in schema.report.items() if m.required and k not in report)
     if missing:
         raise UpdateRejected(f"the {exchange} report lacks the required key(s) {missing}")
+    group = [k for k in schema.all_or_none if k in report]
+    if group and len(group) != len(schema.all_or_none):
+        raise UpdateRejected(f"the {exchange} report has {group} but not {sorted(set(schema.all_or_none) - set(group))}"
+                             f"; these keys come together or not at all")
     values: dict[str, float] = {}
     for key, raw in report.items():
-        if len(key) > MAX_KEY_CHARS:
-            raise UpdateRejected(f"a {exchange} report key is {len(key)} characters long; at most {MAX_KEY_CHARS}")
+        if len(key) > MAX_KEY_CHARS or not key.isprintable():
+            raise UpdateRejected(f"the {exchange} report key {_short(key)} is not a printable name of at most "
+                                 f"{MAX_KEY_CHARS} characters")
         # bool is an int in Python, and a list is what MetricRecord also allows: neither is a number here.
         if isinstance(raw, bool) or not isinstance(raw, int | float):
             raise UpdateRejected(f"{key} = {_short(raw)} in the {exchange} report is a {type(raw).__name__}; "
@@ -129,8 +141,8 @@ def _check_report(exchange: str, schema: ReplySchema, report: Mapping[str, objec
             kind = "an integer" if metric.integer else "a finite number"
             why = (f" (the node declared {declared} training examples at the query exchange)"
                    if key == "num-examples" and declared is not None else "")
-            raise UpdateRejected(f"{key} = {_short(raw)} in the {exchange} report; it must be {kind} in "
-                                 f"[{metric.low:g}, {high:g}]{why}")
+            span = f"[{metric.low:.0f}, {high:.0f}]" if metric.integer else f"[{metric.low:g}, {high:g}]"
+            raise UpdateRejected(f"{key} = {_short(raw)} in the {exchange} report; it must be {kind} in {span}{why}")
         values[key] = value
     return values
 

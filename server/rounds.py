@@ -93,7 +93,13 @@ def rejection_reason(err: Exception) -> str:
     """
     if isinstance(err, UpdateRejected):
         return str(err)
-    return f"the reply could not be processed ({type(err).__name__}: {str(err)[:300]}); it was rejected"
+    return f"the reply could not be processed ({type(err).__name__}: {node_text(str(err))}); it was rejected"
+
+
+def node_text(text: str, limit: int = 1000) -> str:
+    """Text a node chose (an error reason), safe for the ledger: printable, bounded (PostgreSQL refuses NUL)."""
+    clean = "".join(c if c.isprintable() else "?" for c in text[:limit])
+    return clean + ("..." if len(text) > limit else "")
 
 
 def instructions_record(request: Request, round_number: int) -> ConfigRecord:
@@ -128,12 +134,12 @@ def send_and_collect(grid: Grid, contents: Mapping[int, RecordDict], message_typ
         node = sent[key]
         if reply.has_error() and int(reply.metadata.src_node_id) == SUPERLINK_NODE_ID:
             # The SuperLink answers for a node that stopped sending heartbeats (died mid-round).
-            record(node, "failed", f"node lost: {reply.error.reason}", bytes_down=down[node])
+            record(node, "failed", f"node lost: {node_text(reply.error.reason)}", bytes_down=down[node])
         elif int(reply.metadata.src_node_id) != node:
             record(node, "rejected", f"reply came from node {reply.metadata.src_node_id}, not {node}",
                    bytes_down=down[node])
         elif reply.has_error():
-            record(node, "failed", f"client error: {reply.error.reason}", bytes_down=down[node],
+            record(node, "failed", f"client error: {node_text(reply.error.reason)}", bytes_down=down[node],
                    metrics={"error-code": float(reply.error.code)})
         else:
             out[node] = reply
