@@ -163,8 +163,8 @@ def _size(value: object) -> int:
 
 
 def _names(names: list[str]) -> str:
-    shown = [_short(n) for n in names[:3]]
-    return f"{shown}" + (f" (+{len(names) - 3} more)" if len(names) > 3 else "")
+    shown = ", ".join(_short(n) for n in names[:3])
+    return f"[{shown}]" + (f" (+{len(names) - 3} more)" if len(names) > 3 else "")
 
 
 def _short(value: object, limit: int = 40) -> str:

@@ -30,7 +30,7 @@ from pollinate.proto.adapter_record import ADAPTER, INSTRUCTIONS, to_record
 from pollinate.proto.message_size import message_bytes
 from pollinate.proto.reply_schema import SECAGG_KEYS, SECAGG_MASK, check_reply
 from pollinate.proto.run_config import FederationConfig, SecAggConfig
-from pollinate.proto.secagg_record import (CLIPPED, LAYOUT, SECAGG, STAGE_ACTIONS, WEIGHT, from_config, layout_record,
+from pollinate.proto.secagg_record import (LAYOUT, SECAGG, STAGE_ACTIONS, WEIGHT, from_config, layout_record,
                                  masked_from_record, to_config)
 from pollinate.secagg import (EncryptedShares, PublicKeys, Quantization, RoundConfig, SecAggError, ServerSession,
                     UnmaskShares, dequantize_sum, minimum_threshold, regular_graph, suggested_degree)
