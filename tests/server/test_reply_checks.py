@@ -24,7 +24,7 @@ from pollinate.proto.secagg_record import MASKED, SECAGG
 from pollinate.server.rounds import RoundExchange, RoundLedger, evaluate_global, query_capacities
 from pollinate.strategies import Request
 from pollinate.strategies.base import example_weights, mean_of
-from tests.support.apps.hostile_client import PLANS, Forge, forge_of
+from tests.support.apps.hostile_client import PLANS, Forge, array_of, forge_of
 from tests.support.inprocess import InProcessGrid, serverapp_identity
 
 SHAPES = {"m.lora_A.weight": (4, 30), "m.lora_B.weight": (20, 4), "head.weight": (2, 16)}
@@ -154,28 +154,23 @@ def test_no_reply_of_one_node_escapes_the_exchange_that_received_it(query, train
 
 def test_an_unforeseen_error_on_one_reply_rejects_that_node_with_the_error_and_the_round_goes_on() -> None:
     federation = RunConfig().replace(**{"federation.round-timeout": 1.0}).federation
-    nodes = [11, 22, 33]
-    grid, ledger = ScriptedGrid(nodes, hostile=33, forge=lambda kind, content: content), RoundLedger()
-    state = {k: np.zeros(s, np.float32) for k, s in SHAPES.items()}
+    marker = 12345.0
+
+    def forge(kind: str, content: RecordDict) -> RecordDict:
+        head = np.frombuffer(content.array_records[ADAPTER]["head.weight"].data, "<f4").reshape(2, 16).copy()
+        head[0, 0] = marker
+        content.array_records[ADAPTER]["head.weight"] = array_of(head)
+        return content
 
     def check_update(request: Request, tensors: dict[str, np.ndarray]) -> str | None:
-        if float(tensors["head.weight"][0, 0]) == float(grid.last_head):  # a bug we have not found, on one reply
+        if tensors["head.weight"][0, 0] == marker:  # a bug we have not found, met by one reply
             raise ZeroDivisionError("float division by zero")
         return None
 
-    grid.last_head = None  # type: ignore[attr-defined]
-    original = grid.deliver
-
-    def deliver(msg: Message) -> list[Message]:
-        replies = original(msg)
-        if msg.metadata.dst_node_id == 33 and msg.metadata.message_type == "train":
-            grid.last_head = float(np.frombuffer(replies[0].content.array_records[ADAPTER]["head.weight"].data,
-                                                 "<f4")[0])
-        return replies
-
-    grid.deliver = deliver  # type: ignore[method-assign]
-    updates = RoundExchange(grid, federation, 1, ledger, check_update=check_update)(
-        {n: Request(state) for n in nodes})
+    grid, ledger = ScriptedGrid([11, 22, 33], hostile=33, forge=forge), RoundLedger()
+    state = {k: np.zeros(s, np.float32) for k, s in SHAPES.items()}
+    updates = RoundExchange(grid, federation, 1, ledger, check_update=check_update)({n: Request(state)
+                                                                                      for n in (11, 22, 33)})
     assert sorted(u.node_id for u in updates) == [11, 22]
     [rejected] = [c for c in ledger.clients if c.status != "accepted"]
     assert rejected.node_id == 33 and "ZeroDivisionError: float division by zero" in (rejected.reason or "")
