@@ -28,7 +28,7 @@ from flwr.serverapp import Grid
 
 from pollinate.proto.adapter_record import ADAPTER, INSTRUCTIONS, to_record
 from pollinate.proto.message_size import message_bytes
-from pollinate.proto.reply_schema import SECAGG_KEYS, SECAGG_MASK, check_reply
+from pollinate.proto.reply_schema import SECAGG_KEYS, check_reply
 from pollinate.proto.run_config import FederationConfig, SecAggConfig
 from pollinate.proto.secagg_record import (LAYOUT, SECAGG, STAGE_ACTIONS, WEIGHT, from_config, layout_record,
                                  masked_from_record, to_config)
@@ -81,8 +81,7 @@ class SecureAggregation:
                     for node in nodes}
         reports = self._reported = {}
 
-        def keys(node: int, reply: Message) -> None:
-            report = check_reply(SECAGG_KEYS, reply.content, self.declared.get(node))
+        def keys(node: int, reply: Message, report: dict[str, float]) -> None:
             session.receive_keys(_sent_by(index[node], PublicKeys, reply))
             reports[node] = report
 
@@ -91,7 +90,7 @@ class SecureAggregation:
         forwarded = session.forward_keys()
         self._stage(STAGE_ACTIONS[0], {node: RecordDict({SECAGG: to_config(forwarded[index[node]])})
                                        for node in nodes if index[node] in forwarded},
-                    lambda node, reply: session.receive_shares(_sent_by(index[node], EncryptedShares, reply)))
+                    lambda node, reply, _: session.receive_shares(_sent_by(index[node], EncryptedShares, reply)))
         # Stage 3: shares + weight -> masked input. The weights are the server's, over the nodes still in the
         # round (U2): equal (central DP's 1/m) or by federation.weighting from the checked, declared-bounded counts.
         deliveries = session.route_shares()
@@ -101,8 +100,7 @@ class SecureAggregation:
                                  self.declared))
         q = session.config.quantization
 
-        def masked(node: int, reply: Message) -> None:
-            clipped = check_reply(SECAGG_MASK, reply.content)
+        def masked(node: int, reply: Message, clipped: dict[str, float]) -> None:
             message = masked_from_record(reply.content, session.config.vector_length, q.dtype)
             if message.sender != index[node]:
                 raise SecAggError(f"MaskedInput claims SecAgg id {message.sender}, but its node has id {index[node]}")
@@ -116,7 +114,7 @@ class SecureAggregation:
         unmask = session.unmask_requests()
         self._stage(STAGE_ACTIONS[2], {node: RecordDict({SECAGG: to_config(unmask[index[node]])})
                                        for node in nodes if index[node] in unmask},
-                    lambda node, reply: session.receive_unmask(_sent_by(index[node], UnmaskShares, reply)))
+                    lambda node, reply, _: session.receive_unmask(_sent_by(index[node], UnmaskShares, reply)))
         total = session.aggregate()
         survivors = [nodes[i] for i in session.survivors]
         _check_sum(total, len(survivors), q, self.round_number)
@@ -143,9 +141,11 @@ class SecureAggregation:
                               f"{err}") from err
 
     def _stage(self, action: str, contents: Mapping[int, RecordDict],
-               accept: Callable[[int, Message], None]) -> None:
-        """Send one stage's messages; hand each reply to ``accept``; record every outcome in the ledger."""
+               accept: Callable[[int, Message, dict[str, float]], None]) -> None:
+        """Send one stage's messages; check each reply against the stage's schema, hand it and its checked numbers
+        (the report, or the clip count) to ``accept``; record every outcome in the ledger."""
         message_type = action if action == "train" else f"train.{action}"
+        schema = SECAGG_KEYS if action == "train" else message_type
 
         def record(node: int, status: str, reason: str | None, **kwargs: object) -> None:
             self.ledger.clients.append(ClientRecord(node_id=node, phase=message_type, status=status, reason=reason,
@@ -156,7 +156,8 @@ class SecureAggregation:
         for node, reply in replies.items():
             down = message_bytes(contents[node])
             try:  # around one node's reply only: a malformed stage reply rejects that node, never the round
-                accept(node, reply)
+                checked = check_reply(schema, reply.content, self.declared.get(node) if action == "train" else None)
+                accept(node, reply, checked)
                 up = message_bytes(reply.content)
             except Exception as err:  # noqa: BLE001 - SecAggError, UpdateRejected, or a case no check foresaw
                 record(node, "rejected", str(err) if isinstance(err, SecAggError) else rejection_reason(err),

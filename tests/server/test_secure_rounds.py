@@ -12,7 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Array, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from peft import PeftModel
 
 from pollinate.client import secure
@@ -211,6 +213,67 @@ def test_a_masked_input_outside_the_quantisation_range_fails_the_round_by_the_su
 
     with pytest.raises(RoundFailed, match=r"unmasked sum lies outside 5 x the clip range"):
         _secure_mean(LoopbackGrid(uploads, examples, tamper=tamper), _cfg(), requests, RoundLedger())
+
+
+FIELD_VALUES = st.one_of(st.integers(-2**63, 2**63 - 1), st.binary(max_size=40), st.floats(allow_nan=True),
+                         st.text(max_size=5), st.lists(st.integers(0, 2**63 - 1), max_size=4),
+                         st.lists(st.binary(max_size=20), max_size=4))
+
+
+def _forge_stage(kind: str, key: str, value: object) -> Callable[[Message], None]:
+    """One edit of a stage reply: empty it, drop or set a field of its SecAgg message, add a record, cut its vector."""
+    def edit(reply: Message) -> None:
+        content = reply.content
+        message = content.config_records.get(SECAGG)
+        if kind == "empty":
+            for name in list(content.keys()):
+                del content[name]
+        elif kind == "drop" and message is not None and key in message:
+            del message[key]
+        elif kind == "set" and message is not None:
+            message[key] = value  # type: ignore[assignment]
+        elif kind == "extra":
+            content["extra"] = ConfigRecord({"x": 1})
+        elif kind == "examples" and REPORT in content.metric_records:
+            number = value if isinstance(value, int | float) else 10**12  # a MetricRecord holds numbers only
+            content.metric_records[REPORT]["num-examples"] = number
+        elif kind == "cut" and MASKED in content.array_records:
+            array = content.array_records[MASKED]["masked"]
+            content.array_records[MASKED]["masked"] = Array(dtype=array.dtype, shape=array.shape, stype=array.stype,
+                                                             data=array.data[:-4])
+    return edit
+
+
+STAGE_EDITS = st.builds(_forge_stage, st.sampled_from(["empty", "drop", "set", "extra", "examples", "cut"]),
+                        st.sampled_from(["round_id", "sender", "encryption_key", "masking_key", "receivers",
+                                         "ciphertexts", "seed_owners", "shares", "undecryptable", "x"]),
+                        FIELD_VALUES | st.sampled_from([0, 10**12, float("nan"), 2**31]))
+
+
+@settings(max_examples=25, deadline=None)
+@given(stage=st.sampled_from(STAGES), edits=st.lists(STAGE_EDITS, min_size=1, max_size=3),
+       which=st.integers(0, 4))
+def test_whatever_one_node_sends_at_any_stage_only_that_node_is_rejected(stage: str, edits, which: int) -> None:
+    uploads, examples, requests = _setup(seed=6)
+    hostile = sorted(uploads)[which]
+
+    def tamper(at: str, node: int, reply: Message) -> list[Message]:
+        if at == stage and node == hostile:
+            for edit in edits:
+                edit(reply)
+        return [reply]
+
+    cfg, ledger = _cfg(), RoundLedger()
+    try:
+        mean = _secure_mean(LoopbackGrid(uploads, examples, tamper=tamper), cfg, requests, ledger,
+                            declared=dict(examples))
+    except RoundFailed as failed:  # what a forged secret can do: an unmaskable round, failed with its reason
+        assert "secure aggregation failed" in str(failed) or "outside" in str(failed)
+        return
+    assert set(mean.node_ids) >= set(uploads) - {hostile}  # the others' mean, the hostile one in it or not
+    assert all(np.isfinite(v).all() for v in mean.tensors.values())
+    for record in ledger.clients:
+        assert record.status == "accepted" or (record.node_id == hostile and record.reason), record
 
 
 def test_secure_aggregation_refuses_strategies_that_need_each_update(tiny_cfg) -> None:
