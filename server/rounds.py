@@ -2,7 +2,9 @@
 
 ``GridExchange`` is the only place where strategy ``Request``s become Flower ``Message``s
 and replies become validated ``ClientUpdate``s. Every reply, accepted or not, leaves a
-``ClientRecord`` (with the reason when rejected or failed) for the round store.
+``ClientRecord`` (with the reason when rejected or failed) for the round store. A node's reply
+is untrusted input: it is held against its exchange's schema (``proto.reply_schema``) before
+anything in it is read, and whatever processing it raises rejects that node only.
 ``RoundExchange`` is what a strategy gets: replies one by one, or only their mean (in the
 clear, or through secure aggregation), with the round's minimum-nodes rule applied to both.
 """

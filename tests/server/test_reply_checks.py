@@ -112,7 +112,8 @@ class ScriptedGrid(InProcessGrid):
         if kind == "query":
             content = _report(**{"num-examples": examples, "max-rank": 0})
         elif kind == "train":
-            sent = {k: np.frombuffer(a.data, "<f4").reshape(a.shape) for k, a in msg.content.array_records[ADAPTER].items()}
+            record = msg.content.array_records[ADAPTER]
+            sent = {k: np.frombuffer(a.data, "<f4").reshape(a.shape) for k, a in record.items()}
             trained = {k: v + 0.01 * self.rng.standard_normal(v.shape).astype(np.float32) for k, v in sent.items()}
             content = RecordDict({ADAPTER: to_record(trained),
                                   REPORT: MetricRecord({"num-examples": examples, "train-loss": 0.5})})

@@ -98,7 +98,8 @@ def _secure_mean(grid: LoopbackGrid, cfg: RunConfig, requests: dict[int, Request
                  declared: dict[int, int] | None = None):
     secure = SecureAggregation(grid, cfg.secagg, cfg.federation, 1, ledger, seed=cfg.seed,  # type: ignore[arg-type]
                                declared=declared)
-    exchange = RoundExchange(grid, cfg.federation, 1, ledger, secure=secure, declared=declared)  # type: ignore[arg-type]
+    exchange = RoundExchange(grid, cfg.federation, 1, ledger, secure=secure,  # type: ignore[arg-type]
+                             declared=declared)
     return exchange.mean(requests)
 
 
