@@ -19,6 +19,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from peft import PeftModel
 from rich.console import Console
+from rich.markup import escape
 
 from pollinate import strategies
 from pollinate.models import adapter_state, build_peft_model, export_adapter
@@ -70,8 +71,8 @@ def run_federation(grid: Grid, cfg: RunConfig, flower_run_id: int = 0) -> int:
                 state = _run_round(grid, cfg, strategy, store, run_id, number, state, capacities, privacy)
                 failures = 0
             except BudgetSpent as e:
-                console.print(f"[yellow]privacy budget spent: {e}; the run ends with the adapter of the last "
-                              f"completed round[/]")
+                console.print(f"[yellow]privacy budget spent: {escape(str(e))}; the run ends with the adapter of "
+                              f"the last completed round[/]")
                 break
             except RoundFailed:
                 failures += 1
@@ -192,9 +193,9 @@ def _run_round(grid: Grid, cfg: RunConfig, strategy: strategies.Strategy, store:
 def _print_round(cfg: RunConfig, record: RoundRecord, evaluation: Evaluation | None, ledger: RoundLedger) -> None:
     per_client = record.bytes_up / max(1, record.accepted) / 1024
     if record.status == "failed":
-        console.print(f"[red]round {record.number}/{cfg.federation.rounds} failed[/]: {record.reason}")
+        console.print(f"[red]round {record.number}/{cfg.federation.rounds} failed[/]: {escape(record.reason or '')}")
         for c in ledger.failures():
-            console.print(f"  [yellow]node {c.node_id} {c.phase} {c.status}[/]: {c.reason}")
+            console.print(f"  [yellow]node {c.node_id} {c.phase} {c.status}[/]: {escape(c.reason or '')}")
         return
     line = (f"round {record.number}/{cfg.federation.rounds}: {record.accepted}/{record.participants} updates "
             f"accepted, train loss {record.train_loss or float('nan'):.4f}")
@@ -202,7 +203,7 @@ def _print_round(cfg: RunConfig, record: RoundRecord, evaluation: Evaluation | N
         line += f", eval loss {evaluation.loss:.4f}, accuracy {evaluation.accuracy:.4f}"
     console.print(line + f", {per_client:.1f} KiB up per client, {record.duration_s:.1f} s")
     for c in ledger.failures():
-        console.print(f"  [yellow]node {c.node_id} {c.phase} {c.status}[/]: {c.reason}")
+        console.print(f"  [yellow]node {c.node_id} {c.phase} {c.status}[/]: {escape(c.reason or '')}")
     spent = [e for e in record.privacy if e.status == "spent"]
     if spent:
         worst = max(spent, key=lambda e: e.epsilon)

@@ -106,6 +106,20 @@ def test_capped_weighting_and_the_update_bound_hold_a_node_that_declares_the_max
     assert np.abs(b).max() < 0.5
 
 
+def _markup(message_type: str, content: RecordDict) -> RecordDict:
+    """A report key that is rich console markup, which the coordinator prints in the rejection reason."""
+    if REPORT in content.metric_records:
+        content.metric_records[REPORT]["[/bold]"] = 1.0
+    return content
+
+
+def test_a_reason_quoting_what_a_node_sent_is_printed_as_text(federation: RunConfig, tmp_path: Path) -> None:
+    store, run = _run(federation, _markup, tmp_path)
+    assert store.run(run).status == "completed"
+    reasons = [c.reason for c in store.client_updates(run) if c.status != "accepted"]
+    assert reasons and all("[/bold]" in (r or "") for r in reasons)
+
+
 # ---- fuzz: one node replies with anything at all (denser, without training: tests/server/test_reply_checks.py) --
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,

@@ -51,7 +51,7 @@ def array_of(values: np.ndarray) -> Array:
 
 
 KEYS = ["num-examples", "max-rank", "loss", "accuracy", "train-loss", "dp-epsilon", "dp-steps", "", "x" * 200,
-        "bad\x00key"]
+        "bad\x00key", "[/bold]"]
 NUMBERS = st.one_of(st.integers(-2**63, 2**63 - 1), st.floats(allow_nan=True, allow_infinity=True),
                     st.sampled_from([0, 1, 2**31, 10**12, 0.5, -1.0]))
 METRIC_VALUES = st.one_of(NUMBERS, st.lists(st.integers(-2**63, 2**63 - 1), max_size=3),
