@@ -104,6 +104,11 @@ def node_text(text: str, limit: int = 1000) -> str:
     return clean + ("..." if len(text) > limit else "")
 
 
+def ledger_text(reason: str | None) -> str | None:
+    """A reason as the ledger stores it: whatever of a node's reply it quotes, printable and bounded."""
+    return None if reason is None else node_text(reason, 2000)
+
+
 def instructions_record(request: Request, round_number: int) -> ConfigRecord:
     """The request's instructions as the node receives them, stamped with the round."""
     return ConfigRecord(replace(request.instructions, round=round_number).to_record_values())
@@ -265,7 +270,7 @@ class GridExchange:
 
     def _record(self, node: int, status: str, reason: str | None, **kwargs: object) -> None:
         self.ledger.clients.append(ClientRecord(node_id=node, phase=self.message_type, status=status,
-                                                reason=reason, **kwargs))  # type: ignore[arg-type]
+                                                reason=ledger_text(reason), **kwargs))  # type: ignore[arg-type]
 
 
 class SecureMean(Protocol):

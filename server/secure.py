@@ -34,7 +34,8 @@ from pollinate.proto.secagg_record import (LAYOUT, SECAGG, STAGE_ACTIONS, WEIGHT
                                  masked_from_record, to_config)
 from pollinate.secagg import (EncryptedShares, PublicKeys, Quantization, RoundConfig, SecAggError, ServerSession,
                     UnmaskShares, dequantize_sum, minimum_threshold, regular_graph, suggested_degree)
-from pollinate.server.rounds import RoundFailed, RoundLedger, instructions_record, rejection_reason, send_and_collect
+from pollinate.server.rounds import (RoundFailed, RoundLedger, instructions_record, ledger_text, rejection_reason,
+                                     send_and_collect)
 from pollinate.server.store import ClientRecord
 from pollinate.server.weighting import round_weights
 from pollinate.strategies import MeanUpdate, NamedArrays, Request
@@ -148,8 +149,8 @@ class SecureAggregation:
         schema = SECAGG_KEYS if action == "train" else message_type
 
         def record(node: int, status: str, reason: str | None, **kwargs: object) -> None:
-            self.ledger.clients.append(ClientRecord(node_id=node, phase=message_type, status=status, reason=reason,
-                                                    **kwargs))  # type: ignore[arg-type]
+            self.ledger.clients.append(ClientRecord(node_id=node, phase=message_type, status=status,
+                                                    reason=ledger_text(reason), **kwargs))  # type: ignore[arg-type]
 
         replies = send_and_collect(self.grid, contents, message_type, self.round_number,
                                    self.federation.round_timeout, record)

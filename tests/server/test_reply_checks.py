@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -175,3 +175,21 @@ def test_an_unforeseen_error_on_one_reply_rejects_that_node_with_the_error_and_t
     assert sorted(u.node_id for u in updates) == [11, 22]
     [rejected] = [c for c in ledger.clients if c.status != "accepted"]
     assert rejected.node_id == 33 and "ZeroDivisionError: float division by zero" in (rejected.reason or "")
+
+
+def test_what_a_reason_quotes_of_a_reply_is_printable_and_bounded() -> None:
+    federation = RunConfig().replace(**{"federation.round-timeout": 1.0}).federation
+
+    def forge(kind: str, content: RecordDict) -> RecordDict:
+        record = content.array_records[ADAPTER]
+        name = sorted(record)[0]
+        record[name] = Array(dtype="float32", shape=record[name].shape, stype="\x00[/b]" * 10_000,
+                             data=record[name].data)
+        return content
+
+    grid, ledger = ScriptedGrid([11, 22, 33], hostile=33, forge=forge), RoundLedger()
+    state = {k: np.zeros(s, np.float32) for k, s in SHAPES.items()}
+    RoundExchange(grid, federation, 1, ledger)({n: Request(state) for n in (11, 22, 33)})
+    [rejected] = [c for c in ledger.clients if c.status != "accepted"]
+    assert rejected.node_id == 33 and "has encoding" in (rejected.reason or "")
+    assert (rejected.reason or "").isprintable() and len(rejected.reason or "") < 2100  # PostgreSQL refuses NUL
