@@ -39,7 +39,7 @@ def _runs(args: argparse.Namespace) -> int:
 
     store = RoundStore(store_url(args.db))
     if args.json:
-        print(json.dumps(runs_json(store), indent=2))
+        print(json.dumps(runs_json(store, args.run), indent=2))
     elif args.run is not None:
         console.print(rounds_table(store, args.run))
     else:

@@ -92,8 +92,8 @@ def from_record(record: ArrayRecord, expected: Mapping[str, TensorSpec] | None =
     out: NamedArrays = {}
     for name, array in record.items():
         if array.stype != RAW_STYPE or array.dtype not in WIRE_DTYPES:
-            raise UpdateRejected(f"tensor {name!r} has encoding {array.stype}/{array.dtype}; expected "
-                                 f"{RAW_STYPE} with dtype in {WIRE_DTYPES} (upgrade the client)")
+            raise UpdateRejected(f"tensor {name!r} has encoding {str(array.stype)[:60]}/{str(array.dtype)[:60]}; "
+                                 f"expected {RAW_STYPE} with dtype in {WIRE_DTYPES} (upgrade the client)")
         shape = tuple(int(d) for d in array.shape)
         if expected is not None and shape != expected[name].shape:
             raise UpdateRejected(f"tensor {name!r} has shape {shape}, expected {expected[name].shape} "

@@ -37,6 +37,8 @@ ModelTask = Literal["classification", "causal-lm"]
 Partitioning = Literal["iid", "dirichlet", "natural"]  # simulation only
 WireDtype = Literal["float32", "float16"]  # bfloat16 does not travel in a Flower ArrayRecord
 OnRoundFailure = Literal["stop", "continue"]
+Weighting = Literal["examples", "equal", "capped"]  # how nodes' updates are weighted in a round (server/weighting.py)
+UpdateBoundMode = Literal["absolute", "median"]
 PrivacyMode = Literal["off", "sample", "central", "local"]
 PRIVACY_MODES: tuple[str, ...] = get_args(PrivacyMode)
 
@@ -167,6 +169,14 @@ class FederationConfig:
         "hint": "'stop' (the run fails) or 'continue' (the next round starts from the last completed round's "
                 "adapter)"})  # what follows a failed round (it is stored either way)
     max_consecutive_failures: int = 3  # continue: the run fails after this many failed rounds in a row
+    weighting: Weighting = field(default="capped", metadata={
+        "hint": "'examples' (n_k / n, FedAvg), 'equal' (1 / m) or 'capped' (examples, at most the count the node "
+                "declared when first asked and at most federation.max-weight-share of the round)"})
+    max_weight_share: float = 0.5  # capped: no node carries more than this share of a round's weight
+    update_bound: float = 0.0  # a node's update norm ||B'A' - BA||_F above this is rejected (0: off)
+    update_bound_mode: UpdateBoundMode = field(default="median", metadata={
+        "hint": "'absolute' (the bound is a norm) or 'median' (the bound is a multiple of the round's median "
+                "update norm)"})
 
     def validate(self) -> None:
         _require(self.rounds > 0, "federation.rounds", self.rounds, "use at least 1 round")
@@ -177,6 +187,19 @@ class FederationConfig:
         _require(self.round_timeout > 0, "federation.round-timeout", self.round_timeout, "use seconds > 0")
         _require(self.max_consecutive_failures >= 1, "federation.max-consecutive-failures",
                  self.max_consecutive_failures, "use at least 1")
+        _require(0.0 < self.max_weight_share <= 1.0, "federation.max-weight-share", self.max_weight_share,
+                 "use a share in (0, 1], e.g. 0.5")
+        _require(self.weighting != "capped" or self.max_weight_share * self.min_nodes >= 1.0,
+                 "federation.max-weight-share", self.max_weight_share,
+                 f"a round may have only federation.min-nodes = {self.min_nodes} nodes, whose shares cannot all "
+                 f"stay below {self.max_weight_share:g}; use a share >= 1 / min-nodes = {1 / self.min_nodes:.3g}, "
+                 f"or raise federation.min-nodes")
+        _require(self.update_bound >= 0.0 and math.isfinite(self.update_bound), "federation.update-bound",
+                 self.update_bound, "use a norm >= 0 (0: off), or a multiple of the median such as 3 with "
+                 "federation.update-bound-mode = 'median'")
+        _require(self.update_bound_mode != "median" or self.update_bound == 0 or self.update_bound >= 1,
+                 "federation.update-bound", self.update_bound, "in 'median' mode the bound is a multiple of the "
+                 "round's median norm and must be >= 1 (below 1 it rejects most honest nodes), e.g. 3")
 
 
 @dataclass(frozen=True)

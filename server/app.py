@@ -19,13 +19,14 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from peft import PeftModel
 from rich.console import Console
+from rich.markup import escape
 
 from pollinate import strategies
 from pollinate.models import adapter_state, build_peft_model, export_adapter
 from pollinate.proto.run_config import ConfigError, FederationConfig, RunConfig
 from pollinate.server.privacy_rounds import BudgetSpent, RunPrivacy, check_privacy_config, is_refusal
-from pollinate.server.rounds import (Evaluation, RoundExchange, RoundFailed, RoundLedger, evaluate_global, mean_metric,
-                           query_capacities, sample_nodes, wait_for_nodes)
+from pollinate.server.rounds import (Declaration, Evaluation, RoundExchange, RoundFailed, RoundLedger, evaluate_global,
+                           mean_metric, query_capacities, sample_nodes, wait_for_nodes)
 from pollinate.server.secure import SecureAggregation
 from pollinate.server.resume import round_state, start_or_resume
 from pollinate.server.store import ClientRecord, RoundRecord, RoundStore, adapter_bytes, sha256
@@ -47,7 +48,8 @@ def run_federation(grid: Grid, cfg: RunConfig, flower_run_id: int = 0) -> int:
     model, _ = build_peft_model(cfg)
     check_privacy_config(cfg, strategy)
     start = start_or_resume(store, cfg, strategy, adapter_state(model), flower_run_id)
-    run_id, state, capacities = start.run_id, start.state, {}
+    run_id, state = start.run_id, start.state
+    capacities: dict[int, Declaration] = {}  # what each node declared when first asked (the query exchange)
     resumed = f" resumed at round {start.first_round}" if start.resumed else ""
     console.print(f"[bold]pollinate[/] run {run_id}{resumed}: {strategy.name} on {cfg.model.name} + "
                   f"{cfg.adapter.method} (r={cfg.adapter.r}), {cfg.federation.rounds} rounds, store {store.url}")
@@ -69,8 +71,8 @@ def run_federation(grid: Grid, cfg: RunConfig, flower_run_id: int = 0) -> int:
                 state = _run_round(grid, cfg, strategy, store, run_id, number, state, capacities, privacy)
                 failures = 0
             except BudgetSpent as e:
-                console.print(f"[yellow]privacy budget spent: {e}; the run ends with the adapter of the last "
-                              f"completed round[/]")
+                console.print(f"[yellow]privacy budget spent: {escape(str(e))}; the run ends with the adapter of "
+                              f"the last completed round[/]")
                 break
             except RoundFailed:
                 failures += 1
@@ -102,8 +104,8 @@ def _finish(cfg: RunConfig, strategy: strategies.Strategy, store: RoundStore, ru
 
 
 def _assign_ranks(grid: Grid, federation: FederationConfig, strategy: strategies.Strategy, nodes: list[int], number: int,
-                  capacities: dict[int, int], ledger: RoundLedger) -> dict[int, int]:
-    """node -> the LoRA rank it trains this round; asks new nodes their max-rank first."""
+                  capacities: dict[int, Declaration], ledger: RoundLedger) -> dict[int, int]:
+    """node -> the LoRA rank it trains this round; asks new nodes their max-rank and examples first."""
     unknown = [n for n in nodes if n not in capacities]
     if unknown:
         capacities.update(query_capacities(grid, federation, unknown, number, ledger))
@@ -112,7 +114,7 @@ def _assign_ranks(grid: Grid, federation: FederationConfig, strategy: strategies
         if node not in capacities:
             continue  # did not answer the query: recorded as failed in the ledger
         try:
-            ranks[node] = strategy.assign_rank(node, capacities[node])
+            ranks[node] = strategy.assign_rank(node, capacities[node].max_rank)
         except ConfigError as e:
             ledger.clients.append(ClientRecord(node_id=node, phase="train", status="rejected", reason=str(e)))
     return ranks
@@ -133,7 +135,7 @@ class _RoundProgress:
 
 
 def _run_round(grid: Grid, cfg: RunConfig, strategy: strategies.Strategy, store: RoundStore, run_id: int,
-               number: int, state: strategies.NamedArrays, capacities: dict[int, int],
+               number: int, state: strategies.NamedArrays, capacities: dict[int, Declaration],
                privacy: RunPrivacy) -> strategies.NamedArrays:
     """One round, stored in one transaction: completed (with adapter and state), or failed (with its reason)."""
     started = time.monotonic()
@@ -147,10 +149,12 @@ def _run_round(grid: Grid, cfg: RunConfig, strategy: strategies.Strategy, store:
         if privacy.central is not None:  # the run's own budget: stop before a round that would exceed it
             privacy.central.start_round(number, len(progress.sampled), len(connected))
         ranks = _assign_ranks(grid, cfg.federation, strategy, progress.sampled, number, capacities, ledger)
-        secure = (SecureAggregation(grid, cfg.secagg, cfg.federation, number, ledger, seed=cfg.seed)
-                  if cfg.secagg.enabled else None)
+        declared = {node: capacities[node].num_examples for node in ranks}
+        secure = (SecureAggregation(grid, cfg.secagg, cfg.federation, number, ledger, seed=cfg.seed,
+                                    declared=declared) if cfg.secagg.enabled else None)
         exchange = RoundExchange(grid, cfg.federation, number, ledger, check_update=strategy.check_update,
-                                 secure=secure, private=privacy.central, privacy_run_key=privacy.run_key)
+                                 secure=secure, private=privacy.central, privacy_run_key=privacy.run_key,
+                                 declared=declared, scaling=strategy.ctx.scaling)
         new_state = strategy.run_round(state, ranks, exchange, number)
     except (RoundFailed, AggregationError) as e:
         strategy.load_state_arrays(before)
@@ -189,9 +193,9 @@ def _run_round(grid: Grid, cfg: RunConfig, strategy: strategies.Strategy, store:
 def _print_round(cfg: RunConfig, record: RoundRecord, evaluation: Evaluation | None, ledger: RoundLedger) -> None:
     per_client = record.bytes_up / max(1, record.accepted) / 1024
     if record.status == "failed":
-        console.print(f"[red]round {record.number}/{cfg.federation.rounds} failed[/]: {record.reason}")
+        console.print(f"[red]round {record.number}/{cfg.federation.rounds} failed[/]: {escape(record.reason or '')}")
         for c in ledger.failures():
-            console.print(f"  [yellow]node {c.node_id} {c.phase} {c.status}[/]: {c.reason}")
+            console.print(f"  [yellow]node {c.node_id} {c.phase} {c.status}[/]: {escape(c.reason or '')}")
         return
     line = (f"round {record.number}/{cfg.federation.rounds}: {record.accepted}/{record.participants} updates "
             f"accepted, train loss {record.train_loss or float('nan'):.4f}")
@@ -199,7 +203,7 @@ def _print_round(cfg: RunConfig, record: RoundRecord, evaluation: Evaluation | N
         line += f", eval loss {evaluation.loss:.4f}, accuracy {evaluation.accuracy:.4f}"
     console.print(line + f", {per_client:.1f} KiB up per client, {record.duration_s:.1f} s")
     for c in ledger.failures():
-        console.print(f"  [yellow]node {c.node_id} {c.phase} {c.status}[/]: {c.reason}")
+        console.print(f"  [yellow]node {c.node_id} {c.phase} {c.status}[/]: {escape(c.reason or '')}")
     spent = [e for e in record.privacy if e.status == "spent"]
     if spent:
         worst = max(spent, key=lambda e: e.epsilon)

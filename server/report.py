@@ -43,9 +43,13 @@ def runs_table(store: RoundStore) -> Table:
     return table
 
 
-def runs_json(store: RoundStore) -> list[dict[str, Any]]:
+def runs_json(store: RoundStore, run_id: int | None = None) -> list[dict[str, Any]]:
+    """Every run (or only ``run_id``) with its rounds; with ``run_id``, each round's node records and reasons too."""
     out = []
     for run in store.runs():
+        if run_id is not None and run.id != run_id:
+            continue
+        clients = _clients_by_round(store, run.id) if run_id is not None else None
         out.append({
             "id": run.id, "status": run.status, "strategy": run.strategy, "model": run.model,
             "started_at": run.started_at.isoformat(), "ended_at": run.ended_at.isoformat() if run.ended_at else None,
@@ -54,9 +58,20 @@ def runs_json(store: RoundStore) -> list[dict[str, Any]]:
             "rounds": [{"number": r.number, "participants": r.participants, "accepted": r.accepted,
                         "train_loss": r.train_loss, "eval_loss": r.eval_loss, "eval_accuracy": r.eval_accuracy,
                         "bytes_up": r.bytes_up, "bytes_down": r.bytes_down, "duration_s": r.duration_s,
-                        "status": r.status, "reason": r.reason, "parent_sha256": r.parent_sha256}
+                        "status": r.status, "reason": r.reason, "parent_sha256": r.parent_sha256,
+                        **({"clients": clients.get(r.number, [])} if clients is not None else {})}
                        for r in store.rounds(run.id)],
         })
+    return out
+
+
+def _clients_by_round(store: RoundStore, run_id: int) -> dict[int, list[dict[str, Any]]]:
+    """round -> what happened to every node in it: phase, status, the reason when not accepted, its numbers."""
+    out: dict[int, list[dict[str, Any]]] = {}
+    for c in store.client_updates(run_id):
+        out.setdefault(c.round_number, []).append({
+            "node_id": str(c.node_id), "phase": c.phase, "status": c.status, "reason": c.reason,  # u64: a string
+            "num_examples": c.num_examples, "rank": c.rank, "bytes_up": c.bytes_up, "metrics": dict(c.metrics)})
     return out
 
 

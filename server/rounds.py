@@ -2,7 +2,9 @@
 
 ``GridExchange`` is the only place where strategy ``Request``s become Flower ``Message``s
 and replies become validated ``ClientUpdate``s. Every reply, accepted or not, leaves a
-``ClientRecord`` (with the reason when rejected or failed) for the round store.
+``ClientRecord`` (with the reason when rejected or failed) for the round store. A node's reply
+is untrusted input: it is held against its exchange's schema (``proto.reply_schema``) before
+anything in it is read, and whatever processing it raises rejects that node only.
 ``RoundExchange`` is what a strategy gets: replies one by one, or only their mean (in the
 clear, or through secure aggregation), with the round's minimum-nodes rule applied to both.
 """
@@ -20,11 +22,14 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 
-from pollinate.proto.adapter_record import (ADAPTER, INSTRUCTIONS, REPORT, TensorSpec, UpdateRejected, from_record,
+from pollinate.proto.adapter_record import (ADAPTER, INSTRUCTIONS, TensorSpec, UpdateRejected, from_record,
                                   payload_bytes, specs_of, to_record)
 from pollinate.proto.node_config import MAX_RANK
+from pollinate.proto.reply_schema import TRAIN, check_reply
 from pollinate.proto.run_config import FederationConfig
 from pollinate.server.store import ClientRecord
+from pollinate.server.update_bound import norm_limit, update_norm
+from pollinate.server.weighting import round_weights
 from pollinate.strategies import ClientUpdate, MeanUpdate, NamedArrays, Request
 from pollinate.strategies.base import mean_of, with_instructions
 
@@ -71,6 +76,37 @@ def sample_nodes(nodes: Sequence[int], federation: FederationConfig, seed: int, 
 
 CheckUpdate = Callable[[Request, NamedArrays], str | None]
 RecordOutcome = Callable[..., None]  # (node, status, reason, **ClientRecord fields)
+Scaling = Callable[[int], float]  # LoRA's s at a rank (StrategyContext.scaling)
+
+
+@dataclass(frozen=True)
+class Declaration:
+    """What a node declared at the query exchange: its largest LoRA rank (0: no limit), its training examples."""
+
+    max_rank: int
+    num_examples: int
+
+
+def rejection_reason(err: Exception) -> str:
+    """The ledger's reason for a reply whose processing raised: the check's own message, or the unexpected error.
+
+    Whatever one node sends must not end the run: an exception other than a rejection (a case no check
+    foresaw) still only rejects that node's reply, with the exception's type and message.
+    """
+    if isinstance(err, UpdateRejected):
+        return str(err)
+    return f"the reply could not be processed ({type(err).__name__}: {node_text(str(err))}); it was rejected"
+
+
+def node_text(text: str, limit: int = 1000) -> str:
+    """Text a node chose (an error reason), safe for the ledger: printable, bounded (PostgreSQL refuses NUL)."""
+    clean = "".join(c if c.isprintable() else "?" for c in text[:limit])
+    return clean + ("..." if len(text) > limit else "")
+
+
+def ledger_text(reason: str | None) -> str | None:
+    """A reason as the ledger stores it: whatever of a node's reply it quotes, printable and bounded."""
+    return None if reason is None else node_text(reason, 2000)
 
 
 def instructions_record(request: Request, round_number: int) -> ConfigRecord:
@@ -105,12 +141,12 @@ def send_and_collect(grid: Grid, contents: Mapping[int, RecordDict], message_typ
         node = sent[key]
         if reply.has_error() and int(reply.metadata.src_node_id) == SUPERLINK_NODE_ID:
             # The SuperLink answers for a node that stopped sending heartbeats (died mid-round).
-            record(node, "failed", f"node lost: {reply.error.reason}", bytes_down=down[node])
+            record(node, "failed", f"node lost: {node_text(reply.error.reason)}", bytes_down=down[node])
         elif int(reply.metadata.src_node_id) != node:
             record(node, "rejected", f"reply came from node {reply.metadata.src_node_id}, not {node}",
                    bytes_down=down[node])
         elif reply.has_error():
-            record(node, "failed", f"client error: {reply.error.reason}", bytes_down=down[node],
+            record(node, "failed", f"client error: {node_text(reply.error.reason)}", bytes_down=down[node],
                    metrics={"error-code": float(reply.error.code)})
         else:
             out[node] = reply
@@ -149,17 +185,20 @@ def send_and_receive(grid: Grid, messages: list[Message], timeout: float) -> lis
 class GridExchange:
     """Sends one ``Request`` per node as a Flower message and returns the validated replies.
 
-    A reply is accepted when its tensors have exactly the names and shapes expected (the
-    request's, or its ``reply_shapes``), finite values, a valid report, and ``check_update``
-    (the strategy's own rule, e.g. frozen factors unchanged) finds nothing wrong.
+    A reply is accepted when it fits its exchange's schema (``proto.reply_schema``: records, report keys,
+    types, ranges, num-examples at most the node's ``declared`` count), its tensors have exactly the names
+    and shapes expected (the request's, or its ``reply_shapes``) and finite values, ``check_update`` (the
+    strategy's own rule, e.g. frozen factors unchanged) finds nothing wrong, and its update norm is within
+    ``federation.update-bound`` (``server.update_bound``; training exchanges).
     """
 
     def __init__(self, grid: Grid, federation: FederationConfig, round_number: int, ledger: RoundLedger,
                  message_type: str = "train", replies_carry_tensors: bool = True,
-                 check_update: CheckUpdate | None = None) -> None:
+                 check_update: CheckUpdate | None = None, declared: Mapping[int, int] | None = None,
+                 scaling: Scaling | None = None) -> None:
         self.grid, self.federation, self.round_number, self.ledger = grid, federation, round_number, ledger
         self.message_type, self.replies_carry_tensors = message_type, replies_carry_tensors
-        self.check_update = check_update
+        self.check_update, self.declared, self.scaling = check_update, declared or {}, scaling
 
     def __call__(self, requests: Mapping[int, Request]) -> list[ClientUpdate]:
         contents = {node: RecordDict({ADAPTER: to_record(request.tensors, self.federation.wire_dtype),
@@ -167,42 +206,60 @@ class GridExchange:
                     for node, request in requests.items()}
         replies = send_and_collect(self.grid, contents, self.message_type, self.round_number,
                                    self.federation.round_timeout, self._record)
-        updates = []
+        valid: dict[int, tuple[ClientUpdate, int, int]] = {}
         for node, reply in replies.items():
             down = payload_bytes(contents[node].array_records[ADAPTER])
-            update = self._accept(node, reply, requests[node], down)
-            if update is not None:
-                updates.append(update)
+            try:  # around one node's reply only: nothing in it may end the round for the others
+                update, up = self._accept(node, reply, requests[node])
+            except Exception as err:  # noqa: BLE001 - see rejection_reason
+                self._record(node, "rejected", rejection_reason(err), bytes_down=down)
+                continue
+            valid[node] = (update, up, down)
+        norms = self._bounded(valid, requests)
+        updates = []
+        for node, (update, up, down) in valid.items():
+            metrics = {**update.metrics, "update-norm": norms[node]} if node in norms else update.metrics
+            self._record(node, "accepted", None, num_examples=update.num_examples, bytes_up=up, bytes_down=down,
+                         metrics=metrics, rank=update.rank or None)
+            updates.append(update)
         return updates
+
+    def _bounded(self, valid: dict[int, tuple[ClientUpdate, int, int]],
+                 requests: Mapping[int, Request]) -> dict[int, float]:
+        """Reject (and drop from ``valid``) the updates above ``federation.update-bound``; the norms of the rest."""
+        if self.message_type != TRAIN or not self.replies_carry_tensors or self.federation.update_bound <= 0:
+            return {}
+        norms = {node: update_norm(self._as_received(requests[node]).tensors, update.tensors, self.scaling)
+                 for node, (update, _, _) in valid.items()}
+        limit = norm_limit(norms, self.federation.update_bound, self.federation.update_bound_mode)
+        for node, norm in list(norms.items()):
+            if limit is not None and norm > limit:
+                rule = ("federation.update-bound" if self.federation.update_bound_mode == "absolute" else
+                        f"{self.federation.update_bound:g} x the round's median norm")
+                self._record(node, "rejected", f"update norm ||dW||_F = {norm:.4g} exceeds {limit:.4g} ({rule}); "
+                             f"the update was rejected as an outlier", bytes_down=valid[node][2],
+                             metrics={"update-norm": norm})
+                del valid[node], norms[node]
+        return norms
 
     def instructions(self, request: Request) -> ConfigRecord:
         return instructions_record(request, self.round_number)
 
-    def _accept(self, node: int, reply: Message, request: Request, down: int) -> ClientUpdate | None:
-        try:
-            report = read_report(reply)
-            record = reply.content.array_records.get(ADAPTER)
-            if not self.replies_carry_tensors:
-                if record is not None:
-                    raise UpdateRejected(f"a {self.message_type} reply must not carry tensors")
-                tensors, up = {}, 0
-            elif record is None:
-                raise UpdateRejected("reply carries no adapter tensors")
-            else:
-                expected = ({k: TensorSpec(tuple(v)) for k, v in request.reply_shapes.items()}
-                            if request.reply_shapes is not None else specs_of(request.tensors))
-                tensors, up = from_record(record, expected=expected), payload_bytes(record)
-                problem = self.check_update(self._as_received(request), tensors) if self.check_update else None
-                if problem:
-                    raise UpdateRejected(problem)
-        except UpdateRejected as e:
-            self._record(node, "rejected", str(e), bytes_down=down)
-            return None
-        rank = request.instructions.rank or None
-        self._record(node, "accepted", None, num_examples=int(report["num-examples"]), bytes_up=up,
-                     bytes_down=down, metrics=report, rank=rank)
-        return ClientUpdate(node_id=node, tensors=tensors, num_examples=int(report["num-examples"]),
-                            rank=rank or 0, metrics=report)
+    def _accept(self, node: int, reply: Message, request: Request) -> tuple[ClientUpdate, int]:
+        """The validated update of one reply and its upload bytes; ``UpdateRejected`` with the reason."""
+        report = check_reply(self.message_type, reply.content, self.declared.get(node))
+        tensors, up = {}, 0
+        if self.replies_carry_tensors:
+            record = reply.content.array_records[ADAPTER]
+            expected = ({k: TensorSpec(tuple(v)) for k, v in request.reply_shapes.items()}
+                        if request.reply_shapes is not None else specs_of(request.tensors))
+            tensors, up = from_record(record, expected=expected), payload_bytes(record)
+            problem = self.check_update(self._as_received(request), tensors) if self.check_update else None
+            if problem:
+                raise UpdateRejected(problem)
+        rank = request.instructions.rank
+        return ClientUpdate(node_id=node, tensors=tensors, num_examples=int(report["num-examples"]), rank=rank,
+                            metrics=report), up
 
     def _as_received(self, request: Request) -> Request:
         """The request as the node decoded it (rounded through the wire dtype), for exact comparisons."""
@@ -213,22 +270,7 @@ class GridExchange:
 
     def _record(self, node: int, status: str, reason: str | None, **kwargs: object) -> None:
         self.ledger.clients.append(ClientRecord(node_id=node, phase=self.message_type, status=status,
-                                                reason=reason, **kwargs))  # type: ignore[arg-type]
-
-
-def read_report(reply: Message) -> dict[str, float]:
-    """The client's MetricRecord, with a positive integer ``num-examples`` and finite metrics."""
-    report = reply.content.metric_records.get(REPORT)
-    if report is None:
-        raise UpdateRejected(f"reply carries no '{REPORT}' metrics (num-examples is required)")
-    values = {k: float(v) for k, v in report.items() if isinstance(v, int | float)}
-    n = values.get("num-examples", 0.0)
-    if not (n >= 1 and n == int(n)):
-        raise UpdateRejected(f"num-examples = {report.get('num-examples')!r}; it must be a positive integer")
-    bad = [k for k, v in values.items() if not math.isfinite(v)]
-    if bad:
-        raise UpdateRejected(f"metrics {bad} are NaN/Inf")
-    return values
+                                                reason=ledger_text(reason), **kwargs))  # type: ignore[arg-type]
 
 
 class SecureMean(Protocol):
@@ -257,20 +299,27 @@ class RoundExchange:
 
     def __init__(self, grid: Grid, federation: FederationConfig, round_number: int, ledger: RoundLedger,
                  check_update: CheckUpdate | None = None, secure: SecureMean | None = None,
-                 private: PrivateMean | None = None, privacy_run_key: str = "") -> None:
+                 private: PrivateMean | None = None, privacy_run_key: str = "",
+                 declared: Mapping[int, int] | None = None, scaling: Scaling | None = None) -> None:
+        """``declared``: each node's training examples as declared at the query exchange (the bound of its
+        reports and, with federation.weighting = 'capped', of its weight); ``scaling``: LoRA's s at a rank."""
         self.min_nodes, self.round_number, self.ledger, self.secure = federation.min_nodes, round_number, ledger, secure
         self.private, self.privacy_run_key = private, privacy_run_key
-        self.grid_exchange = GridExchange(grid, federation, round_number, ledger, check_update=check_update)
+        self.federation, self.declared = federation, dict(declared or {})
+        self.grid_exchange = GridExchange(grid, federation, round_number, ledger, check_update=check_update,
+                                          declared=self.declared, scaling=scaling)
         self.reports: dict[int, Mapping[str, float]] = {}
 
     def __call__(self, requests: Mapping[int, Request]) -> list[ClientUpdate]:
+        """Each node's accepted reply, carrying its weight in this exchange (``server.weighting``)."""
         if self.secure is not None:
             raise RoundFailed("secure aggregation is on, but the strategy asked for individual replies; "
                               "use a linear strategy (`pollinate strategies`) or turn secagg.enabled off")
         updates = self.grid_exchange(self._keyed(requests))
         self._require(len(updates), len(requests))
         self.reports.update({u.node_id: u.metrics for u in updates})
-        return updates
+        weights = round_weights({u.node_id: u.num_examples for u in updates}, self.federation, self.declared)
+        return [replace(u, weight=weights[u.node_id]) for u in updates]
 
     def mean(self, requests: Mapping[int, Request]) -> MeanUpdate:
         if self.secure is None:
@@ -306,28 +355,32 @@ class Evaluation:
 
 def evaluate_global(grid: Grid, federation: FederationConfig, nodes: Sequence[int], request: Request,
                     round_number: int, ledger: RoundLedger) -> Evaluation | None:
-    """Federated evaluation of the strategy's evaluation request: example-weighted mean of loss and accuracy."""
+    """Federated evaluation of the strategy's evaluation request: the weighted mean of loss and accuracy.
+
+    The weights follow federation.weighting (by evaluation examples, capped), so no node's report dominates.
+    """
     exchange = GridExchange(grid, federation, round_number, ledger, message_type="evaluate",
                             replies_carry_tensors=False)
     reports = exchange({node: request for node in nodes})
-    total = sum(u.num_examples for u in reports)
-    if total == 0:
+    if not reports:
         return None
-    loss = sum(u.metrics["loss"] * u.num_examples for u in reports) / total
-    accuracy = sum(u.metrics["accuracy"] * u.num_examples for u in reports) / total
-    return Evaluation(loss=loss, accuracy=accuracy, num_examples=total)
+    weights = round_weights({u.node_id: u.num_examples for u in reports}, federation)
+    loss = sum(u.metrics["loss"] * weights[u.node_id] for u in reports)
+    accuracy = sum(u.metrics["accuracy"] * weights[u.node_id] for u in reports)
+    return Evaluation(loss=loss, accuracy=accuracy, num_examples=sum(u.num_examples for u in reports))
 
 
 def query_capacities(grid: Grid, federation: FederationConfig, nodes: Sequence[int], round_number: int,
-                     ledger: RoundLedger) -> dict[int, int]:
-    """Each answering node's announced max-rank (0: no limit); nodes that do not answer are absent."""
+                     ledger: RoundLedger) -> dict[int, Declaration]:
+    """What each answering node declared (max-rank, training examples); nodes that do not answer are absent."""
     exchange = GridExchange(grid, federation, round_number, ledger, message_type="query",
                             replies_carry_tensors=False)
-    return {u.node_id: int(u.metrics.get(MAX_RANK, 0)) for u in exchange({n: Request({}) for n in nodes})}
+    return {u.node_id: Declaration(int(u.metrics.get(MAX_RANK, 0)), u.num_examples)
+            for u in exchange({n: Request({}) for n in nodes})}
 
 
 def mean_metric(reports: Mapping[int, Mapping[str, float]], key: str) -> float | None:
     """Example-weighted mean of a reported metric across nodes' reports (None when nobody reported it)."""
-    pairs = [(r[key], r["num-examples"]) for r in reports.values() if key in r]
+    pairs = [(r[key], r["num-examples"]) for r in reports.values() if key in r and "num-examples" in r]
     total = sum(n for _, n in pairs)
     return sum(v * n for v, n in pairs) / total if total else None

@@ -7,10 +7,14 @@
    quantised, weighted upload;
 4. ``train.secagg-unmask``: who survived and who dropped -> the shares needed to remove the masks.
 
-The server learns sum_k (n_k / N) y_k over the nodes whose masked input arrived, dequantises it and
-divides by their share of the weight: the example-weighted mean, as in the clear, within the
-quantisation error of ``secagg.quantize`` (per value <= n c / 2^bits). The protocol itself is
-``secagg.ServerSession``; this module only moves its messages through Flower's Grid.
+The server learns sum_k w_k y_k over the nodes whose masked input arrived, dequantises it and
+divides by their share of the weight: the weighted mean, as in the clear, within the quantisation
+error of ``secagg.quantize`` (per value <= n c / 2^bits). The weights w_k are the server's own
+(``server.weighting`` over the counts each node reported, each at most what it declared at the query
+exchange), sent to each node in stage 3; none is read from a masked report. Every stage's reply is held
+against its schema (``proto.reply_schema``) first, and the unmasked ring sum must lie within what n
+quantised inputs in [-c, c] can sum to (docs/secure-aggregation.md, "What one node can still do").
+The protocol itself is ``secagg.ServerSession``; this module only moves its messages through Flower's Grid.
 """
 
 from __future__ import annotations
@@ -22,15 +26,18 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from pollinate.proto.adapter_record import ADAPTER, INSTRUCTIONS, UpdateRejected, to_record
+from pollinate.proto.adapter_record import ADAPTER, INSTRUCTIONS, to_record
 from pollinate.proto.message_size import message_bytes
+from pollinate.proto.reply_schema import SECAGG_KEYS, check_reply
 from pollinate.proto.run_config import FederationConfig, SecAggConfig
-from pollinate.proto.secagg_record import (CLIPPED, LAYOUT, SECAGG, STAGE_ACTIONS, WEIGHT, from_config, layout_record,
+from pollinate.proto.secagg_record import (LAYOUT, SECAGG, STAGE_ACTIONS, WEIGHT, from_config, layout_record,
                                  masked_from_record, to_config)
 from pollinate.secagg import (EncryptedShares, PublicKeys, Quantization, RoundConfig, SecAggError, ServerSession,
                     UnmaskShares, dequantize_sum, minimum_threshold, regular_graph, suggested_degree)
-from pollinate.server.rounds import RoundFailed, RoundLedger, instructions_record, read_report, send_and_collect
+from pollinate.server.rounds import (RoundFailed, RoundLedger, instructions_record, ledger_text, rejection_reason,
+                                     send_and_collect)
 from pollinate.server.store import ClientRecord
+from pollinate.server.weighting import round_weights
 from pollinate.strategies import MeanUpdate, NamedArrays, Request
 
 M = TypeVar("M", PublicKeys, EncryptedShares, UnmaskShares)
@@ -40,9 +47,12 @@ class SecureAggregation:
     """The example-weighted mean of one exchange's uploads, of which the server sees only the sum."""
 
     def __init__(self, grid: Grid, secagg: SecAggConfig, federation: FederationConfig, round_number: int,
-                 ledger: RoundLedger, seed: int = 0) -> None:
-        """``federation``: the wire dtype and reply timeout of the stages; ``seed``: the run's, for the graph."""
+                 ledger: RoundLedger, seed: int = 0, declared: Mapping[int, int] | None = None) -> None:
+        """``federation``: the wire dtype, reply timeout and weighting of the stages; ``seed``: the run's, for the
+        graph; ``declared``: each node's training examples as declared at the query exchange."""
         self.grid, self.secagg, self.federation, self.seed = grid, secagg, federation, seed
+        self.declared = dict(declared or {})
+        self._reported: dict[int, dict[str, float]] = {}  # this exchange's checked stage-1 reports
         self.round_number, self.ledger = round_number, ledger
         self.exchanges = 0
         self.clipped = 0  # weighted values clipped to [-c, c] by the nodes this round (secagg.clip-range)
@@ -70,33 +80,33 @@ class SecureAggregation:
                                       SECAGG: to_config(setups[index[node]]),
                                       LAYOUT: layout_record([n for n, _, _ in layout], [s for _, s, _ in layout])})
                     for node in nodes}
-        reports: dict[int, dict[str, float]] = {}
+        reports = self._reported = {}
 
-        def keys(node: int, reply: Message) -> None:
-            reports[node] = read_report(reply)
+        def keys(node: int, reply: Message, report: dict[str, float]) -> None:
             session.receive_keys(_sent_by(index[node], PublicKeys, reply))
+            reports[node] = report
 
         self._stage("train", contents, keys)
         # Stage 2: neighbours' keys -> encrypted shares.
         forwarded = session.forward_keys()
         self._stage(STAGE_ACTIONS[0], {node: RecordDict({SECAGG: to_config(forwarded[index[node]])})
                                        for node in nodes if index[node] in forwarded},
-                    lambda node, reply: session.receive_shares(_sent_by(index[node], EncryptedShares, reply)))
-        # Stage 3: shares + weight -> masked input. N counts the nodes still in the round (U2).
+                    lambda node, reply, _: session.receive_shares(_sent_by(index[node], EncryptedShares, reply)))
+        # Stage 3: shares + weight -> masked input. The weights are the server's, over the nodes still in the
+        # round (U2): equal (central DP's 1/m) or by federation.weighting from the checked, declared-bounded counts.
         deliveries = session.route_shares()
         in_round = [node for node in nodes if index[node] in deliveries]
-        total_examples = sum(reports[node]["num-examples"] for node in in_round)
-        weights = {node: 1 / len(in_round) if equal_weights else reports[node]["num-examples"] / total_examples
-                   for node in in_round}
+        weights = ({node: 1 / len(in_round) for node in in_round} if equal_weights else
+                   round_weights({node: reports[node]["num-examples"] for node in in_round}, self.federation,
+                                 self.declared))
         q = session.config.quantization
 
-        def masked(node: int, reply: Message) -> None:
+        def masked(node: int, reply: Message, clipped: dict[str, float]) -> None:
             message = masked_from_record(reply.content, session.config.vector_length, q.dtype)
             if message.sender != index[node]:
                 raise SecAggError(f"MaskedInput claims SecAgg id {message.sender}, but its node has id {index[node]}")
             session.receive_masked_input(message)
-            clipped = reply.content.metric_records.get(CLIPPED)
-            self.clipped += int(clipped.get("count", 0)) if clipped is not None else 0
+            self.clipped += int(clipped.get("count", 0))
 
         self._stage(STAGE_ACTIONS[1], {node: RecordDict({SECAGG: to_config(deliveries[index[node]]),
                                                          WEIGHT: ConfigRecord({"weight": weights[node]})})
@@ -105,9 +115,10 @@ class SecureAggregation:
         unmask = session.unmask_requests()
         self._stage(STAGE_ACTIONS[2], {node: RecordDict({SECAGG: to_config(unmask[index[node]])})
                                        for node in nodes if index[node] in unmask},
-                    lambda node, reply: session.receive_unmask(_sent_by(index[node], UnmaskShares, reply)))
+                    lambda node, reply, _: session.receive_unmask(_sent_by(index[node], UnmaskShares, reply)))
         total = session.aggregate()
         survivors = [nodes[i] for i in session.survivors]
+        _check_sum(total, len(survivors), q, self.round_number)
         weight = sum(weights[node] for node in survivors)
         flat = dequantize_sum(total, len(survivors), q) / weight
         return MeanUpdate(_unflatten(flat, layout), tuple(survivors),
@@ -131,26 +142,42 @@ class SecureAggregation:
                               f"{err}") from err
 
     def _stage(self, action: str, contents: Mapping[int, RecordDict],
-               accept: Callable[[int, Message], None]) -> None:
-        """Send one stage's messages; hand each reply to ``accept``; record every outcome in the ledger."""
+               accept: Callable[[int, Message, dict[str, float]], None]) -> None:
+        """Send one stage's messages; check each reply against the stage's schema, hand it and its checked numbers
+        (the report, or the clip count) to ``accept``; record every outcome in the ledger."""
         message_type = action if action == "train" else f"train.{action}"
+        schema = SECAGG_KEYS if action == "train" else message_type
 
         def record(node: int, status: str, reason: str | None, **kwargs: object) -> None:
-            self.ledger.clients.append(ClientRecord(node_id=node, phase=message_type, status=status, reason=reason,
-                                                    **kwargs))  # type: ignore[arg-type]
+            self.ledger.clients.append(ClientRecord(node_id=node, phase=message_type, status=status,
+                                                    reason=ledger_text(reason), **kwargs))  # type: ignore[arg-type]
 
         replies = send_and_collect(self.grid, contents, message_type, self.round_number,
                                    self.federation.round_timeout, record)
         for node, reply in replies.items():
-            down, up = message_bytes(contents[node]), message_bytes(reply.content)
-            try:
-                accept(node, reply)
-            except (SecAggError, UpdateRejected) as err:
-                record(node, "rejected", str(err), bytes_down=down)
+            down = message_bytes(contents[node])
+            try:  # around one node's reply only: a malformed stage reply rejects that node, never the round
+                checked = check_reply(schema, reply.content, self.declared.get(node) if action == "train" else None)
+                accept(node, reply, checked)
+                up = message_bytes(reply.content)
+            except Exception as err:  # noqa: BLE001 - SecAggError, UpdateRejected, or a case no check foresaw
+                record(node, "rejected", str(err) if isinstance(err, SecAggError) else rejection_reason(err),
+                       bytes_down=down)
                 continue
-            report = reply.content.metric_records.get("report")
-            record(node, "accepted", None, bytes_up=up, bytes_down=down,
-                   num_examples=int(report["num-examples"]) if report is not None else 0)
+            examples = self._reported.get(node, {}).get("num-examples", 0) if action == "train" else 0
+            record(node, "accepted", None, bytes_up=up, bytes_down=down, num_examples=int(examples))
+
+
+def _check_sum(total: np.ndarray, n: int, q: Quantization, round_number: int) -> None:
+    """The unmasked ring sum of n honest inputs, each in [0, levels), is at most n (levels - 1): within n x the
+    clip range once dequantised. Above it, a node sent ring elements outside the quantisation range; which one
+    the server cannot tell (it sees only the sum), so the round's mean is refused."""
+    limit = n * (q.levels - 1)
+    if total.size and int(total.max()) > limit:
+        raise RoundFailed(f"round {round_number}: the unmasked sum lies outside {n} x the clip range "
+                          f"(+-{n} x secagg.clip-range): some node masked values outside the quantisation range, "
+                          f"so the round's mean was refused. Nodes run unmodified pollinate clients only if they "
+                          f"stay within it; see docs/secure-aggregation.md")
 
 
 def _sent_by(secagg_id: int, cls: type[M], reply: Message) -> M:

@@ -49,6 +49,7 @@ class ClientUpdate:
     num_examples: int
     rank: int = 0
     metrics: Mapping[str, float] = field(default_factory=dict)
+    weight: float | None = None  # the server's weight basis (federation.weighting); None: num_examples
 
 
 @dataclass(frozen=True)
@@ -242,13 +243,14 @@ def weighted_mean(tensors: Sequence[NamedArrays], weights: Sequence[float]) -> N
 
 
 def example_weights(updates: Sequence[ClientUpdate]) -> list[float]:
-    """Each update's share of the round's examples (FedAvg's p_k = n_k / n)."""
+    """Each update's share of the round (FedAvg's p_k = n_k / n; the server's ``weight`` when it set one)."""
     if not updates:
         raise AggregationError("no client update was accepted this round, so there is nothing to aggregate")
-    total = sum(u.num_examples for u in updates)
+    basis = [u.num_examples if u.weight is None else u.weight for u in updates]
+    total = sum(basis)
     if total <= 0:
         raise AggregationError("the accepted updates report 0 training examples in total")
-    return [u.num_examples / total for u in updates]
+    return [b / total for b in basis]
 
 
 def lora_pairs(names: Sequence[str] | Mapping[str, object]) -> dict[str, tuple[str, str]]:

@@ -12,18 +12,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from peft import PeftModel
 
 from pollinate.client import secure
 from pollinate.models import adapter_state, build_peft_model, load_base_model
 from pollinate.proto.adapter_record import ADAPTER, REPORT, to_record
 from pollinate.proto.run_config import ConfigError, RunConfig
-from pollinate.proto.secagg_record import SECAGG
+from pollinate.proto.secagg_record import MASKED, SECAGG
 from pollinate.server.rounds import RoundExchange, RoundFailed, RoundLedger
 from pollinate.server.secure import SecureAggregation
+from pollinate.server.weighting import round_weights
 from pollinate.strategies import ClientUpdate, Request, build
-from pollinate.strategies.base import mean_of
+from pollinate.strategies.base import mean_of, weighted_mean
 from tests.support.paths import SCENARIOS
 from tests.support.inprocess import InProcessGrid, serverapp_identity
 from tests.support.commands import pollinate, simulated_run
@@ -91,9 +94,12 @@ def _cfg(**overrides: object) -> RunConfig:
     return RunConfig().replace(**{"secagg.enabled": True, "federation.round-timeout": 1.0, **overrides})
 
 
-def _secure_mean(grid: LoopbackGrid, cfg: RunConfig, requests: dict[int, Request], ledger: RoundLedger):
-    secure = SecureAggregation(grid, cfg.secagg, cfg.federation, 1, ledger, seed=cfg.seed)  # type: ignore[arg-type]
-    exchange = RoundExchange(grid, cfg.federation, 1, ledger, secure=secure)  # type: ignore[arg-type]
+def _secure_mean(grid: LoopbackGrid, cfg: RunConfig, requests: dict[int, Request], ledger: RoundLedger,
+                 declared: dict[int, int] | None = None):
+    secure = SecureAggregation(grid, cfg.secagg, cfg.federation, 1, ledger, seed=cfg.seed,  # type: ignore[arg-type]
+                               declared=declared)
+    exchange = RoundExchange(grid, cfg.federation, 1, ledger, secure=secure,  # type: ignore[arg-type]
+                             declared=declared)
     return exchange.mean(requests)
 
 
@@ -174,6 +180,101 @@ def test_replayed_and_forged_replies_are_rejected_and_recorded_and_the_round_sur
     assert sorted(mean.node_ids) == included
     expected = _expected(uploads, examples, included)
     assert all(np.abs(mean.tensors[k] - expected[k]).max() < _bound(cfg, 4) + 1e-6 for k in SHAPES)
+
+
+def test_secure_weights_are_the_servers_capped_ones_and_a_count_above_its_declaration_is_rejected() -> None:
+    uploads, examples, requests = _setup(seed=4)
+    nodes = sorted(uploads)
+    over, heavy = nodes[0], nodes[1]
+    examples[heavy] = 10**9  # declared as much: its weight is capped at federation.max-weight-share
+    declared = {**examples, over: examples[over] - 1}  # reports one more example than it declared
+    cfg, ledger = _cfg(), RoundLedger()
+    mean = _secure_mean(LoopbackGrid(uploads, examples), cfg, requests, ledger, declared)
+    [rejected] = [c for c in ledger.clients if c.status != "accepted"]
+    assert (rejected.node_id, rejected.phase) == (over, "train") and "declared" in (rejected.reason or "")
+    included = [n for n in nodes if n != over]
+    weights = round_weights({n: examples[n] for n in included}, cfg.federation, declared)
+    assert weights[heavy] == cfg.federation.max_weight_share == 0.5
+    expected = weighted_mean([uploads[n] for n in included], [weights[n] for n in included])
+    assert sorted(mean.node_ids) == included
+    assert all(np.abs(mean.tensors[k] - expected[k]).max() < _bound(cfg, len(included)) + 1e-6 for k in SHAPES)
+
+
+def test_a_masked_input_outside_the_quantisation_range_fails_the_round_by_the_sum_check() -> None:
+    uploads, examples, requests = _setup(seed=5)
+    cheat = sorted(uploads)[0]
+
+    def tamper(stage: str, node: int, reply: Message) -> list[Message]:
+        if stage == STAGES[2] and node == cheat:  # adds 2^31 to every value of the ring vector (uint32)
+            array = reply.content.array_records[MASKED]["masked"]
+            values = np.frombuffer(array.data, "<u4") + np.uint32(2**31)
+            reply.content.array_records[MASKED]["masked"] = Array(dtype="uint32", shape=array.shape,
+                                                                  stype=array.stype, data=values.tobytes())
+        return [reply]
+
+    with pytest.raises(RoundFailed, match=r"unmasked sum lies outside 5 x the clip range"):
+        _secure_mean(LoopbackGrid(uploads, examples, tamper=tamper), _cfg(), requests, RoundLedger())
+
+
+FIELD_VALUES = st.one_of(st.integers(-2**63, 2**63 - 1), st.binary(max_size=40), st.floats(allow_nan=True),
+                         st.text(max_size=5), st.lists(st.integers(0, 2**63 - 1), max_size=4),
+                         st.lists(st.binary(max_size=20), max_size=4))
+
+
+def _forge_stage(kind: str, key: str, value: object) -> Callable[[Message], None]:
+    """One edit of a stage reply: empty it, drop or set a field of its SecAgg message, add a record, cut its vector."""
+    def edit(reply: Message) -> None:
+        content = reply.content
+        message = content.config_records.get(SECAGG)
+        if kind == "empty":
+            for name in list(content.keys()):
+                del content[name]
+        elif kind == "drop" and message is not None and key in message:
+            del message[key]
+        elif kind == "set" and message is not None:
+            message[key] = value  # type: ignore[assignment]
+        elif kind == "extra":
+            content["extra"] = ConfigRecord({"x": 1})
+        elif kind == "examples" and REPORT in content.metric_records:
+            number = value if isinstance(value, int | float) else 10**12  # a MetricRecord holds numbers only
+            content.metric_records[REPORT]["num-examples"] = number
+        elif kind == "cut" and MASKED in content.array_records:
+            array = content.array_records[MASKED]["masked"]
+            content.array_records[MASKED]["masked"] = Array(dtype=array.dtype, shape=array.shape, stype=array.stype,
+                                                             data=array.data[:-4])
+    return edit
+
+
+STAGE_EDITS = st.builds(_forge_stage, st.sampled_from(["empty", "drop", "set", "extra", "examples", "cut"]),
+                        st.sampled_from(["round_id", "sender", "encryption_key", "masking_key", "receivers",
+                                         "ciphertexts", "seed_owners", "shares", "undecryptable", "x"]),
+                        FIELD_VALUES | st.sampled_from([0, 10**12, float("nan"), 2**31]))
+
+
+@settings(max_examples=25, deadline=None)
+@given(stage=st.sampled_from(STAGES), edits=st.lists(STAGE_EDITS, min_size=1, max_size=3),
+       which=st.integers(0, 4))
+def test_whatever_one_node_sends_at_any_stage_only_that_node_is_rejected(stage: str, edits, which: int) -> None:
+    uploads, examples, requests = _setup(seed=6)
+    hostile = sorted(uploads)[which]
+
+    def tamper(at: str, node: int, reply: Message) -> list[Message]:
+        if at == stage and node == hostile:
+            for edit in edits:
+                edit(reply)
+        return [reply]
+
+    cfg, ledger = _cfg(), RoundLedger()
+    try:
+        mean = _secure_mean(LoopbackGrid(uploads, examples, tamper=tamper), cfg, requests, ledger,
+                            declared=dict(examples))
+    except RoundFailed as failed:  # what a forged secret can do: an unmaskable round, failed with its reason
+        assert "secure aggregation failed" in str(failed) or "outside" in str(failed)
+        return
+    assert set(mean.node_ids) >= set(uploads) - {hostile}  # the others' mean, the hostile one in it or not
+    assert all(np.isfinite(v).all() for v in mean.tensors.values())
+    for record in ledger.clients:
+        assert record.status == "accepted" or (record.node_id == hostile and record.reason), record
 
 
 def test_secure_aggregation_refuses_strategies_that_need_each_update(tiny_cfg) -> None:
