@@ -189,11 +189,6 @@ class FederationConfig:
                  self.max_consecutive_failures, "use at least 1")
         _require(0.0 < self.max_weight_share <= 1.0, "federation.max-weight-share", self.max_weight_share,
                  "use a share in (0, 1], e.g. 0.5")
-        _require(self.weighting != "capped" or self.max_weight_share * self.min_nodes >= 1.0,
-                 "federation.max-weight-share", self.max_weight_share,
-                 f"a round may have only federation.min-nodes = {self.min_nodes} nodes, whose shares cannot all "
-                 f"stay below {self.max_weight_share:g}; use a share >= 1 / min-nodes = {1 / self.min_nodes:.3g}, "
-                 f"or raise federation.min-nodes")
         _require(self.update_bound >= 0.0 and math.isfinite(self.update_bound), "federation.update-bound",
                  self.update_bound, "use a norm >= 0 (0: off), or a multiple of the median such as 3 with "
                  "federation.update-bound-mode = 'median'")

@@ -5,9 +5,9 @@
 - ``capped`` (default): n_k is first cut to what the node declared at the query exchange, then no node carries
   more than ``federation.max-weight-share`` s of the round: shares above s are set to s and the rest is
   shared out in proportion to the remaining counts, repeated until none exceeds s (water-filling; at most m
-  passes). One node claiming 10^12 examples then weighs s, not 1. ``FederationConfig.validate`` requires
-  s >= 1 / min-nodes, and a round keeps at least min-nodes updates, so the cap can always be met; should it
-  not be (fewer nodes than 1 / s), every node gets 1 / m, the closest to the cap there is.
+  passes). One node claiming 10^12 examples then weighs s, not 1. A round with fewer than 1 / s nodes cannot
+  keep every share at or below s (federation.min-nodes = 1 is a valid federation): then every node gets 1 / m,
+  the closest to the cap there is.
 
 Every mean the server computes goes through ``round_weights``: ``RoundExchange`` puts the weight on each
 ``ClientUpdate`` (``strategies.base.example_weights`` reads it), and secure aggregation sends each node its

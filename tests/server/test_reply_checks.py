@@ -84,12 +84,14 @@ def test_a_dp_release_is_reported_whole_or_not_at_all() -> None:
         check_reply(TRAIN, RecordDict({ADAPTER: ArrayRecord(), REPORT: MetricRecord(whole)}))
 
 
-def test_capped_weighting_needs_a_share_every_round_can_meet() -> None:
-    with pytest.raises(ConfigError, match="federation.max-weight-share"):
-        RunConfig().replace(**{"federation.min-nodes": 2, "federation.max-weight-share": 0.3})
-    RunConfig().replace(**{"federation.min-nodes": 4, "federation.max-weight-share": 0.3})
-    RunConfig().replace(**{"federation.min-nodes": 2, "federation.max-weight-share": 0.3,
-                           "federation.weighting": "examples"})
+def test_a_round_too_small_for_the_weight_cap_weighs_its_nodes_equally() -> None:
+    from pollinate.server.weighting import round_weights
+
+    # A one-node-minimum federation is valid with the default cap (0.5); so is a cap no small round can meet.
+    RunConfig().replace(**{"federation.min-nodes": 1})
+    cfg = RunConfig().replace(**{"federation.min-nodes": 2, "federation.max-weight-share": 0.3})
+    assert round_weights({1: 10, 2: 1000}, cfg.federation, {1: 10, 2: 1000}) == {1: 0.5, 2: 0.5}
+    assert round_weights({1: 1000}, cfg.federation, {1: 1000}) == {1: 1.0}
     with pytest.raises(ConfigError, match="federation.update-bound"):
         RunConfig().replace(**{"federation.update-bound": 0.5})  # median mode: a multiple below 1
 
