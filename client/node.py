@@ -9,12 +9,13 @@ subprocess (``--isolation subprocess``) on its own Runtime API port.
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from pollinate.flags import RENAMED_TLS_CLIENT, add_certs_argument, certs_of, host_port, port_number, refuse_renamed
-from pollinate.proto.node_config import DATA_PATH, DEVICE, MAX_RANK
+from pollinate.proto.node_config import DATA_PATH, DEVICE, MAX_RANK, PRIVACY_STATE
 from pollinate.proto.run_config import ConfigError
 from pollinate.runtime.processes import (Daemon, executable, flower_env, free_port, require_free_port,
                                          stop_on_sigterm, wait_healthy)
@@ -41,19 +42,29 @@ class NodeSecurity:
         return supernode_flags(self.certs.ca_cert, self.node_key)
 
 
-def node_config(data: Path, max_rank: int, device: str) -> str:
+def node_config(data: Path, max_rank: int, device: str, privacy_state: Path | None = None) -> str:
     """Flower's ``--node-config`` string (TOML values, space separated)."""
     if not data.is_file():
         raise ConfigError(f"--data {data}: no such file on this node; pass the node's CSV or JSONL file "
-                        f"(`text` + integer `label`, or `instruction` + `response`)")
-    path = str(data.resolve())
-    if "'" in path or " " in path:
-        raise ConfigError(f"--data {path}: Flower's node config cannot carry quotes or spaces in a path; "
-                        f"move or link the file to a plain path")
+                          f"(`text` + integer `label`, or `instruction` + `response`)")
     if max_rank < 0:
         raise ConfigError(f"--max-rank {max_rank} is invalid: use the largest LoRA rank this node can train, "
                           f"or 0 for no limit")
-    return f"{DATA_PATH}='{path}' {MAX_RANK}={max_rank} {DEVICE}='{device}'"
+    config = f"{DATA_PATH}='{_plain_path(data, '--data')}' {MAX_RANK}={max_rank} {DEVICE}='{device}'"
+    if privacy_state is not None:
+        if privacy_state.is_dir() or not os.access(privacy_state.parent, os.W_OK):
+            raise ConfigError(f"--privacy-state {privacy_state}: give a file path in an existing, writable "
+                              f"directory (the node's DP budget is kept there across runs and restarts)")
+        config += f" {PRIVACY_STATE}='{_plain_path(privacy_state, '--privacy-state')}'"
+    return config
+
+
+def _plain_path(path: Path, flag: str) -> str:
+    resolved = str(path.resolve())
+    if "'" in resolved or " " in resolved:
+        raise ConfigError(f"{flag} {resolved}: Flower's node config cannot carry quotes or spaces in a path; "
+                          f"move or link the file to a plain path")
+    return resolved
 
 
 def supernode_command(superlink: str, config: str, runtime_port: int, security: NodeSecurity) -> list[str]:
@@ -67,6 +78,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, type=Path, help="this node's CSV/JSONL examples (stay here)")
     parser.add_argument("--max-rank", type=int, default=0, help="largest LoRA rank this node can train (0: no limit)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    parser.add_argument("--privacy-state", type=Path, metavar="FILE",
+                        help="where this node keeps its differential-privacy budget (default: beside --data); "
+                             "it must be writable, e.g. when the data is mounted read-only")
     parser.add_argument("--runtime-port", type=port_number, help="local port of the SuperNode's Runtime API "
                         "(default: a free one; nodes on one machine need different ports)")
     parser.add_argument("--wait", type=float, default=120.0,
@@ -81,7 +95,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run_node(args: argparse.Namespace) -> int:
     """Start the SuperNode and serve until stopped (Ctrl-C / SIGTERM) or the SuperNode exits."""
     stop_on_sigterm()
-    config = node_config(args.data, args.max_rank, args.device)
+    config = node_config(args.data, args.max_rank, args.device, args.privacy_state)
     security = NodeSecurity(certs_of(args), args.node_key)
     security.flags()  # fail fast: a key without TLS, missing files
     runtime_port = args.runtime_port or free_port()

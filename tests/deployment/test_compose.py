@@ -104,6 +104,10 @@ def test_each_node_runs_pollinate_client_on_its_own_data_volume(services: dict) 
         [(source, *mode)] = [(m[0], *m[2:]) for m in mounts if m[1] == data_dir]
         assert mode == ["ro"], f"{name}: its data is mounted read-only"
         sources.append(source)
+        # Under DP the node records its spend before a reply leaves: the budget file needs a writable volume.
+        state_dir = str(Path(args.privacy_state).parent)
+        [(state_source, *state_mode)] = [(m[0], *m[2:]) for m in mounts if m[1] == state_dir]
+        assert state_mode != ["ro"] and state_source in yaml.safe_load(COMPOSE.read_text())["volumes"], f"{name}: its privacy budget is writable"
         assert "coordinator" in node["depends_on"]
     assert len(set(sources)) == len(sources), "every node has its own data volume"
     assert not any(m.startswith(tuple(sources)) for s in ("coordinator", "postgres")

@@ -107,3 +107,22 @@ def test_node_authentication_without_a_certificate_directory_is_refused_before_a
     assert "--node-key needs --certs DIR" in _says(capsys, *node, "--node-key", str(tmp_path / "node-1"))
     said = _says(capsys, *node, "--certs", str(tmp_path / "no-certs"))
     assert f"{tmp_path / 'no-certs' / 'ca.crt'} missing" in said
+
+
+def test_a_node_keeps_its_privacy_budget_where_it_is_told_and_refuses_an_unwritable_place(tmp_path: Path) -> None:
+    from flwr.common.config import parse_config_args
+
+    from pollinate.client.node import node_config
+    from pollinate.proto.node_config import NodeConfig
+    from pollinate.proto.run_config import ConfigError
+
+    data = tmp_path / "node.jsonl"
+    data.write_text('{"text": "a fine film", "label": 1}\n')
+    (tmp_path / "state").mkdir()
+    config = node_config(data, 4, "cpu", tmp_path / "state" / "budget.json")
+    node = NodeConfig.from_flower(parse_config_args([config]))  # as the SuperNode hands it to the ClientApp
+    assert node.budget_path == tmp_path / "state" / "budget.json" and node.data_path == data
+    assert NodeConfig.from_flower(parse_config_args([node_config(data, 4, "cpu")])).budget_path.parent == tmp_path
+    for bad in (tmp_path / "state", tmp_path / "missing" / "budget.json"):
+        with pytest.raises(ConfigError, match="--privacy-state"):
+            node_config(data, 4, "cpu", bad)
