@@ -258,7 +258,8 @@ class GridExchange:
             if problem:
                 raise UpdateRejected(problem)
         rank = request.instructions.rank
-        return ClientUpdate(node_id=node, tensors=tensors, num_examples=int(report["num-examples"]), rank=rank,
+        # No count (a node under DP withholds it): 0, which server.weighting turns into an equal share.
+        return ClientUpdate(node_id=node, tensors=tensors, num_examples=int(report.get("num-examples", 0)), rank=rank,
                             metrics=report), up
 
     def _as_received(self, request: Request) -> Request:
