@@ -124,42 +124,6 @@ def test_the_policy_reaches_the_clientapp_through_flowers_node_config(tmp_path: 
         NodeConfig.from_flower({"data-path": str(data), "max-delta": 1e-5})
 
 
-def _policy_node(budgets: Path, max_epsilon: float = 3.0):
-    return lambda i: {"privacy-state": str(budgets / f"node-{i}.json"), "max-epsilon": max_epsilon,
-                      "max-delta": DELTA}
-
-
-_RUN = {"privacy.mode": "local", "privacy.noise-multiplier": Z, "privacy.clip-norm": 0.5, "privacy.delta": DELTA,
-        "federation.rounds": 1, "federation.strategy": "ffa-lora"}
-
-
-def test_a_node_keeps_its_own_spend_across_two_runs_and_a_restart_and_refuses_epsilon_8(tmp_path: Path) -> None:
-    budgets = tmp_path / "budgets"
-    budgets.mkdir()
-    store = RoundStore(f"sqlite:///{tmp_path / 'store.db'}")
-    first = run_in_process("tiny.toml", tmp_path, 2, _policy_node(budgets), **_RUN, **{"privacy.target-epsilon": 2.0})
-    # A second run (a new pollinate run key) against the same budget files: its target fits what is left.
-    second = run_in_process("tiny.toml", tmp_path, 2, _policy_node(budgets),
-                            **_RUN, **{"privacy.target-epsilon": 1.5})
-    for run in (first, second):
-        assert [(r.number, r.accepted) for r in store.rounds(run)] == [(1, 2)]
-    # A fresh process reads what each node spent: both runs, at the node's own delta, whatever the keys were.
-    read = subprocess.run([sys.executable, "-c", "import sys; from pollinate.privacy.budget import BudgetFile; "
-                           "print([BudgetFile(p).spent(None, 1e-5) for p in sys.argv[1:]])",
-                           *sorted(map(str, budgets.glob("node-*.json")))], capture_output=True, text=True,
-                          timeout=120)
-    assert read.returncode == 0, read.stderr
-    assert eval(read.stdout) == pytest.approx([TWO, TWO])  # noqa: S307 - a list of floats this test printed
-    # Restarted nodes (fresh contexts) keep that spend: a run configured for epsilon 8 is refused by every node.
-    third = run_in_process("tiny.toml", tmp_path, 2, _policy_node(budgets), **_RUN, **{"privacy.target-epsilon": 8.0})
-    refused = [u for u in store.client_updates(third) if u.phase == "train"]
-    assert len(refused) == 2 and all(u.status == "failed" for u in refused)
-    assert all(f"privacy.target-epsilon = 8 exceeds this node's remaining budget {3 - TWO:.4g}" in u.reason
-               for u in refused)
-    assert [e.status for _, e in store.privacy_ledger(third)] == ["refused", "refused"]
-    assert [BudgetFile(p).spent(None, DELTA) for p in sorted(budgets.glob("node-*.json"))] == pytest.approx([TWO] * 2)
-
-
 def _assert_nothing_unreleased(store: RoundStore, run_id: int) -> None:
     """The store holds no per-node count, loss or accuracy, and no per-node metric outside the DP release's own."""
     updates = store.client_updates(run_id)
@@ -196,23 +160,60 @@ class _Recording:
         return reply
 
 
-@pytest.mark.parametrize("mode, extra", [
-    ("local", {"privacy.noise-multiplier": Z, "privacy.target-epsilon": 8.0}),
-    # Central DP with the update bound on: the server computes each node's update norm, and must not store it.
-    ("central", {"privacy.noise-multiplier": 1.0, "privacy.target-epsilon": 8.0, "federation.update-bound": 3.0}),
-])
-def test_under_dp_no_per_node_metric_leaves_a_node_or_reaches_the_store_or_the_status_service(
-        tmp_path: Path, mode: str, extra: dict) -> None:
+def _policy_node(budgets: Path, max_epsilon: float = 3.0):
+    return lambda i: {"privacy-state": str(budgets / f"node-{i}.json"), "max-epsilon": max_epsilon,
+                      "max-delta": DELTA}
+
+
+_RUN = {"privacy.mode": "local", "privacy.noise-multiplier": Z, "privacy.clip-norm": 0.5, "privacy.delta": DELTA,
+        "federation.rounds": 1, "federation.strategy": "ffa-lora"}
+
+
+def test_a_node_keeps_its_own_spend_across_two_runs_and_a_restart_and_refuses_epsilon_8(tmp_path: Path) -> None:
+    budgets = tmp_path / "budgets"
+    budgets.mkdir()
+    store = RoundStore(f"sqlite:///{tmp_path / 'store.db'}")
     recording = _Recording()
-    run = run_in_process("tiny.toml", tmp_path, 2, client_app=recording, **{"privacy.mode": mode, "privacy.clip-norm": 0.5,
-                                                      "federation.rounds": 1, "federation.strategy": "ffa-lora",
-                                                      **extra})
+    first = run_in_process("tiny.toml", tmp_path, 2, _policy_node(budgets), recording,
+                           **_RUN, **{"privacy.target-epsilon": 2.0})
+    # Under local DP only the release's own description leaves a node, and nothing else reaches the store.
+    assert {kind for kind, _ in recording.reports} == {"query", "train"}  # no evaluation asked for, none sent
+    assert all(set(report) <= RELEASED_KEYS | {"max-rank"} for _, report in recording.reports), recording.reports
+    assert all("dp-epsilon" in report for kind, report in recording.reports if kind == "train")
+    _assert_nothing_unreleased(store, first)
+    # A second run (a new pollinate run key) against the same budget files: its target fits what is left.
+    second = run_in_process("tiny.toml", tmp_path, 2, _policy_node(budgets),
+                            **_RUN, **{"privacy.target-epsilon": 1.5})
+    for run in (first, second):
+        assert [(r.number, r.accepted) for r in store.rounds(run)] == [(1, 2)]
+    # A fresh process reads what each node spent: both runs, at the node's own delta, whatever the keys were.
+    read = subprocess.run([sys.executable, "-c", "import sys; from pollinate.privacy.budget import BudgetFile; "
+                           "print([BudgetFile(p).spent(None, 1e-5) for p in sys.argv[1:]])",
+                           *sorted(map(str, budgets.glob("node-*.json")))], capture_output=True, text=True,
+                          timeout=120)
+    assert read.returncode == 0, read.stderr
+    assert eval(read.stdout) == pytest.approx([TWO, TWO])  # noqa: S307 - a list of floats this test printed
+    # Restarted nodes (fresh contexts) keep that spend: a run configured for epsilon 8 is refused by every node.
+    third = run_in_process("tiny.toml", tmp_path, 2, _policy_node(budgets), **_RUN, **{"privacy.target-epsilon": 8.0})
+    refused = [u for u in store.client_updates(third) if u.phase == "train"]
+    assert len(refused) == 2 and all(u.status == "failed" for u in refused)
+    assert all(f"privacy.target-epsilon = 8 exceeds this node's remaining budget {3 - TWO:.4g}" in u.reason
+               for u in refused)
+    assert [e.status for _, e in store.privacy_ledger(third)] == ["refused", "refused"]
+    assert [BudgetFile(p).spent(None, DELTA) for p in sorted(budgets.glob("node-*.json"))] == pytest.approx([TWO] * 2)
+
+
+def test_under_central_dp_no_per_node_metric_leaves_a_node_or_reaches_the_store_or_the_status_service(
+        tmp_path: Path) -> None:
+    # The update bound on: the server computes each node's update norm from its reply, and must not store it.
+    recording = _Recording()
+    run = run_in_process("tiny.toml", tmp_path, 2, client_app=recording, **{
+        "privacy.mode": "central", "privacy.clip-norm": 0.5, "privacy.noise-multiplier": 1.0,
+        "privacy.target-epsilon": 8.0, "federation.update-bound": 3.0, "federation.rounds": 1,
+        "federation.strategy": "ffa-lora"})
     store = RoundStore(f"sqlite:///{tmp_path / 'store.db'}")
     assert [(r.number, r.accepted) for r in store.rounds(run)] == [(1, 2)]
-    sent = {kind for kind, _ in recording.reports}
-    assert sent == {"query", "train"}  # no evaluation was asked for, none answered
-    assert all(set(report) <= RELEASED_KEYS | {"max-rank"} for _, report in recording.reports), recording.reports
-    if mode == "local":  # the release's own description, which the ledger records
-        assert all("dp-epsilon" in report for kind, report in recording.reports if kind == "train")
-        assert len([e for _, e in store.privacy_ledger(run) if e.status == "spent"]) == 2
+    assert {kind for kind, _ in recording.reports} == {"query", "train"}
+    assert all(set(report) <= {"max-rank"} for _, report in recording.reports), recording.reports
+    assert [e.node_id for _, e in store.privacy_ledger(run)] == [None]  # the server's release, and only it
     _assert_nothing_unreleased(store, run)
