@@ -30,6 +30,7 @@ from pollinate.server.privacy_rounds import RELEASED_KEYS
 from pollinate.server.status_client import connect
 from pollinate.server.status_service import serve_status
 from pollinate.server.store import RoundStore
+from tests.support.commands import pollinate
 from tests.support.inprocess import run_in_process
 
 Z, DELTA = 3.0, 1e-5  # local DP, one release per round: epsilon 1.386 after one, 2.029 after two (delta 1e-5)
@@ -98,19 +99,18 @@ def test_two_processes_writing_one_budget_file_lose_no_release(tmp_path: Path) -
 
 
 @pytest.mark.parametrize("flags, says", [
-    ({"max_epsilon": float("nan")}, "--max-epsilon nan is invalid"),
-    ({"max_epsilon": float("inf")}, "--max-epsilon inf is invalid"),
-    ({"max_epsilon": 0.0}, "--max-epsilon 0.0 is invalid"),
-    ({"max_epsilon": 3.0, "delta": 1.0}, "--delta 1.0 is invalid"),
-    ({"delta": 1e-5}, "--delta and --budget-scope belong to this node's privacy policy"),
+    (["--max-epsilon", "nan"], "--max-epsilon nan is invalid"),
+    (["--max-epsilon", "inf"], "--max-epsilon inf is invalid"),
+    (["--max-epsilon", "0"], "--max-epsilon 0.0 is invalid"),
+    (["--max-epsilon", "3", "--delta", "1"], "--delta 1.0 is invalid"),
+    (["--delta", "1e-5"], "--delta and --budget-scope belong to this node's privacy policy"),
 ])
-def test_bad_policy_flags_are_one_line_errors(flags: dict, says: str) -> None:
-    import argparse
-
-    from pollinate.client.node import node_policy
-    args = argparse.Namespace(**{"max_epsilon": None, "delta": None, "budget_scope": None, **flags})
-    with pytest.raises(ConfigError, match=says.replace("(", r"\(")):
-        node_policy(args)
+def test_bad_policy_flags_are_one_line_errors_before_anything_starts(capsys, tmp_path: Path, flags: list[str],
+                                                                     says: str) -> None:
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "fine", "label": 1}\n')
+    code, said = pollinate(capsys, "client", "--superlink", "127.0.0.1:1", "--data", str(data), "--wait", "1", *flags)
+    assert code == 2 and says in said and "Traceback" not in said, said
 
 
 def test_the_policy_reaches_the_clientapp_through_flowers_node_config(tmp_path: Path) -> None:
