@@ -127,6 +127,7 @@ def test_heterogeneous_strategy_trains_each_node_at_its_own_rank(name: str, tmp_
     assert Path(run.adapter_dir, "adapter_model.safetensors").is_file()
     rounds = store.rounds(run_id)
     assert rounds[-1].eval_loss is not None and np.isfinite(rounds[-1].eval_loss)
+    assert all(r.train_loss is not None and np.isfinite(r.train_loss) for r in rounds), "every round has a train loss"
 
 
 def test_every_registered_strategy_is_covered_here() -> None:
