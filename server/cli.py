@@ -88,6 +88,7 @@ def run_config(args: argparse.Namespace) -> RunConfig:
 
 def serve(args: argparse.Namespace) -> int:
     from pollinate.server.launch import SuperLinkSecurity, coordinate
+    from pollinate.server.progress_view import ProgressView
     from pollinate.server.report import rounds_table
     from pollinate.server.store import RoundStore
 
@@ -108,7 +109,8 @@ def serve(args: argparse.Namespace) -> int:
     status = None if args.no_status else _start_status(cfg.store.db, args.host, args.status_port, security,
                                                        args.insecure)
     try:
-        result = coordinate(cfg, args.host, args.port, state_dir, security, stale_runs=stale)
+        with ProgressView(console) as view:  # the ServerApp's round events, through `flwr log`
+            result = coordinate(cfg, args.host, args.port, state_dir, security, stale_runs=stale, output=view.line)
     finally:
         if status is not None:
             status.stop()
