@@ -182,6 +182,7 @@ def plot_epsilon(data: RunData, path: Path) -> Path:
     if target is not None:
         ax.axhline(target, color="black", ls=":", label=f"target epsilon {target:g}")
     delta = _number(data.run.config, "privacy.delta")
+    ax.set_ylim(bottom=0)
     ax.set(title=f"epsilon spent ({data.run.config.get('privacy.mode')}, delta {delta:g})" if delta is not None
            else "epsilon spent", xlabel="round", ylabel="epsilon")
     ax.set_xticks(data.round_numbers)
