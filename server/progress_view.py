@@ -72,6 +72,8 @@ class ProgressView:
         elif event.kind == "round-end":
             self.durations.append(event.seconds)
             self.progress.update(self.task, visible=False)
+        if self.live:  # now, not at the next auto-refresh: a line printed next would redraw a stale bar under it
+            self.progress.refresh()
 
     def line(self, text: str) -> None:
         """One line of a coordinator's output (``flwr log --stream``): its event, or the line as it is."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -20,18 +21,26 @@ def _fmt(value: float | None, spec: str = ".4f") -> str:
     return "-" if value is None else format(value, spec)
 
 
+MARKDOWN_SPECIAL = "\\`*_[]|!"
+
+
 def _cell(text: object) -> str:
-    """Text safe inside a Markdown table cell (one line, no column breaks)."""
-    return " ".join(str(text).split()).replace("|", "\\|")
+    """Text as text on the page: one line, no HTML, no Markdown (links, images, code, table breaks).
+
+    A rejection reason quotes what a node sent, and every node is untrusted: its text must not become an image
+    fetched from elsewhere, a link or a script in whatever renders the page.
+    """
+    line = html.escape(" ".join(str(text).split()), quote=False)
+    return "".join("\\" + c if c in MARKDOWN_SPECIAL else c for c in line)
 
 
 def render_page(data: RunData, plots: Mapping[str, Path], page: Path) -> str:
     """The page's Markdown; plots are linked relative to ``page``'s directory, so the directory can be moved."""
     run, rounds = data.run, data.rounds
     last = next((r for r in reversed(rounds) if r.eval_accuracy is not None), None)
-    lines = [f"# Run {run.id}: {run.strategy} on {run.model}", "",
+    lines = [f"# Run {run.id}: {_cell(run.strategy)} on {_cell(run.model)}", "",
              "| | |", "|---|---|",
-             f"| status | {run.status} |",
+             f"| status | {_cell(run.status)} |",
              f"| started | {run.started_at:%Y-%m-%d %H:%M:%S} |",
              f"| ended | {run.ended_at:%Y-%m-%d %H:%M:%S} |" if run.ended_at else "| ended | - |",
              f"| rounds stored | {len(rounds)} of {run.config.get('federation.rounds', '?')} "
@@ -67,7 +76,8 @@ def _problems(data: RunData) -> list[str]:
     labels = data.node_labels
     failed_rounds = [f"- round {r.number} failed: {_cell(r.reason or '')}" for r in data.rounds
                      if r.status == "failed"]
-    records = [f"- round {c.round_number}, node {labels[c.node_id]}, {c.phase}: {c.status}: {_cell(c.reason or '')}"
+    records = [f"- round {c.round_number}, node {labels[c.node_id]}, {_cell(c.phase)}: {_cell(c.status)}: "
+               f"{_cell(c.reason or '')}"
                for c in data.clients if c.status != "accepted"]
     if not failed_rounds and not records:
         return ["## Rejections and failures", "", "None: every node's every reply was accepted.", ""]
@@ -82,5 +92,5 @@ def _nodes(data: RunData) -> list[str]:
 
 def _config(config: Mapping[str, object]) -> list[str]:
     lines = ["## Config", "", "| key | value |", "|---|---|"]
-    lines += [f"| {key} | {_cell(value)} |" for key, value in sorted(config.items())]
+    lines += [f"| {_cell(key)} | {_cell(value)} |" for key, value in sorted(config.items())]
     return lines + [""]

@@ -96,3 +96,22 @@ def test_an_out_that_is_a_file_or_cannot_be_created_is_one_line(stored_run, caps
     code, said = pollinate(capsys, "report", str(run_id), "--db", _db(workdir), "--out", str(a_file / "below"))
     assert code == 2 and said.startswith(f"error: --out {a_file / 'below'}: cannot create it (")
     assert "Traceback" not in said
+
+
+def test_what_a_node_sent_is_text_on_the_page_never_html_or_markdown(capsys, tmp_path: Path) -> None:
+    # A failed round whose one node's reason quotes a hostile reply, stored through the store's own API.
+    from pollinate.server.store import ClientRecord, RoundRecord
+
+    store = RoundStore(_db(tmp_path))
+    run_id = store.start_run({"federation.rounds": 1}, "fedavg", "tiny-bert")
+    hostile = "<img src=x onerror=alert(1)> ![t](http://evil.example/t.png) [x](http://evil.example) `a|b`"
+    store.record_round(run_id, RoundRecord(
+        number=1, participants=1, accepted=0, train_loss=None, eval_loss=None, eval_accuracy=None, bytes_up=0,
+        bytes_down=0, duration_s=0.1, status="failed", reason="too few accepted updates",
+        clients=[ClientRecord(node_id=7, phase="train", status="rejected", reason=hostile)]), None)
+    code, said = pollinate(capsys, "report", str(run_id), "--db", _db(tmp_path), "--out", str(tmp_path / "r"))
+    assert code == 0, said
+    page = (tmp_path / "r" / "report.md").read_text()
+    assert "round 1, node 1, train: rejected: &lt;img src=x onerror=alert(1)&gt; \\!\\[t\\](http://evil.example/" \
+           "t.png) \\[x\\](http://evil.example) \\`a\\|b\\`" in page
+    assert "<img" not in page and "![t]" not in page
