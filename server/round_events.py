@@ -61,7 +61,8 @@ def listen(listener: Listener) -> Iterator[None]:
 
 
 def emit(event: RoundEvent) -> None:
-    """Send ``event`` to the listeners here, else as an event line (``POLLINATE_EVENTS=lines``), else print a ``say``."""
+    """Send ``event`` to the listeners here, else as an event line (``POLLINATE_EVENTS=lines``), else print a
+    ``say`` (and drop progress)."""
     with _lock:
         listeners = list(_listeners)
     if listeners:
