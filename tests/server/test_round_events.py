@@ -8,18 +8,14 @@ from pathlib import Path
 import pytest
 
 from pollinate.server.progress_view import ProgressView
-from pollinate.server.round_events import EVENTS_ENV, RoundEvent, emit, listen, parse_line
-from tests.support.inprocess import run_in_process
+from pollinate.server.round_events import EVENTS_ENV, RoundEvent, emit, parse_line
 from rich.console import Console
 
 
 @pytest.fixture(scope="module")
-def events(tmp_path_factory: pytest.TempPathFactory) -> list[RoundEvent]:
+def events(recorded_run) -> list[RoundEvent]:
     """Every event of a real 2-round run of the real ServerApp against 4 real ClientApps, in this process."""
-    seen: list[RoundEvent] = []
-    with listen(seen.append):
-        run_in_process("tiny.toml", tmp_path_factory.mktemp("events"), **{"federation.rounds": 2})
-    return seen
+    return recorded_run[2]
 
 
 def _exchanges(events: list[RoundEvent], number: int) -> list[str]:

@@ -15,9 +15,9 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
-def stored_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
-    workdir = tmp_path_factory.mktemp("report-run")
-    return workdir, run_in_process("tiny.toml", workdir, **{"federation.rounds": 2})
+def stored_run(recorded_run) -> tuple[Path, int]:
+    """A real 2-round run stored on SQLite (tests/server/conftest.py): its workdir and run id."""
+    return recorded_run[0], recorded_run[1]
 
 
 def _db(workdir: Path) -> str:
@@ -64,8 +64,8 @@ def test_participation_and_outcomes_count_every_node_every_round(stored_run) -> 
 
 
 def test_a_run_under_dp_gets_the_epsilon_plot_and_its_refusals(tmp_path: Path, capsys) -> None:
-    # Local DP, z = 1, target 8: every node spends in rounds 1 and 2, and refuses round 3 (tests/privacy).
-    run_id = run_in_process("tiny.toml", tmp_path, **{
+    # Local DP, z = 1, target 8: every node spends in rounds 1 and 2, and refuses round 3 (tests/privacy); 2 nodes.
+    run_id = run_in_process("tiny.toml", tmp_path, clients=2, **{
         "privacy.mode": "local", "privacy.noise-multiplier": 1.0, "privacy.target-epsilon": 8,
         "privacy.clip-norm": 0.5, "federation.strategy": "ffa-lora"})
     code, said = pollinate(capsys, "report", str(run_id), "--db", _db(tmp_path), "--out", str(tmp_path / "r"))
@@ -73,9 +73,9 @@ def test_a_run_under_dp_gets_the_epsilon_plot_and_its_refusals(tmp_path: Path, c
     _assert_pngs(tmp_path / "r", {"loss-accuracy", "bytes", "participation", "outcomes", "epsilon"})
     page = (tmp_path / "r" / "report.md").read_text()
     assert "](epsilon.png)" in page and "| privacy.mode | local |" in page
-    assert page.count("privacy budget: round 3 would raise") == 4  # each node's refusal, with its reason
+    assert page.count("privacy budget: round 3 would raise") == 2  # each node's refusal, with its reason
     data = RunData.load(RoundStore(_db(tmp_path)), run_id)
-    assert outcome_counts(data)["rejected"][2] + outcome_counts(data)["failed"][2] == 4
+    assert outcome_counts(data)["rejected"][2] + outcome_counts(data)["failed"][2] == 2
 
 
 def test_an_unknown_run_is_one_line(stored_run, capsys, tmp_path: Path) -> None:

@@ -112,3 +112,13 @@ def run_in_process(scenario: str, workdir: Path, clients: int | None = None, **o
     grid = InProcessGrid.of_scenario(cfg, sim.clients, getattr(importlib.import_module(module), name))
     with serverapp_identity():
         return run_federation(grid, cfg)  # type: ignore[arg-type]
+
+
+def run_in_process_with_events(scenario: str, workdir: Path, **overrides: object) -> tuple[int, list]:
+    """``run_in_process`` that also keeps every round event the run emitted, in order: (run id, events)."""
+    from pollinate.server.round_events import listen
+
+    events: list = []
+    with listen(events.append):
+        run_id = run_in_process(scenario, workdir, **overrides)
+    return run_id, events
