@@ -42,12 +42,14 @@ from pollinate.proto.node_config import MAX_RANK, NodeConfig
 from pollinate.proto.run_config import RunConfig
 from pollinate.proto.secagg_record import STAGE_ACTIONS
 from pollinate import strategies
+from pollinate.runtime.flower_logs import quiet_routine_flower_logs
 from pollinate.strategies import NamedArrays, NodeState, Strategy
 from pollinate.strategies.merged import split_deltas
 
 NODE_STATE = "strategy-state/"  # context.state ArrayRecords under this prefix: the strategy's node state
 
 app = ClientApp()
+quiet_routine_flower_logs()  # a simulated node (a Ray actor) logs its own routine end as a WARNING otherwise
 
 
 def node_config(context: Context, cfg: RunConfig) -> NodeConfig:

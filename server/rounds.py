@@ -27,6 +27,7 @@ from pollinate.proto.adapter_record import (ADAPTER, INSTRUCTIONS, TensorSpec, U
 from pollinate.proto.node_config import MAX_RANK
 from pollinate.proto.reply_schema import TRAIN, check_reply
 from pollinate.proto.run_config import FederationConfig
+from pollinate.server.round_events import RoundEvent, emit
 from pollinate.server.store import ClientRecord
 from pollinate.server.update_bound import norm_limit, update_norm
 from pollinate.server.weighting import round_weights
@@ -126,7 +127,11 @@ def send_and_collect(grid: Grid, contents: Mapping[int, RecordDict], message_typ
                 for node, content in contents.items()}
     down = {node: payload_bytes(c.array_records[ADAPTER]) if ADAPTER in c.array_records else 0
             for node, c in contents.items()}
-    replies = send_and_receive(grid, list(messages.values()), timeout)
+    total = len(messages)
+    emit(RoundEvent("exchange-start", round=round_number, exchange=message_type, total=total))
+    replies = send_and_receive(grid, list(messages.values()), timeout, lambda done: emit(RoundEvent(
+        "reply", round=round_number, exchange=message_type, done=done, total=total)))
+    emit(RoundEvent("exchange-end", round=round_number, exchange=message_type, done=len(replies), total=total))
     sent = {msg.metadata.message_id: node for node, msg in messages.items()}
     out: dict[int, Message] = {}
     answered: set[str] = set()
@@ -160,8 +165,10 @@ def send_and_collect(grid: Grid, contents: Mapping[int, RecordDict], message_typ
 POLL_FIRST_S, POLL_MAX_S = 0.005, 1.0  # reply polling: quick for short exchanges, gentle on the SuperLink for long
 
 
-def send_and_receive(grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
-    """``Grid.send_and_receive`` with polling that backs off from 5 ms to 1 s.
+def send_and_receive(grid: Grid, messages: list[Message], timeout: float,
+                     on_replies: Callable[[int], None] | None = None) -> list[Message]:
+    """``Grid.send_and_receive`` with polling that backs off from 5 ms to 1 s; ``on_replies(n)`` whenever the
+    replies in so far grow to n (the progress of the exchange).
 
     Flower's own sleeps a fixed 0.1 s (Simulation Engine) or 3 s (deployment) between polls: one such wait
     per exchange, which a SecAgg+ round pays four times (docs/secagg-bench.md, "where the time goes").
@@ -173,6 +180,8 @@ def send_and_receive(grid: Grid, messages: list[Message], timeout: float) -> lis
     while pending:
         pulled = list(grid.pull_messages(pending))
         replies += pulled
+        if pulled and on_replies is not None:
+            on_replies(len(replies))
         pending -= {reply.metadata.reply_to_message_id for reply in pulled}
         left = deadline - time.monotonic()
         if not pending or left <= 0:

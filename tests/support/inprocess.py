@@ -125,3 +125,13 @@ def run_in_process(scenario: str, workdir: Path, clients: int | None = None, nod
     grid = InProcessGrid.of_scenario(cfg, sim.clients, app, node_config=node_config)
     with serverapp_identity():
         return run_federation(grid, cfg)  # type: ignore[arg-type]
+
+
+def run_in_process_with_events(scenario: str, workdir: Path, **overrides: object) -> tuple[int, list]:
+    """``run_in_process`` that also keeps every round event the run emitted, in order: (run id, events)."""
+    from pollinate.server.round_events import listen
+
+    events: list = []
+    with listen(events.append):
+        run_id = run_in_process(scenario, workdir, **overrides)
+    return run_id, events
