@@ -71,7 +71,8 @@ def _run_rounds(grid: Grid, cfg: RunConfig, strategy: strategies.Strategy, store
     resumed = f" resumed at round {start.first_round}" if start.resumed else ""
     console.print(f"[bold]pollinate[/] run {run_id}{resumed}: {strategy.name} on {cfg.model.name} + "
                   f"{cfg.adapter.method} (r={cfg.adapter.r}), {cfg.federation.rounds} rounds, store {store.url}")
-    privacy = RunPrivacy.open(cfg.privacy, cfg.federation.rounds, store, run_id)  # rebuilt from the stored ledger on a resume
+    privacy = RunPrivacy.open(cfg.privacy, cfg.federation.rounds, store, run_id,  # rebuilt from the stored ledger
+                              sample_rate=cfg.federation.fraction_train)
     try:
         try:
             nodes = wait_for_nodes(grid, cfg.federation.min_nodes, cfg.federation.wait_for_nodes)
@@ -182,9 +183,10 @@ def _run_round(grid: Grid, cfg: RunConfig, strategy: strategies.Strategy, store:
     before = strategy.state_arrays()  # a failed round must leave the strategy as it found it
     try:
         connected = wait_for_nodes(grid, cfg.federation.min_nodes, cfg.federation.wait_for_nodes)
-        progress.sampled = sample_nodes(connected, cfg.federation, cfg.seed, number)
+        progress.sampled = sample_nodes(connected, cfg.federation, cfg.seed, number,
+                                        secret=privacy.central is not None)
         if privacy.central is not None:  # the run's own budget: stop before a round that would exceed it
-            privacy.central.start_round(number, len(progress.sampled), len(connected))
+            privacy.central.start_round(number, len(connected))
         ranks = _assign_ranks(grid, cfg.federation, strategy, progress.sampled, number, capacities, ledger)
         declared = {node: capacities[node].num_examples for node in ranks}
         secure = (SecureAggregation(grid, cfg.secagg, cfg.federation, number, ledger, seed=cfg.seed,
