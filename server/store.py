@@ -52,6 +52,7 @@ class LeaseHeld(StoreError):
 # Transient database faults (SQLite "database is locked" past its busy timeout, a PostgreSQL restart or reset
 # connection) are retried after these waits; a fault that outlasts them all is a StoreError.
 RETRY_DELAYS_S = (0.1, 0.3, 1.0, 3.0, 6.0)
+SQLITE_BUSY_TIMEOUT_S = 30.0  # several processes may write one SQLite file: each attempt waits this for the lock
 _P, _R = ParamSpec("_P"), TypeVar("_R")
 
 
@@ -68,7 +69,7 @@ def retried(method: Callable[_P, _R]) -> Callable[_P, _R]:
 
     def again(*args: _P.args, **kwargs: _P.kwargs) -> _R:
         store = args[0]
-        for attempt, delay in enumerate((*store.retry_delays_s, None)):  # type: ignore[attr-defined]
+        for attempt, delay in enumerate((*RETRY_DELAYS_S, None)):
             try:
                 return method(*args, **kwargs)
             except DBAPIError as e:
@@ -428,8 +429,6 @@ class RoundStore:
     """Open (and create if needed) the store at ``url``; fails fast when the database is unreachable."""
 
     def __init__(self, url: str, connect_timeout_s: int = 5) -> None:
-        self.retry_delays_s: Sequence[float] = RETRY_DELAYS_S
-        self.sleep: Callable[[float], None] = time.sleep  # between retries (a test releases a lock here)
         self.url = url
         try:
             parsed = make_url(url)
@@ -442,7 +441,7 @@ class RoundStore:
         if parsed.get_backend_name() == "postgresql":
             connect_args["connect_timeout"] = connect_timeout_s
         elif parsed.get_backend_name() == "sqlite":
-            connect_args["timeout"] = 30  # several processes may write one file; wait for the lock
+            connect_args["timeout"] = SQLITE_BUSY_TIMEOUT_S
         try:
             # pool_pre_ping: a pooled connection that a database restart closed is replaced, not used and failed
             self.engine: Engine = create_engine(parsed, connect_args=connect_args, pool_pre_ping=True)
@@ -452,6 +451,10 @@ class RoundStore:
                              f"{str(e).splitlines()[0]}. Check the URL (--db) and that the database is running "
                              f"and reachable") from e
         self.url = parsed.render_as_string(hide_password=True)
+
+    def sleep(self, seconds: float) -> None:
+        """Wait between two attempts of a transaction that hit a transient fault."""
+        time.sleep(seconds)
 
     @retried
     def start_run(self, config: Mapping[str, Any], strategy: str, model: str,
