@@ -215,6 +215,7 @@ class PrivacyConfig:
     target_unclipped_quantile: float = 0.5  # gamma: share of clients whose delta should fit under C
     clip_learning_rate: float = 0.2  # eta_C: C <- C * exp(-eta_C * (unclipped fraction - gamma))
     clipped_count_stddev: float = 0.0  # sigma_b of the noisy unclipped count; 0: max(clients / 20, z)
+    secure_mode: bool = False  # sample: DP-SGD's noise and batch sampling from the OS CSPRNG (Opacus secure_mode's aim)
 
     def validate(self) -> None:
         _require(self.target_epsilon > 0 and self.target_epsilon != float("inf"), "privacy.target-epsilon",
@@ -236,6 +237,9 @@ class PrivacyConfig:
                  self.target_unclipped_quantile, "use a value in (0, 1), e.g. 0.5")
         _require(self.clip_learning_rate > 0, "privacy.clip-learning-rate", self.clip_learning_rate,
                  "use a positive rate, e.g. 0.2")
+        _require(not self.secure_mode or self.mode == "sample", "privacy.secure-mode", self.secure_mode,
+                 "secure mode is for privacy.mode = 'sample' (central DP always draws from the OS CSPRNG); set it "
+                 "false")
         _require(self.clipped_count_stddev >= 0, "privacy.clipped-count-stddev", self.clipped_count_stddev,
                  "use a value >= 0 (0: max(clients / 20, z))")
 

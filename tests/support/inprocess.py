@@ -27,6 +27,7 @@ from pollinate.proto.node_config import PARTITION_ID
 from pollinate.client.app import app as pollinate_client
 from pollinate.proto.run_config import RunConfig
 from pollinate.server.app import run_federation
+from pollinate.server.lease import LEASE_TTL_S
 from pollinate.simulations.cli import write_node_data
 from pollinate.simulations.scenario import load_scenario
 from tests.support.paths import SCENARIOS
@@ -102,7 +103,8 @@ def _identity(name: str) -> int | None:
         return None
 
 
-def run_in_process(scenario: str, workdir: Path, clients: int | None = None, **overrides: object) -> int:
+def run_in_process(scenario: str, workdir: Path, clients: int | None = None, lease_ttl_s: float = LEASE_TTL_S,
+                   **overrides: object) -> int:
     """A scenario of tests/scenarios run end to end in this process, stored in ``workdir/store.db``; the run id."""
     cfg, sim = load_scenario(SCENARIOS / scenario, {
         "store.db": f"sqlite:///{workdir / 'store.db'}", "store.output-dir": str(workdir / "out"), **overrides},
@@ -111,4 +113,4 @@ def run_in_process(scenario: str, workdir: Path, clients: int | None = None, **o
     module, _, name = sim.client_app.partition(":")  # e.g. tests.support.apps.faulty_client:app
     grid = InProcessGrid.of_scenario(cfg, sim.clients, getattr(importlib.import_module(module), name))
     with serverapp_identity():
-        return run_federation(grid, cfg)  # type: ignore[arg-type]
+        return run_federation(grid, cfg, lease_ttl_s=lease_ttl_s)  # type: ignore[arg-type]
