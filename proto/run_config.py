@@ -160,7 +160,7 @@ class FederationConfig:
     rounds: int = 3
     strategy: str = "fedavg"  # a name from `pollinate strategies`
     min_nodes: int = 2  # a round needs at least this many connected nodes (and accepted updates)
-    fraction_train: float = 1.0  # share of connected nodes sampled per round
+    fraction_train: float = 1.0  # share of connected nodes sampled per round (central DP: each one's Poisson rate q)
     wait_for_nodes: float = 120.0  # seconds to wait for min-nodes before failing the round
     round_timeout: float = 900.0  # seconds to wait for replies in one exchange
     wire_dtype: WireDtype = field(default="float32", metadata={
@@ -271,10 +271,13 @@ class StoreConfig:
     db: str = "sqlite:///pollinate.db"  # any SQLAlchemy URL
     output_dir: str = "runs"  # the final adapter is exported to <output-dir>/run-<id>/adapter
     resume_run: int = 0  # continue this stored run from its last completed round (`pollinate server --resume`); 0: new
+    lease_ttl: float = 60.0  # s: a dead coordinator's run can be resumed this long after its last lease heartbeat
 
     def validate(self) -> None:
         _require(self.resume_run >= 0, "store.resume-run", self.resume_run, "use a run id from `pollinate runs`, "
                  "or 0 for a new run")
+        _require(1.0 <= self.lease_ttl <= 86400.0, "store.lease-ttl", self.lease_ttl,
+                 "use a lease of 1 to 86400 seconds, e.g. 60 (the heartbeat renews it every quarter of that)")
 
 
 def _default_strategy_options() -> Any:

@@ -28,7 +28,7 @@ from pollinate.server.privacy_rounds import BudgetSpent, RunPrivacy, check_priva
 from pollinate.server.rounds import (Declaration, Evaluation, RoundExchange, RoundFailed, RoundLedger, evaluate_global,
                            mean_metric, query_capacities, sample_nodes, wait_for_nodes)
 from pollinate.server.crash_points import AFTER_AGGREGATION, AFTER_COMMIT, crash_point
-from pollinate.server.lease import LEASE_TTL_S, RunLease, holder_id
+from pollinate.server.lease import RunLease, holder_id
 from pollinate.server.secure import SecureAggregation
 from pollinate.server.resume import RunStart, round_state, start_or_resume
 from pollinate.server.store import (ClientRecord, LeaseHeld, RoundRecord, RoundStore, StoreError, adapter_bytes,
@@ -44,7 +44,7 @@ def main(grid: Grid, context: Context) -> None:
     run_federation(grid, RunConfig.from_flat(context.run_config), flower_run_id=context.run_id)
 
 
-def run_federation(grid: Grid, cfg: RunConfig, flower_run_id: int = 0, lease_ttl_s: float = LEASE_TTL_S) -> int:
+def run_federation(grid: Grid, cfg: RunConfig, flower_run_id: int = 0, lease_ttl_s: float | None = None) -> int:
     """Run (or, with ``store.resume-run``, resume) every round of ``cfg`` over ``grid``; returns the run id.
 
     Refused (``LeaseHeld``) when another live coordinator holds the run. A round that cannot be stored ends
@@ -55,6 +55,7 @@ def run_federation(grid: Grid, cfg: RunConfig, flower_run_id: int = 0, lease_ttl
     model, _ = build_peft_model(cfg)
     check_privacy_config(cfg, strategy)
     holder = holder_id()
+    lease_ttl_s = cfg.store.lease_ttl if lease_ttl_s is None else lease_ttl_s
     start = start_or_resume(store, cfg, strategy, adapter_state(model), flower_run_id, holder, lease_ttl_s)
     run_id, state = start.run_id, start.state
     lease = RunLease(store, run_id, holder, lease_ttl_s, lease_ttl_s / 4).start()

@@ -20,8 +20,8 @@ from datetime import UTC, datetime
 
 from pollinate.server.store import LeaseHeld, RoundStore, StoreError
 
-LEASE_TTL_S = 60.0  # a dead coordinator's run can be resumed this long after its last heartbeat
-HEARTBEAT_S = LEASE_TTL_S / 4  # three renewals may fail (database restart) before the lease runs out
+LEASE_TTL_S = 60.0  # the default of store.lease-ttl: a dead coordinator's run is resumable this long after
+HEARTBEAT_S = LEASE_TTL_S / 4  # a heartbeat every quarter: three renewals may fail before the lease runs out
 
 
 def holder_id() -> str:

@@ -3,7 +3,8 @@
 ``CentralPrivacy`` plugs into ``RoundExchange.mean``: it clips each node's adapter delta (its reply
 minus what it was sent), sums them, divides by the fixed expected count q N and adds Gaussian noise to the
 trained tensors only (``privacy/central.py``). The nodes were Poisson-sampled at rate q from the OS CSPRNG
-(``sample_nodes``), and the noise comes from it too (``privacy/csprng.py``): what the accountant assumes. Its state (accountant history, adaptive clip norm) is rebuilt
+(``sample_nodes``), and the noise comes from it too (``privacy/csprng.py``): what the accountant assumes.
+Its state (accountant history, adaptive clip norm) is rebuilt
 from the privacy ledger, so a resumed run continues where the stored rounds left off.
 """
 

@@ -20,7 +20,7 @@ from pollinate.strategies import NamedArrays, Strategy
 # What a resumed run may change: how long it goes on and waits, where things are, never what it computes.
 RESUMABLE_KEYS = frozenset({
     "federation.rounds", "federation.wait-for-nodes", "federation.round-timeout", "federation.on-round-failure",
-    "federation.max-consecutive-failures", "store.db", "store.output-dir", "store.resume-run"})
+    "federation.max-consecutive-failures", "store.db", "store.output-dir", "store.resume-run", "store.lease-ttl"})
 _STATE, _STRATEGY = "state/", "strategy/"
 
 

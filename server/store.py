@@ -14,6 +14,7 @@ brought to the newest Alembic revision once per database per process.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -67,8 +68,9 @@ def retried(method: Callable[_P, _R]) -> Callable[_P, _R]:
     fails with a transient fault; the last fault becomes a one-line ``StoreError``. The transaction rolled back
     on the fault, so running it again writes it once."""
 
+    @functools.wraps(method)
     def again(*args: _P.args, **kwargs: _P.kwargs) -> _R:
-        store = args[0]
+        store: RoundStore = args[0]  # type: ignore[assignment]
         for attempt, delay in enumerate((*RETRY_DELAYS_S, None)):
             try:
                 return method(*args, **kwargs)
@@ -76,13 +78,12 @@ def retried(method: Callable[_P, _R]) -> Callable[_P, _R]:
                 if not is_transient(e):
                     raise
                 if delay is None:
-                    raise StoreError(f"the round store at {store.url} failed {attempt + 1} time(s) in "  # type: ignore[attr-defined]
+                    raise StoreError(f"the round store at {store.url} failed {attempt + 1} time(s) in "
                                      f"{method.__name__} ({_first_line(e)}); check that the database is running, "
                                      f"reachable and not locked by another program") from None
-                store.sleep(delay)  # type: ignore[attr-defined]
+                store.sleep(delay)
         raise AssertionError("unreachable")
 
-    again.__name__, again.__doc__ = method.__name__, method.__doc__
     return again
 
 

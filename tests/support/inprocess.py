@@ -27,7 +27,6 @@ from pollinate.proto.node_config import PARTITION_ID
 from pollinate.client.app import app as pollinate_client
 from pollinate.proto.run_config import RunConfig
 from pollinate.server.app import run_federation
-from pollinate.server.lease import LEASE_TTL_S
 from pollinate.simulations.cli import write_node_data
 from pollinate.simulations.scenario import load_scenario
 from tests.support.paths import SCENARIOS
@@ -103,7 +102,7 @@ def _identity(name: str) -> int | None:
         return None
 
 
-def run_in_process(scenario: str, workdir: Path, clients: int | None = None, lease_ttl_s: float = LEASE_TTL_S,
+def run_in_process(scenario: str, workdir: Path, clients: int | None = None, lease_ttl_s: float | None = None,
                    **overrides: object) -> int:
     """A scenario of tests/scenarios run end to end in this process, stored in ``workdir/store.db``; the run id."""
     cfg, sim = load_scenario(SCENARIOS / scenario, {
