@@ -70,3 +70,28 @@ def test_a_lock_that_outlasts_every_retry_is_a_one_line_error(tmp_path: Path, qu
     message = str(e.value)
     assert "failed 3 time(s) in record_round (database is locked)" in message and "\n" not in message
     assert store.rounds(run_id) == []  # nothing half-written
+
+
+def test_a_postgresql_connection_reset_mid_run_is_survived(tmp_path: Path) -> None:
+    """The server drops every connection of the store (a restart, a failover): the next round is still stored."""
+    import os
+
+    from sqlalchemy import create_engine, text
+
+    from tests.support.stores import POSTGRES_ENV, reset_postgres
+
+    url = os.environ.get(POSTGRES_ENV)
+    if not url:
+        pytest.skip(f"set {POSTGRES_ENV} (e.g. postgresql+psycopg://postgres@127.0.0.1:5432/test); .ci/run sets it")
+    reset_postgres(url)
+    store = RoundStore(url)
+    run_id = store.start_run({}, "fedavg", "tiny-bert")
+    store.record_round(run_id, _round(1), ADAPTER)  # the store's pool now holds an open connection
+    admin = create_engine(url)
+    with admin.begin() as conn:
+        killed = conn.execute(text("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                                   "WHERE datname = current_database() AND pid <> pg_backend_pid()")).scalar()
+    admin.dispose()
+    assert killed >= 1  # the store's pooled connection was among them
+    store.record_round(run_id, _round(2), ADAPTER)
+    assert [r.number for r in store.rounds(run_id)] == [1, 2]
