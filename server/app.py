@@ -24,7 +24,7 @@ from rich.markup import escape
 from pollinate import strategies
 from pollinate.models import adapter_state, build_peft_model, export_adapter
 from pollinate.proto.run_config import ConfigError, FederationConfig, RunConfig
-from pollinate.server.privacy_rounds import BudgetSpent, RunPrivacy, check_privacy_config, is_refusal
+from pollinate.server.privacy_rounds import BudgetSpent, RunPrivacy, check_privacy_config, is_refusal, released
 from pollinate.server.rounds import (Declaration, Evaluation, RoundExchange, RoundFailed, RoundLedger, evaluate_global,
                            mean_metric, query_capacities, sample_nodes, wait_for_nodes)
 from pollinate.server.crash_points import AFTER_AGGREGATION, AFTER_COMMIT, crash_point
@@ -79,7 +79,7 @@ def _run_rounds(grid: Grid, cfg: RunConfig, strategy: strategies.Strategy, store
             nodes = wait_for_nodes(grid, cfg.federation.min_nodes, cfg.federation.wait_for_nodes)
         except RoundFailed:
             nodes = []  # no round 0 evaluation; round 1 waits again and, failing, is stored as a failed round
-        if nodes and not start.resumed:
+        if nodes and not start.resumed and cfg.privacy.mode == "off":  # under DP nodes release no eval metrics
             initial = evaluate_global(grid, cfg.federation, nodes, strategy.evaluation_request(state), 0,
                                       RoundLedger())
             if initial is not None:
@@ -204,7 +204,8 @@ def _run_round(grid: Grid, cfg: RunConfig, strategy: strategies.Strategy, store:
         record = RoundRecord(
             number=number, participants=len(progress.sampled), accepted=progress.accepted, train_loss=None,
             eval_loss=None, eval_accuracy=None, bytes_up=ledger.bytes("up"), bytes_down=ledger.bytes("down"),
-            duration_s=time.monotonic() - started, clients=ledger.clients, status="failed", reason=reason,
+            duration_s=time.monotonic() - started, clients=released(cfg.privacy, ledger.clients), status="failed",
+            reason=reason,
             parent_sha256=parent, metrics={"privacy-budget-spent": 1.0} if refused else {},
             privacy=privacy.entries(ledger.clients))
         store.record_round(run_id, record, None, holder=lease.holder, lease_ttl_s=lease.ttl_s)
@@ -217,18 +218,21 @@ def _run_round(grid: Grid, cfg: RunConfig, strategy: strategies.Strategy, store:
         number=number, participants=len(progress.sampled), accepted=len(exchange.reports),
         train_loss=mean_metric(exchange.reports, "train-loss"), eval_loss=None, eval_accuracy=None,
         bytes_up=ledger.bytes("up"), bytes_down=ledger.bytes("down"),
-        duration_s=time.monotonic() - started, clients=ledger.clients, parent_sha256=parent,
+        duration_s=time.monotonic() - started, clients=released(cfg.privacy, ledger.clients), parent_sha256=parent,
         privacy=privacy.entries(ledger.clients))
     store.record_round(run_id, record, strategy.export(new_state), round_state(new_state, strategy),
                        holder=lease.holder, lease_ttl_s=lease.ttl_s)
     crash_point(AFTER_COMMIT)
-    # Released only now: the round and its ledger are stored. The evaluation is added to the stored round.
-    evaluated = RoundLedger()
-    evaluation = evaluate_global(grid, cfg.federation, connected, strategy.evaluation_request(new_state), number,
-                                 evaluated)
-    store.record_evaluation(run_id, number, evaluation.loss if evaluation else None,
-                            evaluation.accuracy if evaluation else None, evaluated.clients, holder=lease.holder,
-                            lease_ttl_s=lease.ttl_s)
+    # Released only now: the round and its ledger are stored. Without DP the nodes evaluate the new adapter
+    # and the evaluation is added to the stored round; under DP they release no metrics (the next round's
+    # training exchange is the first release of this adapter).
+    evaluated, evaluation = RoundLedger(), None
+    if cfg.privacy.mode == "off":
+        evaluation = evaluate_global(grid, cfg.federation, connected, strategy.evaluation_request(new_state), number,
+                                     evaluated)
+        store.record_evaluation(run_id, number, evaluation.loss if evaluation else None,
+                                evaluation.accuracy if evaluation else None, evaluated.clients, holder=lease.holder,
+                                lease_ttl_s=lease.ttl_s)
     ledger.clients.extend(evaluated.clients)
     _print_round(cfg, replace(record, bytes_up=ledger.bytes("up"), bytes_down=ledger.bytes("down")), evaluation,
                  ledger)

@@ -267,7 +267,8 @@ class GridExchange:
             if problem:
                 raise UpdateRejected(problem)
         rank = request.instructions.rank
-        return ClientUpdate(node_id=node, tensors=tensors, num_examples=int(report["num-examples"]), rank=rank,
+        # No count (a node under DP withholds it): 0, which server.weighting turns into an equal share.
+        return ClientUpdate(node_id=node, tensors=tensors, num_examples=int(report.get("num-examples", 0)), rank=rank,
                             metrics=report), up
 
     def _as_received(self, request: Request) -> Request:
@@ -301,8 +302,9 @@ class PrivateMean(Protocol):
 class RoundExchange:
     """The ``strategies.Exchange`` of one round: every exchange must keep at least federation.min-nodes.
 
-    ``reports`` keeps each contributing node's last report (num-examples, train-loss, ...) for the round
-    record. With ``secure`` set, ``mean`` goes through secure aggregation and individual replies
+    ``reports`` keeps each contributing node's reports (num-examples, train-loss, ...) for the round
+    record, merged over the round's exchanges: sketch's second exchange does not train, so its report has no
+    train-loss, and the first one's is kept. With ``secure`` set, ``mean`` goes through secure aggregation and individual replies
     (``__call__``) are refused: a strategy that needs them is not linear and was refused before round 1.
     """
 
@@ -319,6 +321,10 @@ class RoundExchange:
                                           declared=self.declared, scaling=scaling)
         self.reports: dict[int, Mapping[str, float]] = {}
 
+    def _keep_reports(self, reports: Mapping[int, Mapping[str, float]]) -> None:
+        for node, report in reports.items():
+            self.reports[node] = {**self.reports.get(node, {}), **report}
+
     def __call__(self, requests: Mapping[int, Request]) -> list[ClientUpdate]:
         """Each node's accepted reply, carrying its weight in this exchange (``server.weighting``)."""
         if self.secure is not None:
@@ -326,7 +332,7 @@ class RoundExchange:
                               "use a linear strategy (`pollinate strategies`) or turn secagg.enabled off")
         updates = self.grid_exchange(self._keyed(requests))
         self._require(len(updates), len(requests))
-        self.reports.update({u.node_id: u.metrics for u in updates})
+        self._keep_reports({u.node_id: u.metrics for u in updates})
         weights = round_weights({u.node_id: u.num_examples for u in updates}, self.federation, self.declared)
         return [replace(u, weight=weights[u.node_id]) for u in updates]
 
@@ -339,7 +345,7 @@ class RoundExchange:
             requests = {n: with_instructions(r, clip_norm=self.private.clip_norm) for n, r in requests.items()}
         mean = self.secure(requests, equal_weights=self.private is not None)
         self._require(len(mean.node_ids), len(requests))
-        self.reports.update(mean.node_metrics)
+        self._keep_reports(mean.node_metrics)
         return self.private.noised_mean(requests, mean) if self.private is not None else mean
 
     def _keyed(self, requests: Mapping[int, Request]) -> dict[int, Request]:
