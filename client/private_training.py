@@ -106,12 +106,13 @@ def plan_round(cfg: RunConfig, instructions: Instructions, num_examples: int, bu
 def train_sample_dp(model: PeftModel, train_set: list[Example], tokenizer: PreTrainedTokenizerBase, cfg: RunConfig,
                     device: torch.device, instructions: Instructions, plan: PrivateRound) -> float:
     """DP-SGD for this round's planned steps: Poisson batches at the planned rate, clipping, noise."""
-    batches = poisson_batches(train_set, tokenizer, cfg.model, plan.spent.sample_rate, seed=None)
+    secure = cfg.privacy.secure_mode
+    batches = poisson_batches(train_set, tokenizer, cfg.model, plan.spent.sample_rate, seed=None, secure=secure)
     generator = torch.Generator(device=device)
     generator.seed()  # fresh entropy for the noise
     return train_dp(model, batches, cfg.train, device, noise_multiplier=plan.spent.noise_multiplier,
                     clip_norm=plan.spent.clip_norm, expected_batch_size=cfg.train.batch_size,
-                    train_factors=instructions.train_factors, generator=generator)
+                    train_factors=instructions.train_factors, generator=generator, secure=secure)
 
 
 def privatise_upload(received: Mapping[str, np.ndarray], trained: Mapping[str, np.ndarray], train_factors: str,

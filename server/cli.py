@@ -17,6 +17,7 @@ from pollinate.flags import (RENAMED_TLS_SERVER, absolute_locations, add_certs_a
                              add_run_config_arguments, add_scenario_arguments, certs_of, overrides_from_args,
                              port_number, refuse_renamed, scenario_of, store_url)
 from pollinate.proto.run_config import ConfigError, RunConfig
+from pollinate.server.lease import refuse_live_run
 from pollinate.runtime.processes import stop_on_sigterm
 from pollinate.security.exposure import check_exposure
 from pollinate.simulations.scenario import DEFAULT_SCENARIO, load_scenario
@@ -105,6 +106,8 @@ def serve(args: argparse.Namespace) -> int:
                   f"`pollinate client --superlink HOST:{args.port} --data PATH"
                   f"{' --certs DIR' if security.tls else ''}`", soft_wrap=True)
     store = RoundStore(cfg.store.db)
+    if cfg.store.resume_run:  # refuse a live run before starting anything (the ServerApp takes the lease itself)
+        refuse_live_run(store, cfg.store.resume_run)
     stale = [int(a.flower_run_id) for a in store.attempts(cfg.store.resume_run)] if cfg.store.resume_run else []
     status = None if args.no_status else _start_status(cfg.store.db, args.host, args.status_port, security,
                                                        args.insecure)

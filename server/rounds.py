@@ -22,6 +22,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 
+from pollinate.privacy.csprng import poisson_sample
 from pollinate.proto.adapter_record import (ADAPTER, INSTRUCTIONS, TensorSpec, UpdateRejected, from_record,
                                   payload_bytes, specs_of, to_record)
 from pollinate.proto.node_config import MAX_RANK
@@ -69,8 +70,16 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout_s: float, poll_s: float = 1
         time.sleep(poll_s)
 
 
-def sample_nodes(nodes: Sequence[int], federation: FederationConfig, seed: int, round_number: int) -> list[int]:
-    """A sample of ``fraction-train`` of the nodes, never fewer than ``min-nodes``, seeded by the run's seed."""
+def sample_nodes(nodes: Sequence[int], federation: FederationConfig, seed: int, round_number: int,
+                 secret: bool = False) -> list[int]:
+    """A sample of ``fraction-train`` of the nodes, never fewer than ``min-nodes``, seeded by the run's seed.
+
+    ``secret`` (central DP): each node independently with probability q = ``fraction-train``, from the OS
+    CSPRNG, as the accountant's Poisson amplification assumes (DP-FedAvg, McMahan et al. 2018). Neither the
+    public seed nor min-nodes shapes it: a sample below min-nodes fails its round (nothing is released).
+    """
+    if secret:
+        return sorted(poisson_sample(list(nodes), federation.fraction_train))
     k = min(len(nodes), max(federation.min_nodes, math.ceil(federation.fraction_train * len(nodes))))
     return sorted(random.Random(f"{seed}/{round_number}").sample(list(nodes), k))
 

@@ -111,11 +111,12 @@ def _identity(name: str) -> int | None:
 
 
 def run_in_process(scenario: str, workdir: Path, clients: int | None = None, node_config: NodeConfigOf | None = None,
-                   client_app: ClientApp | None = None, **overrides: object) -> int:
+                   client_app: ClientApp | None = None, lease_ttl_s: float | None = None, **overrides: object) -> int:
     """A scenario of tests/scenarios run end to end in this process, stored in ``workdir/store.db``; the run id.
 
     ``node_config``: extra node config per partition id (e.g. a node's privacy policy); a new call is a
-    restart of every node (fresh contexts). ``client_app``: instead of the scenario's (e.g. one that records)."""
+    restart of every node (fresh contexts). ``client_app``: instead of the scenario's (e.g. one that records).
+    ``lease_ttl_s``: the coordinator's run lease (default store.lease-ttl)."""
     cfg, sim = load_scenario(SCENARIOS / scenario, {
         "store.db": f"sqlite:///{workdir / 'store.db'}", "store.output-dir": str(workdir / "out"), **overrides},
         clients)
@@ -124,7 +125,7 @@ def run_in_process(scenario: str, workdir: Path, clients: int | None = None, nod
     app = client_app or getattr(importlib.import_module(module), name)
     grid = InProcessGrid.of_scenario(cfg, sim.clients, app, node_config=node_config)
     with serverapp_identity():
-        return run_federation(grid, cfg)  # type: ignore[arg-type]
+        return run_federation(grid, cfg, lease_ttl_s=lease_ttl_s)  # type: ignore[arg-type]
 
 
 def run_in_process_with_events(scenario: str, workdir: Path, **overrides: object) -> tuple[int, list]:
