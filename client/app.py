@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import numpy as np
@@ -23,7 +23,7 @@ from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from peft import PeftModel
 
-from pollinate.client.data import Example, batches, endless_batches, read_examples, split
+from pollinate.client.data import DataError, Example, batches, endless_batches, read_examples, split
 from pollinate.client import secure
 from pollinate.client.private_training import BudgetRefused, PrivateRound, plan_round, privatise_upload, train_sample_dp
 from pollinate.client.train import evaluate, resolve_device, train
@@ -44,6 +44,19 @@ from pollinate.strategies.merged import split_deltas
 NODE_STATE = "strategy-state/"  # context.state ArrayRecords under this prefix: the strategy's node state
 
 app = ClientApp()
+DATA_ERROR_CODE = 4_700  # Flower Error code of a node whose own data is unusable; the reason names file, row, fix
+
+
+def refuses_bad_data(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
+    """A node whose data is unusable answers with that one line as an error reply, rather than raising: a raise
+    would print a Ray (or SuperNode) traceback and send the coordinator the traceback text as its reason."""
+    @functools.wraps(handler)
+    def guarded(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except DataError as e:
+            return Message(Error(code=DATA_ERROR_CODE, reason=str(e)), reply_to=msg)
+    return guarded
 
 
 def node_config(context: Context, cfg: RunConfig) -> NodeConfig:
@@ -125,6 +138,7 @@ def _device(cfg: RunConfig, node: NodeConfig) -> torch.device:
 
 
 @app.query()
+@refuses_bad_data
 def describe_node(msg: Message, context: Context) -> Message:
     """The node's capacity (max-rank) and how many training examples it holds; no tensors."""
     cfg = RunConfig.from_flat(context.run_config)
@@ -135,6 +149,7 @@ def describe_node(msg: Message, context: Context) -> Message:
 
 
 @app.train()
+@refuses_bad_data
 def train_adapter(msg: Message, context: Context) -> Message:
     cfg = RunConfig.from_flat(context.run_config)
     node = node_config(context, cfg)
@@ -198,6 +213,7 @@ def secagg_unmask(msg: Message, context: Context) -> Message:
 
 
 @app.evaluate()
+@refuses_bad_data
 def evaluate_adapter(msg: Message, context: Context) -> Message:
     cfg = RunConfig.from_flat(context.run_config)
     node = node_config(context, cfg)

@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_scenario_arguments(parser, "default: the default scenario")
     parser.add_argument("--clients", type=int, help="number of simulated nodes (scenario [simulation] clients)")
     parser.add_argument("--corpus", metavar="PATH", help="the corpus partitioned across the simulated nodes: your own "
-                        "CSV/JSONL file, or a bundled corpus name, instead of the scenario's (data.dataset)")
+                        "CSV, JSONL, Parquet or Arrow file or `datasets` save_to_disk directory, or a bundled corpus name, instead of the scenario's (data.dataset)")
     add_run_config_arguments(parser, "train.lr=5e-4")
     refuse_renamed(parser, RENAMED_SIMULATE)
 
@@ -30,13 +30,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def write_node_data(cfg: RunConfig, sim: SimulationSettings, directory: Path) -> tuple[RunConfig, list[int]]:
     """Each simulated node's examples and settings (its max-rank) in ``directory``; the config that points the
     nodes at them (``data.partition-dir``), and each node's number of examples."""
-    from pollinate.client.data import examples_of
+    from pollinate.client.data_check import infer_labels, summarise
     from pollinate.proto.node_config import write_node_settings
     from pollinate.simulations.datasets import load_corpus
     from pollinate.simulations.partition import write_partitions
 
     rows = load_corpus(cfg.data.dataset)
-    examples_of(rows, cfg.data.dataset, cfg.data, cfg.model)  # a bad row is refused here, not by a node in round 1
+    cfg = cfg.replace(**infer_labels(rows, cfg.data, cfg.model))  # class names travel in the run config
+    summarise(rows, cfg.data.dataset, cfg.data, cfg.model)  # a bad row is refused here, not by a node in round 1
     sizes = write_partitions(rows, cfg.data, sim.clients, cfg.seed, directory)
     for i, max_rank in enumerate(sim.max_ranks):
         write_node_settings(directory, i, max_rank)
