@@ -48,7 +48,7 @@ def read_examples(path: str | Path, data: DataConfig, model: ModelConfig) -> lis
                         f"({FORMATS} with {_fields(data, model)})")
     rows = read_rows(path)
     if not rows:
-        raise DataError(f"data file {path} holds no examples")
+        raise DataError(f"{path} holds no examples; add rows below the header")
     return examples_of(rows, path, data, model)
 
 

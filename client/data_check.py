@@ -41,7 +41,7 @@ def check_dataset(path: str | Path, data: DataConfig, model: ModelConfig) -> Dat
 def summarise(rows: list[dict[str, object]], path: str | Path, data: DataConfig, model: ModelConfig) -> DatasetSummary:
     """``rows`` (read from ``path``) checked and summarised; raises the first bad row's DataError."""
     if not rows:
-        raise DataError(f"data file {path} holds no examples; add rows below the header")
+        raise DataError(f"{path} holds no examples; add rows below the header")
     examples = examples_of(rows, path, data, model)
     classes: dict[str, int] = {}
     if model.task == "classification":
