@@ -80,6 +80,8 @@ def simulate(args: argparse.Namespace) -> int:
     cfg, sizes = write_node_data(cfg, sim, work / "partitions")
     console.print(f"simulating {sim.clients} clients ({cfg.data.partitioning} split of {cfg.data.dataset}: "
                   f"{sizes} examples), {cfg.federation.rounds} rounds of {cfg.federation.strategy}")
+    if cfg.data.labels:  # the mapping every node uses, stored with the run and exported with the adapter
+        console.print("classes (data.labels): " + ", ".join(f"{i} = {n}" for i, n in enumerate(cfg.data.labels)))
     engine.run(cfg, sim.clients, work / "app", cpus_per_client=sim.cpus_per_client,
                gpus_per_client=sim.gpus_per_client, client_app=sim.client_app)
     # Ours is the run that reads our partitions (a directory per invocation): other runs may share this store.
