@@ -155,6 +155,9 @@ class DataConfig:
     dirichlet_alpha: float = 0.5
     partition_dir: str = ""  # where the simulation wrote one JSONL file per partition
     eval_fraction: float = 0.2  # share of each client's local data held out for evaluation
+    # simulation: share of the corpus held out as a global test set that no node trains on; each round's global
+    # adapter is measured on it (accuracy and macro-F1, or loss and perplexity). 0: no global test set
+    test_fraction: float = 0.0
     text_field: str = "text"
     label_field: str = "label"
     instruction_field: str = "instruction"  # causal-lm: the prompt column
@@ -170,6 +173,8 @@ class DataConfig:
         _require(len(self.labels) != 1, "data.labels", ",".join(self.labels), "list at least 2 class names")
         _require(self.dirichlet_alpha > 0, "data.dirichlet-alpha", self.dirichlet_alpha, "use a positive alpha")
         _require(0.0 < self.eval_fraction < 1.0, "data.eval-fraction", self.eval_fraction, "use a value in (0, 1)")
+        _require(0.0 <= self.test_fraction < 1.0, "data.test-fraction", self.test_fraction,
+                 "use a share in [0, 1), e.g. 0.1 (0: no global test set)")
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
 import time
 from pathlib import Path
@@ -31,14 +33,19 @@ def write_node_data(cfg: RunConfig, sim: SimulationSettings, directory: Path) ->
     """Each simulated node's examples and settings (its max-rank) in ``directory``; the config that points the
     nodes at them (``data.partition-dir``), and each node's number of examples."""
     from pollinate.client.data_check import infer_labels, summarise
-    from pollinate.proto.node_config import write_node_settings
+    from pollinate.proto.node_config import global_test_file, write_node_settings
+    from pollinate.simulations.global_test import hold_out
     from pollinate.simulations.datasets import load_corpus
     from pollinate.simulations.partition import write_partitions
 
     rows = load_corpus(cfg.data.dataset)
     cfg = cfg.replace(**infer_labels(rows, cfg.data, cfg.model))  # class names travel in the run config
     summarise(rows, cfg.data.dataset, cfg.data, cfg.model)  # a bad row is refused here, not by a node in round 1
+    rows, held_out = hold_out(rows, cfg.data.test_fraction, cfg.seed)
     sizes = write_partitions(rows, cfg.data, sim.clients, cfg.seed, directory)
+    if held_out:  # beside the partitions, where no node reads it
+        global_test_file(directory).write_text("".join(json.dumps(r, default=str) + "\n" for r in held_out),
+                                               encoding="utf-8")
     for i, max_rank in enumerate(sim.max_ranks):
         write_node_settings(directory, i, max_rank)
     cfg = cfg.replace(**{"data.partition-dir": str(directory.resolve())})
@@ -67,6 +74,7 @@ def simulate(args: argparse.Namespace) -> int:
     from pollinate.server.privacy_rounds import check_privacy_config
     from pollinate.server.report import rounds_table
     from pollinate.server.store import RoundStore, keep_password, withhold_password
+    from pollinate.simulations.global_test import measure_rounds
 
     cfg, sim = load_scenario(scenario_of(args) or DEFAULT_SCENARIO, overrides_from_args(args), args.clients)
     cfg = absolute_locations(cfg)
@@ -90,7 +98,13 @@ def simulate(args: argparse.Namespace) -> int:
         console.print("[red]the simulation ended without recording a run; see the log above[/]")
         return 1
     run = new[-1]
+    final = measure_rounds(store, run.id, cfg)
     console.print(rounds_table(store, run.id))
+    if final is not None:
+        what = (f"loss {final.loss:.4f}, perplexity {math.exp(min(final.loss or 0.0, 700.0)):.2f}"
+                if cfg.model.task == "causal-lm" else f"accuracy {final.accuracy:.4f}, macro-F1 {final.macro_f1:.4f}")
+        console.print(f"final adapter on the global test set (data.test-fraction = {cfg.data.test_fraction:g}, "
+                      f"no node trained on it): {what}")
     console.print(f"round store: {store.url} (run {run.id}, status {run.status})")
     if run.status != "completed":
         console.print(f"[red]run {run.id} failed: {run.error}[/]")
