@@ -23,7 +23,7 @@ from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from peft import PeftModel
 
-from pollinate.client.data import DataError, Example, batches, endless_batches, read_examples, split
+from pollinate.client.data import Example, batches, endless_batches, read_examples, split
 from pollinate.client import secure
 from pollinate.client.private_training import BudgetRefused, PrivateRound, plan_round, privatise_upload, train_sample_dp
 from pollinate.client.train import evaluate, resolve_device, train
@@ -35,7 +35,7 @@ from pollinate.privacy.central import clip_delta, delta_of
 from pollinate.privacy.budget import BudgetFile
 from pollinate.privacy.ledger import REFUSAL_CODE
 from pollinate.proto.node_config import MAX_RANK, NodeConfig
-from pollinate.proto.run_config import RunConfig
+from pollinate.proto.run_config import ConfigError, RunConfig
 from pollinate.proto.secagg_record import STAGE_ACTIONS
 from pollinate import strategies
 from pollinate.strategies import NamedArrays, NodeState, Strategy
@@ -48,13 +48,13 @@ DATA_ERROR_CODE = 4_700  # Flower Error code of a node whose own data is unusabl
 
 
 def refuses_bad_data(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
-    """A node whose data is unusable answers with that one line as an error reply, rather than raising: a raise
-    would print a Ray (or SuperNode) traceback and send the coordinator the traceback text as its reason."""
+    """A node whose data (or run config) it cannot use answers with that one line as an error reply, rather than
+    raising: a raise would print a Ray (or SuperNode) traceback and send the coordinator the traceback text."""
     @functools.wraps(handler)
     def guarded(msg: Message, context: Context) -> Message:
         try:
             return handler(msg, context)
-        except DataError as e:
+        except ConfigError as e:  # DataError too: the message names the file, row and fix
             return Message(Error(code=DATA_ERROR_CODE, reason=str(e)), reply_to=msg)
     return guarded
 

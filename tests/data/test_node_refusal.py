@@ -14,7 +14,7 @@ import pytest
 
 from pollinate.proto.node_config import partition_file
 from pollinate.server.app import run_federation
-from pollinate.server.rounds import RoundFailed
+from pollinate.server.rounds import RoundFailed, error_line
 from pollinate.server.store import RoundStore
 from pollinate.simulations.cli import write_node_data
 from pollinate.simulations.scenario import load_scenario
@@ -46,3 +46,15 @@ def test_an_unknown_class_on_a_node_is_refused_with_its_row_in_one_line(tmp_path
     assert refusal.reason == f"client error: {line}"
     printed = capsys.readouterr().out
     assert line in " ".join(printed.split()) and "Traceback" not in printed
+
+
+@pytest.mark.parametrize("reason, line", [
+    ("<class 'flwr.clientapp.client_app.ClientAppException'>:<'\nException ClientAppException occurred. Message: "
+     "label 'x' is not an integer in [0, 2)\nTraceback (most recent call last):\n  File \"a.py\", line 1\n'>",
+     "label 'x' is not an integer in [0, 2)"),
+    ("Traceback (most recent call last):\n  File \"a.py\", line 3, in f\n    g()\nValueError: no rows", "ValueError: no rows"),
+    ("data.csv row 2: label 'green' is not one of the run's classes", "data.csv row 2: label 'green' is not one of "
+     "the run's classes"),
+])
+def test_a_node_error_reason_is_reduced_to_one_line(reason: str, line: str) -> None:
+    assert error_line(reason) == line
