@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import numpy as np
@@ -39,7 +39,7 @@ from pollinate.privacy.central import clip_delta, delta_of
 from pollinate.privacy.budget import BudgetExceeded, BudgetFile
 from pollinate.privacy.ledger import REFUSAL_CODE
 from pollinate.proto.node_config import MAX_RANK, NodeConfig
-from pollinate.proto.run_config import RunConfig
+from pollinate.proto.run_config import ConfigError, RunConfig
 from pollinate.proto.secagg_record import STAGE_ACTIONS
 from pollinate import strategies
 from pollinate.runtime.flower_logs import quiet_routine_flower_logs
@@ -50,6 +50,21 @@ NODE_STATE = "strategy-state/"  # context.state ArrayRecords under this prefix: 
 
 app = ClientApp()
 quiet_routine_flower_logs()  # a simulated node (a Ray actor) logs its own routine end as a WARNING otherwise
+
+
+DATA_ERROR_CODE = 4_700  # Flower Error code of a node whose own data is unusable; the reason names file, row, fix
+
+
+def refuses_bad_data(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
+    """A node whose data (or run config) it cannot use answers with that one line as an error reply, rather than
+    raising: a raise would print a Ray (or SuperNode) traceback and send the coordinator the traceback text."""
+    @functools.wraps(handler)
+    def guarded(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except ConfigError as e:  # DataError too: the message names the file, row and fix
+            return Message(Error(code=DATA_ERROR_CODE, reason=str(e)), reply_to=msg)
+    return guarded
 
 
 def node_config(context: Context, cfg: RunConfig) -> NodeConfig:
@@ -145,6 +160,7 @@ def _device(cfg: RunConfig, node: NodeConfig) -> torch.device:
 
 
 @app.query()
+@refuses_bad_data
 def describe_node(msg: Message, context: Context) -> Message:
     """The node's capacity (max-rank) and how many training examples it holds; no tensors."""
     cfg = RunConfig.from_flat(context.run_config)
@@ -155,6 +171,7 @@ def describe_node(msg: Message, context: Context) -> Message:
 
 
 @app.train()
+@refuses_bad_data
 def train_adapter(msg: Message, context: Context) -> Message:
     cfg = RunConfig.from_flat(context.run_config)
     node = node_config(context, cfg)
@@ -223,6 +240,7 @@ def secagg_unmask(msg: Message, context: Context) -> Message:
 
 
 @app.evaluate()
+@refuses_bad_data
 def evaluate_adapter(msg: Message, context: Context) -> Message:
     cfg = RunConfig.from_flat(context.run_config)
     node = node_config(context, cfg)

@@ -1,8 +1,10 @@
-"""A node's local data: CSV/JSONL examples, a seeded train/eval split, and tokenised batches.
+"""A node's local data: its examples, a seeded train/eval split, and tokenised batches.
 
-Classification examples carry ``text`` and an integer ``label``; causal-LM examples carry
-``instruction`` and ``response`` (the loss is on the response tokens only). Data is read
-from the node's disk and never leaves it.
+A data file is CSV, JSONL, Parquet, Arrow, or a directory a ``datasets.Dataset.save_to_disk`` wrote (the last
+three read by the ``datasets`` library). Classification examples carry a text column and a label, an integer id
+or one of the run's class names (``data.labels``); causal-LM examples carry an instruction and a response (the
+loss is on the response tokens only). Every column name is a ``data.*-field`` key. Data is read from the node's
+disk and never leaves it.
 """
 
 from __future__ import annotations
@@ -36,23 +38,29 @@ class Example:
     response: str = ""  # causal-LM target
 
 
+FORMATS = "CSV, JSONL, Parquet, Arrow or a `datasets` save_to_disk directory"
+
+
 def read_examples(path: str | Path, data: DataConfig, model: ModelConfig) -> list[Example]:
-    """Examples from a .csv or .jsonl file, validated against the task."""
+    """Examples from a data file (any of ``FORMATS``), validated against the task."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise DataError(f"data file {path} does not exist on this node; pass --data PATH "
-                        f"(CSV or JSONL with {_fields(data, model)})")
+                        f"({FORMATS} with {_fields(data, model)})")
     rows = read_rows(path)
     if not rows:
-        raise DataError(f"data file {path} holds no examples")
+        raise DataError(f"{path} holds no examples; add rows below the header")
     return examples_of(rows, path, data, model)
 
 
 def read_rows(path: Path) -> list[dict[str, object]]:
-    """The rows of a UTF-8 .csv (header first) or .jsonl (one JSON object a line) file; a DataError naming the
-    file and line otherwise. ``simulate --corpus`` reads a corpus with it too."""
+    """The rows of a UTF-8 .csv (header first) or .jsonl (one JSON object a line) file, or of a Parquet, Arrow or
+    ``save_to_disk`` dataset; a DataError naming the file and line otherwise. ``simulate --corpus`` reads a corpus
+    with it too."""
+    if path.is_dir() or path.suffix in (".parquet", ".arrow"):
+        return _dataset_rows(path)
     if path.suffix not in (".csv", ".jsonl", ".json"):
-        raise DataError(f"data file {path} must end in .csv or .jsonl")
+        raise DataError(f"data file {path} must be {FORMATS} (.csv, .jsonl, .parquet, .arrow or a directory)")
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8")
@@ -62,7 +70,7 @@ def read_rows(path: Path) -> list[dict[str, object]]:
                         f"(e.g. `iconv -f latin1 -t utf-8`)") from None
     if path.suffix == ".csv":
         try:
-            return list(csv.DictReader(io.StringIO(text, newline="")))
+            return _csv_rows(text, path)
         except csv.Error as e:
             raise DataError(f"{path}: not a valid CSV file ({e}); quote fields that hold commas or line breaks") \
                 from None
@@ -80,6 +88,50 @@ def read_rows(path: Path) -> list[dict[str, object]]:
                             f"JSON object such as {{\"text\": \"...\", \"label\": 0}}")
         rows.append(row)
     return rows
+
+
+def _csv_rows(text: str, path: Path) -> list[dict[str, object]]:
+    """CSV rows; a row with more or fewer fields than the header is a broken line, refused with its number."""
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    rows: list[dict[str, object]] = []
+    for number, row in enumerate(reader, start=1):
+        if None in row or None in row.values():
+            many = "more" if None in row else "fewer"
+            raise DataError(f"{path} row {number} (line {reader.line_num}): {many} fields than the header's "
+                            f"{len(reader.fieldnames or [])}; quote fields that hold commas, or fix the line")
+        rows.append(dict(row))
+    return rows
+
+
+def _dataset_rows(path: Path) -> list[dict[str, object]]:
+    """Rows of a Parquet or Arrow file or a ``save_to_disk`` directory, read by the ``datasets`` library.
+
+    Its cache goes to a temporary directory: a node's data is not copied anywhere that outlives this call.
+    """
+    import tempfile
+
+    import datasets
+
+    datasets.disable_progress_bars()  # a node's console (and a test's) shows our lines, not the library's bars
+    try:
+        if path.is_dir():
+            loaded = datasets.load_from_disk(str(path), keep_in_memory=True)
+            if isinstance(loaded, datasets.DatasetDict):
+                if len(loaded) != 1 and "train" not in loaded:
+                    raise DataError(f"{path} holds the splits {sorted(loaded)}; save the one split to use "
+                                    f"(dataset_dict['name'].save_to_disk(DIR)) or name it 'train'")
+                loaded = loaded["train"] if "train" in loaded else next(iter(loaded.values()))
+            return loaded.to_list()
+        with tempfile.TemporaryDirectory(prefix="pollinate-data-") as cache:
+            kind = path.suffix.removeprefix(".")
+            return datasets.load_dataset(kind, data_files=str(path), split="train", cache_dir=cache,
+                                         keep_in_memory=True).to_list()
+    except DataError:
+        raise
+    except Exception as e:  # the library's own errors (a truncated file, a directory of something else)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"{path}: not a readable {FORMATS} ({first}); check the file, or re-save it with "
+                        f"datasets' save_to_disk / to_parquet") from None
 
 
 def examples_of(rows: list[dict[str, object]], path: str | Path, data: DataConfig,
@@ -172,35 +224,53 @@ def _collate(chunk: list[Example], tokenizer: PreTrainedTokenizerBase, model: Mo
 
 def _fields(data: DataConfig, model: ModelConfig) -> str:
     if model.task == "classification":
-        return f"fields {data.text_field!r} and {data.label_field!r}"
-    return "fields 'instruction' and 'response'"
+        return f"columns {data.text_field!r} and {data.label_field!r}"
+    return f"columns {data.instruction_field!r} and {data.response_field!r}"
 
 
 def _example(row: dict[str, object], i: int, path: Path, data: DataConfig, model: ModelConfig) -> Example:
     where = f"{path} row {i}"
     if model.task == "causal-lm":
-        if not row.get("instruction") or not row.get("response"):
-            raise DataError(f"{where} lacks 'instruction' or 'response' (causal-lm examples need both)")
-        for name in ("instruction", "response"):
+        names = (data.instruction_field, data.response_field)
+        if any(row.get(name) is None for name in names):
+            raise DataError(f"{where} lacks {_fields(data, model)} (causal-lm examples need both); set "
+                            f"data.instruction-field / data.response-field to your column names")
+        for name in names:
             _require_text(row[name], f"{where}: {name!r}")
-        return Example(text=PROMPT.format(instruction=row["instruction"]), response=str(row["response"]))
+        return Example(text=PROMPT.format(instruction=row[data.instruction_field]),
+                       response=str(row[data.response_field]))
     text, label = row.get(data.text_field), row.get(data.label_field)
     if text is None or label is None:
         raise DataError(f"{where} lacks {_fields(data, model)}; set data.text-field / data.label-field "
                         f"to your column names")
     _require_text(text, f"{where}: {data.text_field!r}")
+    return Example(text=str(text), label=label_id(label, where, data, model))
+
+
+def label_id(label: object, where: str, data: DataConfig, model: ModelConfig) -> int:
+    """A row's class id: its name's position in ``data.labels``, or an integer id below the number of classes."""
+    if data.labels and isinstance(label, (str, int)) and not isinstance(label, bool) and str(label) in data.labels:
+        return data.labels.index(str(label))
     value = _integer(label)
-    if value is None or not 0 <= value < model.num_labels:
-        raise DataError(f"{where}: label {_shown(label)} is not an integer in [0, {model.num_labels}); map your labels "
-                        f"to 0..{model.num_labels - 1} or set model.num-labels")
-    return Example(text=str(text), label=value)
+    if value is not None and 0 <= value < model.classes:
+        return value
+    if data.labels:
+        raise DataError(f"{where}: label {_shown(label)} is not one of the run's classes {list(data.labels)} "
+                        f"(data.labels); fix the row, or add the class to data.labels on the coordinator")
+    if isinstance(label, str) and value is None:
+        raise DataError(f"{where}: label {_shown(label)} is a name, but the run has no class names; set "
+                        f"data.labels (e.g. --set data.labels=a,b) so every node maps names to the same ids")
+    raise DataError(f"{where}: label {_shown(label)} is not an integer in [0, {model.classes}); map your labels "
+                    f"to 0..{model.classes - 1}, name them in data.labels, or set model.num-labels")
 
 
 def _require_text(value: object, where: str) -> None:
-    """Text is a string: a JSON number or boolean is a column mix-up, not text to train on."""
+    """Text is a non-empty string: a JSON number or boolean is a column mix-up, not text to train on."""
     if not isinstance(value, str):
         raise DataError(f"{where} is {_shown(value)}, not a string of text; write it as a JSON string (in quotes) "
                         f"or check that the columns are the right way round")
+    if not value.strip():
+        raise DataError(f"{where} is empty; remove the row or fill in its text")
 
 
 def _shown(value: object) -> str:

@@ -48,9 +48,9 @@ class NodeSecurity:
 def node_config(data: Path, max_rank: int, device: str, privacy_state: Path | None = None,
                 policy: NodePolicy | None = None) -> str:
     """Flower's ``--node-config`` string (TOML values, space separated)."""
-    if not data.is_file():
-        raise ConfigError(f"--data {data}: no such file on this node; pass the node's CSV or JSONL file "
-                          f"(`text` + integer `label`, or `instruction` + `response`)")
+    if not data.exists():
+        raise ConfigError(f"--data {data}: no such file on this node; pass the node's CSV, JSONL, Parquet or Arrow "
+                          f"file or `datasets` save_to_disk directory (`pollinate data check PATH` checks it)")
     if max_rank < 0:
         raise ConfigError(f"--max-rank {max_rank} is invalid: use the largest LoRA rank this node can train, "
                           f"or 0 for no limit")
@@ -96,7 +96,8 @@ def supernode_command(superlink: str, config: str, runtime_port: int, security: 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--superlink", required=True, metavar="HOST:PORT", type=host_port,
                         help="the coordinator's SuperLink (`pollinate server --port`)")
-    parser.add_argument("--data", required=True, type=Path, help="this node's CSV/JSONL examples (stay here)")
+    parser.add_argument("--data", required=True, type=Path, help="this node's examples (stay here): CSV, JSONL, "
+                        "Parquet, Arrow or a `datasets` save_to_disk directory")
     parser.add_argument("--max-rank", type=int, default=0, help="largest LoRA rank this node can train (0: no limit)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     parser.add_argument("--privacy-state", type=Path, metavar="FILE",

@@ -56,7 +56,7 @@ def peft_config(adapter: AdapterConfig, task: str) -> PeftConfig:
 
 def build_peft_model(cfg: RunConfig) -> tuple[PeftModel, BaseModel]:
     """The base model (frozen) wrapped with a fresh adapter; adapter init is seeded by ``cfg.seed``."""
-    base = load_base_model(cfg.model, cfg.seed)
+    base = load_base_model(cfg.model, cfg.seed, cfg.data.labels)
     config = peft_config(cfg.adapter, cfg.model.task)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed + 1)
@@ -117,10 +117,12 @@ def set_base_deltas(model: PeftModel, deltas: Mapping[str, tuple[np.ndarray, np.
 
 
 def export_adapter(model: PeftModel, tensors: NamedArrays, directory: str | Path) -> Path:
-    """Write ``tensors`` in PEFT's format (adapter_config.json + adapter_model.safetensors)."""
+    """Write ``tensors`` in PEFT's format (adapter_config.json + adapter_model.safetensors), and the base model's
+    ``config.json`` beside them: for a classifier it carries the class names (id2label / label2id)."""
     load_adapter_state(model, tensors)
     directory = Path(directory)
     model.save_pretrained(str(directory))
+    model.get_base_model().config.save_pretrained(str(directory))
     return directory
 
 

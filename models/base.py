@@ -67,12 +67,12 @@ def _tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
 
 def _from_pretrained(cfg: ModelConfig, path: Path | str, **kwargs: object) -> PreTrainedModel:
     if cfg.task == "classification":
-        return AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=cfg.num_labels, **kwargs)
+        return AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=cfg.classes, **kwargs)
     return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
 
 
 def _tiny(cfg: ModelConfig, config: BertConfig | LlamaConfig) -> PreTrainedModel:
-    config.num_labels = cfg.num_labels
+    config.num_labels = cfg.classes
     if cfg.task == "classification":
         return AutoModelForSequenceClassification.from_config(config)
     return AutoModelForCausalLM.from_config(config)
@@ -106,8 +106,12 @@ def check_model_config(cfg: ModelConfig) -> None:
         _minilm_dir()
 
 
-def load_base_model(cfg: ModelConfig, seed: int) -> BaseModel:
-    """The frozen base for ``cfg.name`` (a BASE_MODELS name or a local HF directory), in eval mode."""
+def load_base_model(cfg: ModelConfig, seed: int, labels: tuple[str, ...] = ()) -> BaseModel:
+    """The frozen base for ``cfg.name`` (a BASE_MODELS name or a local HF directory), in eval mode.
+
+    ``labels`` (the run's ``data.labels``) name a classifier's classes in its config (id2label / label2id), so
+    ``transformers.pipeline`` on it, or on an adapter exported from it, prints names rather than LABEL_i.
+    """
     check_model_config(cfg)
     tokenizer = _tokenizer(cfg)
     # Heads missing from a checkpoint (and tiny models entirely) are random-init: seed them so every process
@@ -120,5 +124,8 @@ def load_base_model(cfg: ModelConfig, seed: int) -> BaseModel:
             model = _from_pretrained(cfg, cfg.name)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    if labels and cfg.task == "classification":
+        model.config.id2label = dict(enumerate(labels))
+        model.config.label2id = {name: i for i, name in enumerate(labels)}
     model.requires_grad_(False)
     return BaseModel(model=model.eval(), tokenizer=tokenizer)

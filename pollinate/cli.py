@@ -7,6 +7,7 @@ import json
 import sys
 
 from rich.console import Console
+from rich.markup import escape
 
 from pollinate.flags import add_db_argument, store_url
 from pollinate.proto.run_config import ConfigError
@@ -31,6 +32,10 @@ def _client(args: argparse.Namespace) -> int:
     from pollinate.client.node import run_node
 
     return run_node(args)
+
+
+def _data(args: argparse.Namespace) -> int:
+    return int(args.data_func(args))
 
 
 def _runs(args: argparse.Namespace) -> int:
@@ -142,6 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "ClientApp, training on --data that never leaves this machine")
     add_client_arguments(client)
     client.set_defaults(func=_client)
+    from pollinate.simulations.data_cli import add_arguments as add_data_arguments
+
+    data = sub.add_parser("data", help="check a data file before a run: columns, labels, empty texts, encoding, "
+                          "broken lines")
+    add_data_arguments(data)
+    data.set_defaults(func=_data)
     runs = sub.add_parser("runs", help="list runs and their rounds from the round store")
     runs.add_argument("run", nargs="?", type=int, help="show this run's rounds")
     add_db_argument(runs)
@@ -192,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except _user_errors() as e:
-        console.print(f"[red]error:[/] {e}")
+        # One line however narrow the terminal: a user (or a test) reads the whole sentence, file, row and fix.
+        console.print(f"[red]error:[/] {escape(str(e))}", soft_wrap=True)
         return 2
 
 

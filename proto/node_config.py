@@ -42,6 +42,11 @@ def partition_file(partition_dir: str | Path, partition_id: int) -> Path:
     return Path(partition_dir) / f"partition-{partition_id}.jsonl"
 
 
+def global_test_file(partition_dir: str | Path) -> Path:
+    """Where ``pollinate simulate`` writes the global test set (``data.test-fraction``): no node reads it."""
+    return Path(partition_dir) / "global-test.jsonl"
+
+
 def node_settings_file(partition_dir: str | Path, partition_id: int) -> Path:
     """Where ``pollinate simulate`` writes the node config of one simulated node (its max-rank)."""
     return Path(partition_dir) / f"partition-{partition_id}.node.json"

@@ -82,11 +82,18 @@ class ConfigError(ValueError):
 class ModelConfig:
     name: str = "minilm"  # a name from pollinate.models.BASE_MODELS, or a local HF model directory
     task: ModelTask = "classification"
-    num_labels: int = 2  # classification only
+    # classification only; 0: inferred (len(data.labels); in a simulation, from the corpus; else 2)
+    num_labels: int = 0
     max_length: int = 64  # tokens per example (longer text is truncated)
 
+    @property
+    def classes(self) -> int:
+        """The number of classes a classifier has: ``num_labels``, or 2 when it was left to inference."""
+        return self.num_labels or 2
+
     def validate(self) -> None:
-        _require(self.num_labels >= 2, "model.num-labels", self.num_labels, "use 2 or more")
+        _require(self.num_labels == 0 or self.num_labels >= 2, "model.num-labels", self.num_labels,
+                 "use 2 or more (0: inferred from data.labels or the corpus)")
         _require(self.max_length >= 8, "model.max-length", self.max_length, "use at least 8 tokens")
 
 
@@ -142,17 +149,32 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = "rotten-tomatoes"  # a bundled corpus name, or a CSV/JSONL path (simulation)
+    # a bundled corpus name, or a path (simulation): CSV, JSONL, Parquet, Arrow or a `datasets` save_to_disk directory
+    dataset: str = "rotten-tomatoes"
     partitioning: Partitioning = "iid"
     dirichlet_alpha: float = 0.5
     partition_dir: str = ""  # where the simulation wrote one JSONL file per partition
     eval_fraction: float = 0.2  # share of each client's local data held out for evaluation
+    # simulation: share of the corpus held out as a global test set that no node trains on; each round's global
+    # adapter is measured on it (accuracy and macro-F1, or loss and perplexity). 0: no global test set
+    test_fraction: float = 0.0
     text_field: str = "text"
     label_field: str = "label"
+    instruction_field: str = "instruction"  # causal-lm: the prompt column
+    response_field: str = "response"  # causal-lm: the target column
+    group_field: str = "group"  # natural partitioning: the column whose values are kept together on one node
+    # Class names in id order (id i is labels[i]); empty: labels are integer ids. A simulation fills it with the
+    # corpus' sorted names when its labels are names; in a deployment it is the run's, never a node's own.
+    labels: tuple[str, ...] = ()
 
     def validate(self) -> None:
+        _require(len(set(self.labels)) == len(self.labels), "data.labels", ",".join(self.labels),
+                 "list each class name once")
+        _require(len(self.labels) != 1, "data.labels", ",".join(self.labels), "list at least 2 class names")
         _require(self.dirichlet_alpha > 0, "data.dirichlet-alpha", self.dirichlet_alpha, "use a positive alpha")
         _require(0.0 < self.eval_fraction < 1.0, "data.eval-fraction", self.eval_fraction, "use a value in (0, 1)")
+        _require(0.0 <= self.test_fraction < 1.0, "data.test-fraction", self.test_fraction,
+                 "use a share in [0, 1), e.g. 0.1 (0: no global test set)")
 
 
 @dataclass(frozen=True)
@@ -332,6 +354,7 @@ class RunConfig:
             (values.setdefault(section, {}) if section else top)[name] = coerced
         for name, section_type in _sections():
             top[name] = section_type(**values.get(name, {}))
+        top["model"] = _labelled(top["model"], top["data"])
         top["strategy"] = _parse_strategy_options(top["federation"].strategy, strategy_keys)
         return cls(**top).validate()
 
@@ -496,6 +519,18 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Scalar]:
         else:
             flat[dotted] = value
     return flat
+
+
+def _labelled(model: ModelConfig, data: DataConfig) -> ModelConfig:
+    """``model.num-labels`` inferred from ``data.labels`` when unset; the two must agree when both are set."""
+    if not data.labels:
+        return model
+    if model.num_labels == 0:
+        return dataclasses.replace(model, num_labels=len(data.labels))
+    _require(model.num_labels == len(data.labels), "model.num-labels", model.num_labels,
+             f"data.labels names {len(data.labels)} classes; set model.num-labels = {len(data.labels)} or leave it "
+             f"unset (0) to infer it")
+    return model
 
 
 def _require(ok: bool, key: str, value: Any, how: str) -> None:

@@ -200,7 +200,7 @@ def _run_round(grid: Grid, cfg: RunConfig, strategy: strategies.Strategy, store:
         strategy.load_state_arrays(before)
         refused = any(is_refusal(c) for c in ledger.clients)
         reason = (f"too few nodes could train within their privacy.target-epsilon = {cfg.privacy.target_epsilon:g}"
-                  if refused else str(e))
+                  if refused else _with_first_node_error(str(e), ledger))
         record = RoundRecord(
             number=number, participants=len(progress.sampled), accepted=progress.accepted, train_loss=None,
             eval_loss=None, eval_accuracy=None, bytes_up=ledger.bytes("up"), bytes_down=ledger.bytes("down"),
@@ -212,7 +212,7 @@ def _run_round(grid: Grid, cfg: RunConfig, strategy: strategies.Strategy, store:
         _print_round(cfg, record, None, ledger)
         if refused:  # the nodes' budgets, not a fault: the run ends cleanly with the last completed adapter
             raise BudgetSpent(f"in round {number} {reason}") from None
-        raise RoundFailed(str(e)) from e
+        raise RoundFailed(reason) from e
     crash_point(AFTER_AGGREGATION)
     record = RoundRecord(
         number=number, participants=len(progress.sampled), accepted=len(exchange.reports),
@@ -240,6 +240,13 @@ def _run_round(grid: Grid, cfg: RunConfig, strategy: strategies.Strategy, store:
         say(f"  [yellow]secure aggregation clipped {secure.clipped} weighted value(s) to "
                       f"+-{cfg.secagg.clip_range}; raise secagg.clip-range[/]")
     return new_state
+
+
+def _with_first_node_error(reason: str, ledger: RoundLedger) -> str:
+    """A failed round's reason with the first node error behind it (e.g. a node's bad data file, one line), so the
+    run's stored error says what to fix, not only that too few updates came back."""
+    errors = [c for c in ledger.failures() if c.status == "failed" and (c.reason or "").startswith("client error")]
+    return f"{reason}; node {errors[0].node_id}: {errors[0].reason}" if errors else reason
 
 
 def _print_round(cfg: RunConfig, record: RoundRecord, evaluation: Evaluation | None, ledger: RoundLedger) -> None:

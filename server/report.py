@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from rich.table import Table
 
-from pollinate.server.store import RoundStore
+from pollinate.server.store import RoundStore, GlobalTestMetrics
 
 
 def _fmt(value: float | None, spec: str = ".4f") -> str:
@@ -14,20 +15,35 @@ def _fmt(value: float | None, spec: str = ".4f") -> str:
 
 
 def rounds_table(store: RoundStore, run_id: int) -> Table:
-    """Round 0 (before training) and every stored round: losses, metric, participation, bytes, time."""
+    """Round 0 (before training) and every stored round: losses, metric, participation, bytes, time; and the
+    global test set's measures (a simulation's held-out slice) when the run has them."""
     run = store.run(run_id)
+    rounds = store.rounds(run_id)
+    causal = run.config.get("model.task") == "causal-lm"
+    test_cols = (("test loss", "test perplexity") if causal else ("test accuracy", "test macro-F1")) \
+        if any(r.test for r in rounds) else ()
     table = Table(title=f"run {run_id}: {run.strategy} on {run.model} ({run.status})")
-    for col in ("round", "train loss", "eval loss", "accuracy", "accepted", "KiB up/client", "KiB down/client",
-                "s"):
+    for col in ("round", "train loss", "eval loss", "accuracy", *test_cols, "accepted", "KiB up/client",
+                "KiB down/client", "s"):
         table.add_column(col, justify="right")
     init = run.initial_metrics
-    table.add_row("0", "-", _fmt(init.get("eval-loss")), _fmt(init.get("eval-accuracy")), "-", "-", "-", "-")
-    for r in store.rounds(run_id):
+    table.add_row("0", "-", _fmt(init.get("eval-loss")), _fmt(init.get("eval-accuracy")), *("-" for _ in test_cols),
+                  "-", "-", "-", "-")
+    for r in rounds:
         number = str(r.number) if r.status == "completed" else f"{r.number} [red]failed[/]"
-        table.add_row(number, _fmt(r.train_loss), _fmt(r.eval_loss), _fmt(r.eval_accuracy),
+        tests = _test_cells(r.test, causal) if test_cols else ()
+        table.add_row(number, _fmt(r.train_loss), _fmt(r.eval_loss), _fmt(r.eval_accuracy), *tests,
                       f"{r.accepted}/{r.participants}", _fmt(r.bytes_up / max(1, r.accepted) / 1024, ".1f"),
                       _fmt(r.bytes_down / max(1, r.participants) / 1024, ".1f"), _fmt(r.duration_s, ".1f"))
     return table
+
+
+def _test_cells(test: GlobalTestMetrics | None, causal: bool) -> tuple[str, str]:
+    if test is None:
+        return "-", "-"
+    if causal:
+        return _fmt(test.loss), _fmt(math.exp(min(test.loss, 700.0)) if test.loss is not None else None, ".2f")
+    return _fmt(test.accuracy), _fmt(test.macro_f1)
 
 
 def runs_table(store: RoundStore) -> Table:
@@ -59,6 +75,8 @@ def runs_json(store: RoundStore, run_id: int | None = None) -> list[dict[str, An
                         "train_loss": r.train_loss, "eval_loss": r.eval_loss, "eval_accuracy": r.eval_accuracy,
                         "bytes_up": r.bytes_up, "bytes_down": r.bytes_down, "duration_s": r.duration_s,
                         "status": r.status, "reason": r.reason, "parent_sha256": r.parent_sha256,
+                        **({"test": {"loss": r.test.loss, "accuracy": r.test.accuracy, "macro_f1": r.test.macro_f1}}
+                           if r.test else {}),
                         **({"clients": clients.get(r.number, [])} if clients is not None else {})}
                        for r in store.rounds(run.id)],
         })

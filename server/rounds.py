@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -114,6 +115,25 @@ def node_text(text: str, limit: int = 1000) -> str:
     return clean + ("..." if len(text) > limit else "")
 
 
+def error_line(reason: str) -> str:
+    """A node's error reason as one line. Flower wraps what a ClientApp raised as ``<class 'X'>:<'...'>``, in a
+    simulation around "Exception ClientAppException occurred. Message: <the ClientApp's message>" and Ray's
+    traceback; the line is the ClientApp's own message (or a traceback's last line). The traceback stays in the
+    node's log."""
+    text = reason.strip()
+    wrapped = re.fullmatch(r"<class '[\w.]+'>:<'(.*)'>", text, re.DOTALL)
+    if wrapped:
+        text = wrapped.group(1).strip()
+    marker = "occurred. Message: "
+    if marker in text:
+        text = text.split(marker, 1)[1]
+        return next((line.strip() for line in text.splitlines() if line.strip()), reason.strip())
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(lines) > 1 and any(line.startswith("Traceback (most recent call last)") for line in lines):
+        return lines[-1]
+    return " ".join(lines)
+
+
 def ledger_text(reason: str | None) -> str | None:
     """A reason as the ledger stores it: whatever of a node's reply it quotes, printable and bounded."""
     return None if reason is None else node_text(reason, 2000)
@@ -160,7 +180,7 @@ def send_and_collect(grid: Grid, contents: Mapping[int, RecordDict], message_typ
             record(node, "rejected", f"reply came from node {reply.metadata.src_node_id}, not {node}",
                    bytes_down=down[node])
         elif reply.has_error():
-            record(node, "failed", f"client error: {node_text(reply.error.reason)}", bytes_down=down[node],
+            record(node, "failed", f"client error: {node_text(error_line(reply.error.reason))}", bytes_down=down[node],
                    metrics={"error-code": float(reply.error.code)})
         else:
             out[node] = reply

@@ -229,6 +229,10 @@ class _RoundRow(_Base):
     status: Mapped[str] = mapped_column(String(16), server_default="completed")  # completed | failed
     reason: Mapped[str | None] = mapped_column(Text, nullable=True)  # why a failed round failed
     parent_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)  # the adapter it started from
+    # The global test set (a simulation's held-out slice, no node trains on it), evaluated on the coordinator:
+    test_loss: Mapped[float | None] = mapped_column(Float, nullable=True)  # causal-lm: perplexity = exp(loss)
+    test_accuracy: Mapped[float | None] = mapped_column(Float, nullable=True)  # classification
+    test_macro_f1: Mapped[float | None] = mapped_column(Float, nullable=True)  # classification
 
 
 class _ClientUpdateRow(_Base):
@@ -381,6 +385,17 @@ class StoredRound(RoundMeasures):
     parent_sha256: str | None
     adapter_sha256: str | None  # None: a failed round stores no adapter
     adapter_nbytes: int | None
+    test: GlobalTestMetrics | None = None  # the global test set's measure of this round's adapter, if it has one
+
+
+@dataclass(frozen=True)
+class GlobalTestMetrics:
+    """A global adapter measured on the global test set: loss (causal-lm: its exp is perplexity), and for a
+    classifier accuracy and macro-F1 (the mean of the classes' F1, so a rare class counts as much as a common one)."""
+
+    loss: float | None
+    accuracy: float | None = None
+    macro_f1: float | None = None
 
 
 @dataclass(frozen=True)
@@ -475,6 +490,14 @@ class RoundStore:
     def set_initial_metrics(self, run_id: int, metrics: Mapping[str, float]) -> None:
         with Session(self.engine) as s, s.begin():
             s.get_one(_RunRow, run_id).initial_metrics = {k: _finite(v) for k, v in metrics.items()}
+
+    @retried
+    def set_test_metrics(self, run_id: int, number: int, test: GlobalTestMetrics) -> None:
+        """Store round ``number``'s global test set measure beside the nodes' local evaluation."""
+        with Session(self.engine) as s, s.begin():
+            row = s.scalars(select(_RoundRow).where(_RoundRow.run_id == run_id, _RoundRow.number == number)).one()
+            row.test_loss, row.test_accuracy = _finite(test.loss), _finite(test.accuracy)
+            row.test_macro_f1 = _finite(test.macro_f1)
 
     @retried
     def record_round(self, run_id: int, record: RoundRecord, global_adapter: NamedArrays | None,
@@ -719,7 +742,9 @@ def _summary(r: _RunRow) -> RunSummary:
 def _stored_round(r: _RoundRow, adapter_sha256: str | None, adapter_nbytes: int | None) -> StoredRound:
     measures = {f.name: getattr(r, f.name) for f in fields(RoundMeasures)}
     return StoredRound(**measures, run_id=r.run_id, metrics=dict(r.metrics or {}), status=r.status, reason=r.reason,
-                       parent_sha256=r.parent_sha256, adapter_sha256=adapter_sha256, adapter_nbytes=adapter_nbytes)
+                       parent_sha256=r.parent_sha256, adapter_sha256=adapter_sha256, adapter_nbytes=adapter_nbytes,
+                       test=None if r.test_loss is None and r.test_accuracy is None else
+                       GlobalTestMetrics(loss=r.test_loss, accuracy=r.test_accuracy, macro_f1=r.test_macro_f1))
 
 
 def _client_update(number: int, r: _ClientUpdateRow) -> StoredClientUpdate:

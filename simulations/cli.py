@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
 import time
 from pathlib import Path
@@ -22,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_scenario_arguments(parser, "default: the default scenario")
     parser.add_argument("--clients", type=int, help="number of simulated nodes (scenario [simulation] clients)")
     parser.add_argument("--corpus", metavar="PATH", help="the corpus partitioned across the simulated nodes: your own "
-                        "CSV/JSONL file, or a bundled corpus name, instead of the scenario's (data.dataset)")
+                        "CSV, JSONL, Parquet or Arrow file or `datasets` save_to_disk directory, or a bundled corpus name, instead of the scenario's (data.dataset)")
     add_run_config_arguments(parser, "train.lr=5e-4")
     refuse_renamed(parser, RENAMED_SIMULATE)
 
@@ -30,14 +32,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def write_node_data(cfg: RunConfig, sim: SimulationSettings, directory: Path) -> tuple[RunConfig, list[int]]:
     """Each simulated node's examples and settings (its max-rank) in ``directory``; the config that points the
     nodes at them (``data.partition-dir``), and each node's number of examples."""
-    from pollinate.client.data import examples_of
-    from pollinate.proto.node_config import write_node_settings
+    from pollinate.client.data_check import infer_labels, summarise
+    from pollinate.proto.node_config import global_test_file, write_node_settings
+    from pollinate.simulations.global_test import hold_out
     from pollinate.simulations.datasets import load_corpus
     from pollinate.simulations.partition import write_partitions
 
     rows = load_corpus(cfg.data.dataset)
-    examples_of(rows, cfg.data.dataset, cfg.data, cfg.model)  # a bad row is refused here, not by a node in round 1
+    cfg = cfg.replace(**infer_labels(rows, cfg.data, cfg.model))  # class names travel in the run config
+    summarise(rows, cfg.data.dataset, cfg.data, cfg.model)  # a bad row is refused here, not by a node in round 1
+    rows, held_out = hold_out(rows, cfg.data.test_fraction, cfg.seed)
     sizes = write_partitions(rows, cfg.data, sim.clients, cfg.seed, directory)
+    if held_out:  # beside the partitions, where no node reads it
+        global_test_file(directory).write_text("".join(json.dumps(r, default=str) + "\n" for r in held_out),
+                                               encoding="utf-8")
     for i, max_rank in enumerate(sim.max_ranks):
         write_node_settings(directory, i, max_rank)
     cfg = cfg.replace(**{"data.partition-dir": str(directory.resolve())})
@@ -68,6 +76,7 @@ def simulate(args: argparse.Namespace) -> int:
     from pollinate.server.round_events import listen
     from pollinate.server.report import rounds_table
     from pollinate.server.store import RoundStore, keep_password, withhold_password
+    from pollinate.simulations.global_test import measure_rounds
 
     cfg, sim = load_scenario(scenario_of(args) or DEFAULT_SCENARIO, overrides_from_args(args), args.clients)
     cfg = absolute_locations(cfg)
@@ -81,6 +90,9 @@ def simulate(args: argparse.Namespace) -> int:
     cfg, sizes = write_node_data(cfg, sim, work / "partitions")
     console.print(f"simulating {sim.clients} clients ({cfg.data.partitioning} split of {cfg.data.dataset}: "
                   f"{sizes} examples), {cfg.federation.rounds} rounds of {cfg.federation.strategy}", soft_wrap=True)
+    if cfg.data.labels:  # the mapping every node uses, stored with the run and exported with the adapter
+        console.print("classes (data.labels): " + ", ".join(f"{i} = {n}" for i, n in enumerate(cfg.data.labels)),
+                      soft_wrap=True)
     # The ServerApp runs in a thread of this process: its round events reach the view directly.
     with ProgressView(console) as view, listen(view):
         engine.run(cfg, sim.clients, work / "app", cpus_per_client=sim.cpus_per_client,
@@ -91,7 +103,13 @@ def simulate(args: argparse.Namespace) -> int:
         console.print("[red]the simulation ended without recording a run; see the log above[/]")
         return 1
     run = new[-1]
+    final = measure_rounds(store, run.id, cfg)
     console.print(rounds_table(store, run.id))
+    if final is not None:
+        what = (f"loss {final.loss:.4f}, perplexity {math.exp(min(final.loss or 0.0, 700.0)):.2f}"
+                if cfg.model.task == "causal-lm" else f"accuracy {final.accuracy:.4f}, macro-F1 {final.macro_f1:.4f}")
+        console.print(f"final adapter on the global test set (data.test-fraction = {cfg.data.test_fraction:g}, "
+                      f"no node trained on it): {what}", soft_wrap=True)
     console.print(f"round store: {store.url} (run {run.id}, status {run.status})", soft_wrap=True)
     if run.status != "completed":
         console.print(f"[red]run {run.id} failed: {run.error}[/]", soft_wrap=True)

@@ -1,4 +1,4 @@
-"""Corpora for simulations: the bundled Rotten Tomatoes snippets, or the user's CSV/JSONL.
+"""Corpora for simulations: the bundled Rotten Tomatoes snippets, or the user's own data file.
 
 ``rotten-tomatoes``: 12,808 review snippets labelled fresh (1) / rotten (0), each with the
 movie it reviews (a natural non-IID key). It ships in ``simulations/data/`` under
@@ -27,7 +27,7 @@ def _rotten_tomatoes() -> list[dict[str, object]]:
 
 
 def load_corpus(name: str) -> list[dict[str, object]]:
-    """Rows for ``data.dataset``: a bundled corpus name or a path to a CSV/JSONL file."""
+    """Rows for ``data.dataset``: a bundled corpus name or a path the node reader reads (client.data.FORMATS)."""
     if name == "rotten-tomatoes":
         return _rotten_tomatoes()
     if name == "rotten-tomatoes-instruct":
@@ -35,9 +35,9 @@ def load_corpus(name: str) -> list[dict[str, object]]:
                  "response": "positive" if r["label"] else "negative", "label": r["label"], "group": r["group"]}
                 for r in _rotten_tomatoes()]
     path = Path(name)
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"data.dataset = {name!r} is neither a bundled corpus (rotten-tomatoes, "
-                          f"rotten-tomatoes-instruct) nor an existing CSV/JSONL file; pass --data PATH")
+                          f"rotten-tomatoes-instruct) nor an existing data file; pass --corpus PATH")
     from pollinate.client.data import read_rows  # the node's reader: the same errors, naming file and line
 
     return read_rows(path)

@@ -1,7 +1,7 @@
 """Split a corpus across simulated nodes with Flower Datasets' partitioners; one JSONL file per node.
 
 ``iid`` (uniform), ``dirichlet`` (label skew, Dirichlet(alpha) per label; Hsu et al. 2019)
-and ``natural`` (whole groups, e.g. all reviews of a movie, on one node). The files are
+and ``natural`` (whole groups of ``data.group-field``, e.g. all reviews of a movie, on one node). The files are
 what each simulated ClientApp reads, exactly as a deployed node reads its own data file.
 """
 
@@ -26,13 +26,14 @@ def make_partitioner(data: DataConfig, num_partitions: int, rows: list[dict[str,
                               f"{data.label_field!r} column (set data.label-field)")
         return DirichletPartitioner(num_partitions=num_partitions, partition_by=data.label_field, alpha=data.dirichlet_alpha,
                                     min_partition_size=10, self_balancing=True, seed=seed)
-    if "group" not in rows[0]:
-        raise ConfigError("data.partitioning = 'natural' needs a 'group' column (e.g. the movie, hospital or site)")
-    groups = len({r["group"] for r in rows})
+    if data.group_field not in rows[0]:
+        raise ConfigError(f"data.partitioning = 'natural' needs a {data.group_field!r} column (e.g. the movie, "
+                          f"hospital or speaker); the corpus has {sorted(rows[0])}: set data.group-field to one")
+    groups = len({str(r[data.group_field]) for r in rows})
     if groups < num_partitions:
         raise ConfigError(f"data.partitioning = 'natural' needs at least {num_partitions} groups, the corpus has "
                           f"{groups}; use fewer clients or another partitioning")
-    return GroupedNaturalIdPartitioner(partition_by="group", group_size=groups // num_partitions,
+    return GroupedNaturalIdPartitioner(partition_by=data.group_field, group_size=groups // num_partitions,
                                        mode="allow-bigger", sort_unique_ids=True)
 
 
@@ -49,6 +50,6 @@ def write_partitions(rows: list[dict[str, object]], data: DataConfig, num_partit
         part = partitioner.load_partition(i)
         with partition_file(directory, i).open("w", encoding="utf-8") as f:
             for row in part:
-                f.write(json.dumps(row) + "\n")
+                f.write(json.dumps(row, default=str) + "\n")  # a Parquet date travels as text
         sizes.append(len(part))
     return sizes

@@ -29,6 +29,8 @@ BAD_FILES: dict[str, bytes] = {
     "bool-label.jsonl": b'{"text": "a", "label": 0}\n{"text": "b", "label": true}\n',
     "number-text.jsonl": b'{"text": "a", "label": 0}\n{"text": 123, "label": 1}\n',
     "latin1.csv": b'text,label\ngood,1\ncaf\xe9,0\n',
+    "broken-line.csv": b'text,label,speaker\ngood,democrat,a\nbad, really,republican,b\n',
+    "empty-text.csv": b'text,label\ngood,1\n"",0\n',
 }
 # file -> what the refusal says (it names the file too, checked below)
 DATA_ERRORS = {
@@ -38,6 +40,8 @@ DATA_ERRORS = {
     "bool-label.jsonl": "row 2: label true is not an integer in [0, 2)",
     "number-text.jsonl": "row 2: 'text' is 123, not a string of text",
     "latin1.csv": "line 3: byte 0xe9 is not UTF-8 text",
+    "broken-line.csv": "row 2 (line 3): more fields than the header's 3; quote fields that hold commas",
+    "empty-text.csv": "row 2: 'text' is empty; remove the row or fill in its text",
 }
 
 # (what is wrong, the command after `pollinate`, what the message says); {tmp} is the test's directory.
