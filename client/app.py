@@ -23,11 +23,12 @@ from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from peft import PeftModel
 
-from pollinate.client.data import Example, batches, endless_batches, read_examples, split
+from pollinate.client.data import batches, endless_batches
+from pollinate.client import resident
 from pollinate.client import secure
 from pollinate.client.private_training import BudgetRefused, PrivateRound, plan_round, privatise_upload, train_sample_dp
 from pollinate.client.train import evaluate, resolve_device, train
-from pollinate.models import BaseModel, adapter_state, build_peft_model, load_adapter_state, set_base_deltas
+from pollinate.models import BaseModel, adapter_state, load_adapter_state, set_base_deltas
 from pollinate.proto.adapter_record import (ADAPTER, INSTRUCTIONS, REPORT, from_record, refuse_outside, specs_of,
                                   to_record)
 from pollinate.proto.instructions import Instructions
@@ -49,12 +50,6 @@ app = ClientApp()
 def node_config(context: Context, cfg: RunConfig) -> NodeConfig:
     """This node's config: Flower's node config, plus the simulation's per-node settings when simulated."""
     return NodeConfig.from_flower(context.node_config, cfg.data.partition_dir)
-
-
-@functools.lru_cache(maxsize=2)
-def _model(cfg: RunConfig) -> tuple[PeftModel, BaseModel]:
-    # One PeftModel per (config, rank), reused across rounds: every call overwrites the whole adapter state.
-    return build_peft_model(cfg)
 
 
 @functools.lru_cache(maxsize=2)
@@ -81,24 +76,20 @@ def keep_node_state(state: RecordDict, node_state: NodeState) -> None:
         state[NODE_STATE + name] = record
 
 
-@functools.lru_cache(maxsize=4)
-def _local_split(path: str, cfg: RunConfig) -> tuple[list[Example], list[Example]]:
-    examples = read_examples(path, cfg.data, cfg.model)
-    return split(examples, cfg.data.eval_fraction, cfg.seed)
-
-
 def _instructions(msg: Message) -> Instructions:
     record = msg.content.config_records.get(INSTRUCTIONS)
     return Instructions.from_record_values(record) if record is not None else Instructions()
 
 
-def _prepare(msg: Message, cfg: RunConfig, instructions: Instructions, node: NodeConfig,
+def _prepare(msg: Message, context: Context, cfg: RunConfig, instructions: Instructions, node: NodeConfig,
              node_state: NodeState, training: bool) -> tuple[PeftModel, BaseModel]:
     """The model at the instructed rank with the received adapter, as the strategy prepares it, loaded."""
     rank = instructions.rank or cfg.adapter.r
     if training and node.max_rank and rank > node.max_rank:
         raise ValueError(f"the server sent a rank-{rank} adapter, but this node's max-rank is {node.max_rank}")
-    model, base = _model(cfg.replace(**{"adapter.r": rank}) if rank != cfg.adapter.r else cfg)
+    # The resident model: loaded once per run and config; everything below overwrites its whole adapter state.
+    at_rank = cfg.replace(**{"adapter.r": rank}) if rank != cfg.adapter.r else cfg
+    model, base = resident.model(context.run_id, at_rank)
     tensors, deltas = split_deltas(from_record(msg.content.array_records[ADAPTER]))
     expected, got = specs_of(adapter_state(model)), specs_of(tensors)
     if got != expected:
@@ -129,8 +120,9 @@ def describe_node(msg: Message, context: Context) -> Message:
     """The node's capacity (max-rank) and how many training examples it holds; no tensors."""
     cfg = RunConfig.from_flat(context.run_config)
     node = node_config(context, cfg)
-    train_set, _ = _local_split(str(node.data_path), cfg)
-    report = MetricRecord({"num-examples": len(train_set), MAX_RANK: node.max_rank})
+    train_set, _ = resident.local_split(context.run_id, str(node.data_path), cfg)
+    report = MetricRecord({"num-examples": len(train_set), MAX_RANK: node.max_rank,
+                           resident.MODEL_LOADS: resident.model_loads()})
     return Message(RecordDict({REPORT: report}), reply_to=msg)
 
 
@@ -139,7 +131,7 @@ def train_adapter(msg: Message, context: Context) -> Message:
     cfg = RunConfig.from_flat(context.run_config)
     node = node_config(context, cfg)
     instructions = _instructions(msg)
-    train_set, _ = _local_split(str(node.data_path), cfg)
+    train_set, _ = resident.local_split(context.run_id, str(node.data_path), cfg)
     strategy, node_state = _strategy(cfg), read_node_state(context.state)
     # The reply guard: only names the strategy may upload for what was sent; no base-model tensor leaves.
     allowed = strategy.upload_names(msg.content.array_records[ADAPTER].keys(), instructions)
@@ -154,7 +146,7 @@ def train_adapter(msg: Message, context: Context) -> Message:
             plan = plan_round(cfg, instructions, len(train_set), budget)
         except BudgetRefused as e:
             return Message(Error(code=REFUSAL_CODE, reason=str(e)), reply_to=msg)
-    model, base = _prepare(msg, cfg, instructions, node, node_state, training=True)
+    model, base = _prepare(msg, context, cfg, instructions, node, node_state, training=True)
     received = adapter_state(model)
     if plan is not None and cfg.privacy.mode == "sample":
         loss = train_sample_dp(model, train_set, base.tokenizer, cfg, _device(cfg, node), instructions, plan)
@@ -178,6 +170,7 @@ def train_adapter(msg: Message, context: Context) -> Message:
     upload, metrics = strategy.transform_upload(trained, received, instructions, node_state)
     for key, value in metrics.items():
         report[key] = value
+    report[resident.MODEL_LOADS] = resident.model_loads()  # how warm this node is: 1 per run when resident
     keep_node_state(context.state, node_state)
     return _reply(msg, context, cfg, upload, report, allowed)
 
@@ -201,9 +194,10 @@ def secagg_unmask(msg: Message, context: Context) -> Message:
 def evaluate_adapter(msg: Message, context: Context) -> Message:
     cfg = RunConfig.from_flat(context.run_config)
     node = node_config(context, cfg)
-    model, base = _prepare(msg, cfg, _instructions(msg), node, read_node_state(context.state), training=False)
-    _, eval_set = _local_split(str(node.data_path), cfg)
+    model, base = _prepare(msg, context, cfg, _instructions(msg), node, read_node_state(context.state), training=False)
+    _, eval_set = resident.local_split(context.run_id, str(node.data_path), cfg)
     eval_set = eval_set[: cfg.train.eval_max_examples]
     result = evaluate(model, batches(eval_set, base.tokenizer, cfg.model, 64, seed=None), _device(cfg, node))
-    report = MetricRecord({"num-examples": result.num_examples, "loss": result.loss, "accuracy": result.accuracy})
+    report = MetricRecord({"num-examples": result.num_examples, "loss": result.loss, "accuracy": result.accuracy,
+                           resident.MODEL_LOADS: resident.model_loads()})
     return Message(RecordDict({REPORT: report}), reply_to=msg)

@@ -2,19 +2,26 @@
 
 The node's settings reach the ClientApp as Flower node config (``client.app``: ``data-path``,
 ``max-rank``, ``device``); its data never leaves it. The SuperNode keeps reconnecting when the
-coordinator restarts (a resumed run finds the same nodes), and runs every ClientApp in a
-subprocess (``--isolation subprocess``) on its own Runtime API port.
+coordinator restarts (a resumed run finds the same nodes). It runs with ``--isolation process``:
+it launches nothing itself, and one warm worker (``client/warm.py``) beside it serves every message
+from its Runtime API on 127.0.0.1, so the base model and the data load once per run. This command
+supervises both: a worker that dies is restarted (bounded, with backoff) and serves the next round;
+stopping the command stops both process trees by PID.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from pollinate.flags import RENAMED_TLS_CLIENT, add_certs_argument, certs_of, host_port, port_number, refuse_renamed
+from pollinate.client.warm import CRASH_AT_TASK
 from pollinate.proto.node_config import DATA_PATH, DEVICE, MAX_RANK, PRIVACY_STATE
 from pollinate.proto.run_config import ConfigError
 from pollinate.runtime.processes import (Daemon, executable, flower_env, free_port, require_free_port,
@@ -69,7 +76,41 @@ def _plain_path(path: Path, flag: str) -> str:
 
 def supernode_command(superlink: str, config: str, runtime_port: int, security: NodeSecurity) -> list[str]:
     return [executable("flower-supernode"), *security.flags(), "--superlink", superlink, "--node-config", config,
-            "--isolation", "subprocess", "--port", str(runtime_port)]
+            "--isolation", "process", "--port", str(runtime_port)]
+
+
+def worker_command(runtime_port: int) -> list[str]:
+    """The warm worker that serves the SuperNode's ClientApp tasks (``client/warm.py``)."""
+    return [sys.executable, "-m", "pollinate.client.warm", "--runtime-api-address", f"127.0.0.1:{runtime_port}"]
+
+
+MAX_RESTARTS = 5  # worker crashes in a row (each within STABLE_S of its start) before the node gives up
+STABLE_S = 300.0  # a worker that served this long has recovered: its crash count starts again
+BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0)
+
+
+def supervise(node: Daemon, start_worker: Callable[[bool], Daemon], check_s: float = 0.5) -> int:
+    """Run until the SuperNode exits (its exit code), restarting a dead worker with backoff; both stopped by PID."""
+    worker, started, crashes = start_worker(False), time.monotonic(), 0
+    try:
+        while node.running():
+            if not worker.running():
+                crashes = 0 if time.monotonic() - started > STABLE_S else crashes + 1
+                if crashes > MAX_RESTARTS:
+                    print(f"the warm worker died {crashes} times in a row (last exit code {worker.process.returncode});"
+                          f" stopping the node: see the worker's error above, fix it and start the node again",
+                          file=sys.stderr, flush=True)
+                    return 1
+                wait = BACKOFF_S[min(crashes, len(BACKOFF_S)) - 1] if crashes else 0.0
+                print(f"the warm worker (pid {worker.pid}) exited with code {worker.process.returncode}; a message "
+                      f"it was serving is recorded as this node's failure; restarting it in {wait:.0f} s", file=sys.stderr, flush=True)
+                time.sleep(wait)
+                worker, started = start_worker(True), time.monotonic()
+                print(f"warm worker restarted, pid {worker.pid}", flush=True)
+            time.sleep(check_s)
+        return node.process.returncode
+    finally:
+        worker.stop()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -107,12 +148,21 @@ def run_node(args: argparse.Namespace) -> int:
                           f"coordinator first (`pollinate server --port ...`), check --superlink HOST:PORT and the "
                           f"firewall, or wait longer with --wait")
     with tempfile.TemporaryDirectory(prefix="pollinate-node-") as home:
-        node = Daemon("SuperNode", supernode_command(args.superlink, config, runtime_port, security),
-                      flower_env(Path(home)))
-        print(f"node serving {args.data} (max-rank {args.max_rank or 'unlimited'}, device {args.device}) for the "
-              f"SuperLink at {args.superlink}; SuperNode pid {node.pid}", flush=True)
+        env = flower_env(Path(home))
+
+        def start_worker(restart: bool) -> Daemon:
+            # A restarted worker drops the fault-test hook, so a test's one crash stays one crash.
+            return Daemon("warm worker", worker_command(runtime_port),
+                          {k: v for k, v in env.items() if k != CRASH_AT_TASK} if restart else env)
+
+        node = Daemon("SuperNode", supernode_command(args.superlink, config, runtime_port, security), env)
         try:
-            return node.process.wait()
+            if not wait_healthy(f"http://127.0.0.1:{runtime_port}", 60.0, alive=node):
+                raise ConfigError(f"the SuperNode's Runtime API on 127.0.0.1:{runtime_port} did not come up; see "
+                                  f"its error above (a port taken: choose another --runtime-port)")
+            print(f"node serving {args.data} (max-rank {args.max_rank or 'unlimited'}, device {args.device}) for "
+                  f"the SuperLink at {args.superlink}; SuperNode pid {node.pid}", flush=True)
+            return supervise(node, start_worker)
         except KeyboardInterrupt:
             return 130
         finally:
