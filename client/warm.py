@@ -90,6 +90,7 @@ class Worker:
     def run_task(self, token: str) -> None:
         """One ClientApp task, as ``run_clientapp`` runs it, without leaving the process."""
         self.tasks += 1
+        started = time.monotonic()
         client = _runtime_client(self.address, token)
         heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
         heartbeat.start()
@@ -99,6 +100,7 @@ class Worker:
         status, details = SubStatus.FAILED, "ClientApp task failed due to unknown reason"
         try:
             message, context, run, fab = pull_task_input(client)
+            log(INFO, "task %d (%s) started", self.tasks, message.metadata.message_type)
             if self.tasks == self.crash_at_task:
                 os._exit(CRASH_EXIT_CODE)  # the fault hook: a crash mid-round, nothing cleaned up
             if fab.hash_str not in self.installed:
@@ -122,6 +124,8 @@ class Worker:
             push_task_output(client=client, context=context, sub_status=status, details=details)
             heartbeat.stop()
             client.close()
+            kind = message.metadata.message_type if message is not None else "?"
+            log(INFO, "task %d (%s) %s in %.2f s", self.tasks, kind, status, time.monotonic() - started)
 
 
 def main(argv: list[str] | None = None) -> int:
