@@ -66,6 +66,31 @@ def node_config(data: Path, max_rank: int, device: str, privacy_state: Path | No
     return config
 
 
+MAX_LABELS = 2**31 - 1  # the node cannot know the run's model.num-labels: any non-negative integer label passes here
+
+
+def check_data(path: Path) -> int:
+    """Refuse a bad ``--data`` file before the node connects: its format, every row, at least 2 examples.
+
+    The rows are read and checked by ``client/data.py`` (the ClientApp's own reader), against the task the
+    columns name. Field names other than the defaults are the run's choice (``data.text-field``): those rows
+    are checked when the first message arrives. Returns how many examples the file holds.
+    """
+    from pollinate.client.data import examples_of, read_rows, split
+    from pollinate.proto.run_config import DataConfig, ModelConfig
+
+    rows = read_rows(path)  # a DataError with the file and line when the format is wrong
+    data = DataConfig()
+    if rows and "instruction" in rows[0]:
+        model = ModelConfig(task="causal-lm")
+    elif not rows or (data.text_field in rows[0] and data.label_field in rows[0]):
+        model = ModelConfig(num_labels=MAX_LABELS)
+    else:
+        return len(rows)
+    split(examples_of(rows, path, data, model), data.eval_fraction, 0)  # at least one to train, one to evaluate
+    return len(rows)
+
+
 def _plain_path(path: Path, flag: str) -> str:
     resolved = str(path.resolve())
     if "'" in resolved or " " in resolved:
@@ -137,6 +162,7 @@ def run_node(args: argparse.Namespace) -> int:
     """Start the SuperNode and serve until stopped (Ctrl-C / SIGTERM) or the SuperNode exits."""
     stop_on_sigterm()
     config = node_config(args.data, args.max_rank, args.device, args.privacy_state)
+    examples = check_data(args.data)  # bad data is refused here, with its file and row, not in round 1
     security = NodeSecurity(certs_of(args), args.node_key)
     security.flags()  # fail fast: a key without TLS, missing files
     runtime_port = args.runtime_port or free_port()
@@ -160,7 +186,7 @@ def run_node(args: argparse.Namespace) -> int:
             if not wait_healthy(f"http://127.0.0.1:{runtime_port}", 60.0, alive=node):
                 raise ConfigError(f"the SuperNode's Runtime API on 127.0.0.1:{runtime_port} did not come up; see "
                                   f"its error above (a port taken: choose another --runtime-port)")
-            print(f"node serving {args.data} (max-rank {args.max_rank or 'unlimited'}, device {args.device}) for "
+            print(f"node serving {args.data} ({examples} examples, max-rank {args.max_rank or 'unlimited'}, device {args.device}) for "
                   f"the SuperLink at {args.superlink}; SuperNode pid {node.pid}", flush=True)
             return supervise(node, start_worker)
         except KeyboardInterrupt:
