@@ -181,15 +181,42 @@ def run_node(args: argparse.Namespace) -> int:
             return Daemon("warm worker", worker_command(runtime_port),
                           {k: v for k, v in env.items() if k != CRASH_AT_TASK} if restart else env)
 
-        node = Daemon("SuperNode", supernode_command(args.superlink, config, runtime_port, security), env)
+        def serve() -> int:
+            node = Daemon("SuperNode", supernode_command(args.superlink, config, runtime_port, security), env)
+            try:
+                if not wait_healthy(f"http://127.0.0.1:{runtime_port}", 60.0, alive=node):
+                    if not node.running():
+                        return node.process.returncode
+                    raise ConfigError(f"the SuperNode's Runtime API on 127.0.0.1:{runtime_port} did not come up; "
+                                      f"see its error above (a port taken: choose another --runtime-port)")
+                print(f"node serving {args.data} ({examples} examples, max-rank {args.max_rank or 'unlimited'}, "
+                      f"device {args.device}) for the SuperLink at {args.superlink}; SuperNode pid {node.pid}",
+                      flush=True)
+                return supervise(node, start_worker)
+            finally:
+                node.stop()
+
         try:
-            if not wait_healthy(f"http://127.0.0.1:{runtime_port}", 60.0, alive=node):
-                raise ConfigError(f"the SuperNode's Runtime API on 127.0.0.1:{runtime_port} did not come up; see "
-                                  f"its error above (a port taken: choose another --runtime-port)")
-            print(f"node serving {args.data} ({examples} examples, max-rank {args.max_rank or 'unlimited'}, device {args.device}) for "
-                  f"the SuperLink at {args.superlink}; SuperNode pid {node.pid}", flush=True)
-            return supervise(node, start_worker)
+            return serve_until_admitted(serve, security.node_key is not None, args.wait)
         except KeyboardInterrupt:
             return 130
-        finally:
-            node.stop()
+
+
+def serve_until_admitted(serve: Callable[[], int], authenticated: bool, wait_s: float) -> int:
+    """``serve()``; with node authentication, again with backoff while the SuperNode is refused, for ``wait_s``.
+
+    A SuperLink with node authentication refuses a key it has not registered yet, and the SuperNode exits;
+    the coordinator may register it a moment later. So nodes and coordinator may start in any order.
+    """
+    deadline, attempt = time.monotonic() + wait_s, 0
+    while True:
+        code = serve()
+        left = deadline - time.monotonic()
+        if code == 0 or not authenticated or left <= 0:
+            return code
+        attempt += 1
+        pause = min(2.0 ** attempt, 30.0, left)
+        print(f"the SuperNode exited with code {code} (attempt {attempt}): with node authentication the SuperLink "
+              f"refuses a key it has not registered yet; retrying in {pause:.0f} s (--wait {wait_s:.0f} s in all; "
+              f"register the key with `pollinate server --register-node`)", file=sys.stderr, flush=True)
+        time.sleep(pause)

@@ -3,11 +3,15 @@
 Each node's base model loads once (the ``model-loads`` counter every reply carries, as the coordinator stored
 it), and a warm worker that crashes mid-round (the fault hook: it dies on its 5th task, round 2's training)
 is that node's recorded failure for the round; `pollinate client` restarts it and the node trains round 3.
+With node authentication, a node started before its key is registered retries until it is admitted.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +19,8 @@ import pytest
 from pollinate.client.warm import CRASH_AT_TASK
 from pollinate.proto.reply_schema import MODEL_LOADS
 from pollinate.runtime.processes import free_port
+from pollinate.security.certs import create_cert_dir
+from pollinate.security.flower_flags import register_command, superlink_flags, write_flwr_connection
 from pollinate.server.store import RoundStore
 from tests.support.paths import TINY
 from tests.support.processes import Processes, poll, write_node_data
@@ -60,3 +66,29 @@ def test_each_node_loads_its_model_once_and_a_crashed_warm_worker_is_a_failure_t
              if u.status == "accepted"}
     assert loads and set(loads.values()) == {1.0}, loads
     assert {r for _, r, _ in loads} == {1, 2, 3}
+
+
+@pytest.mark.timeout(900)
+def test_with_node_auth_a_node_started_before_its_key_is_registered_retries_and_joins(
+        tmp_path: Path, procs: Processes) -> None:
+    certs = create_cert_dir(tmp_path / "certs", nodes=1)
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "FLWR_HOME": str(tmp_path / "flwr"),
+           "FLWR_TELEMETRY_ENABLED": "0"}
+    port = free_port()
+    with (tmp_path / "superlink.log").open("w") as out:
+        link = subprocess.Popen([str(bin_dir / "flower-superlink"), *superlink_flags(certs), "--host", "127.0.0.1",
+                                 "--port", str(port)], env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    procs.started.append(link)
+    [data] = write_node_data(tmp_path, 1)
+    node = procs.pollinate("node", "client", "--superlink", f"127.0.0.1:{port}", "--data", str(data), "--device",
+                           "cpu", "--certs", str(certs.root), "--node-key", str(certs.node_key(1)), "--wait", "600")
+    poll("the node to be refused and retry", lambda: "retrying in" in procs.log("node") or None, 400)
+
+    write_flwr_connection(env["FLWR_HOME"], "t", certs, f"127.0.0.1:{port}")
+    registered = subprocess.run([str(bin_dir / "flwr"), *register_command(certs, 1, "t")[1:], "--format", "json"],
+                                env=env, capture_output=True, text=True, timeout=180)
+    assert registered.returncode == 0, registered.stdout + registered.stderr
+    poll("the node to join once its key is registered", lambda: "SuperNode ID" in procs.log("node") or None, 400)
+    assert node.poll() is None, procs.log("node")[-3000:]
