@@ -162,9 +162,9 @@ def run_node(args: argparse.Namespace) -> int:
     """Start the SuperNode and serve until stopped (Ctrl-C / SIGTERM) or the SuperNode exits."""
     stop_on_sigterm()
     config = node_config(args.data, args.max_rank, args.device, args.privacy_state)
-    examples = check_data(args.data)  # bad data is refused here, with its file and row, not in round 1
     security = NodeSecurity(certs_of(args), args.node_key)
     security.flags()  # fail fast: a key without TLS, missing files
+    examples = check_data(args.data)  # bad data is refused here, with its file and row, not in round 1
     runtime_port = args.runtime_port or free_port()
     require_free_port("127.0.0.1", runtime_port, "SuperNode's Runtime API", "--runtime-port")
     scheme = "https" if security.ca_cert else "http"
