@@ -77,8 +77,9 @@ def deploy(scenario: Path, workdir: Path, rounds: int, partitions: list[Path],
     server = Daemon("coordinator", pollinate("server", "--scenario", str(scenario), "--port", str(port), "--rounds",
                                              str(rounds), "--db", db, "--output", str(workdir / "deploy"),
                                              "--no-status", *overrides), env, server_log)
+    # One CPU thread per node, as the simulation gives each node's Ray actor (cpus-per-client = 1).
     clients = [Daemon(f"node-{i}", pollinate("client", "--superlink", f"127.0.0.1:{port}", "--data", str(p),
-                                             "--device", "cpu"), env, log)
+                                             "--device", "cpu", "--threads", "1"), env, log)
                for i, (p, log) in enumerate(zip(partitions, logs, strict=True))]
     rss: list[list[int]] = []
     stop = threading.Event()
@@ -150,7 +151,7 @@ def run_scenario(name: str, rounds: int, nodes: int) -> dict:
         sim_s, dep_s = seconds_per_round(sim), seconds_per_round(dep)
         return {"scenario": name, "model": cfg.model.name, "rounds": rounds, "nodes": nodes,
                 "sim_s_per_round": round(sim_s, 2), "deploy_s_per_round": round(dep_s, 2),
-                "ratio": round(dep_s / sim_s, 3), "model_loads_per_node": model_loads_per_node(dep),
+                "ratio": round(dep_s / sim_s, 3), "model_loads_per_node": model_loads_per_node(dep), "node_threads": 1,
                 "deploy_round_s": [round(r.duration_s, 2) for r in dep.rounds(dep.runs()[0].id)],
                 "clientapp_s_per_task": {k: round(v, 2) for k, v in clientapp_seconds(logs).items()},
                 "node_rss_mib_per_round": [[round(b / 2**20, 1) for b in row] for row in rss],

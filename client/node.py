@@ -104,9 +104,10 @@ def supernode_command(superlink: str, config: str, runtime_port: int, security: 
             "--isolation", "process", "--port", str(runtime_port)]
 
 
-def worker_command(runtime_port: int) -> list[str]:
+def worker_command(runtime_port: int, threads: int = 0) -> list[str]:
     """The warm worker that serves the SuperNode's ClientApp tasks (``client/warm.py``)."""
-    return [sys.executable, "-m", "pollinate.client.warm", "--runtime-api-address", f"127.0.0.1:{runtime_port}"]
+    return [sys.executable, "-m", "pollinate.client.warm", "--runtime-api-address", f"127.0.0.1:{runtime_port}",
+            "--threads", str(threads)]
 
 
 MAX_RESTARTS = 5  # worker crashes in a row (each within STABLE_S of its start) before the node gives up
@@ -144,6 +145,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, type=Path, help="this node's CSV/JSONL examples (stay here)")
     parser.add_argument("--max-rank", type=int, default=0, help="largest LoRA rank this node can train (0: no limit)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    parser.add_argument("--threads", type=int, default=0, metavar="N",
+                        help="CPU threads the node trains with (default 0: torch's default, all cores); give each "
+                             "node its share when several run on one machine")
     parser.add_argument("--privacy-state", type=Path, metavar="FILE",
                         help="where this node keeps its differential-privacy budget (default: beside --data); "
                              "it must be writable, e.g. when the data is mounted read-only")
@@ -162,6 +166,9 @@ def run_node(args: argparse.Namespace) -> int:
     """Start the SuperNode and serve until stopped (Ctrl-C / SIGTERM) or the SuperNode exits."""
     stop_on_sigterm()
     config = node_config(args.data, args.max_rank, args.device, args.privacy_state)
+    if args.threads < 0:
+        raise ConfigError(f"--threads {args.threads} is invalid: give the CPU threads this node may use, or 0 for "
+                          f"torch's default")
     security = NodeSecurity(certs_of(args), args.node_key)
     security.flags()  # fail fast: a key without TLS, missing files
     examples = check_data(args.data)  # bad data is refused here, with its file and row, not in round 1
@@ -178,7 +185,7 @@ def run_node(args: argparse.Namespace) -> int:
 
         def start_worker(restart: bool) -> Daemon:
             # A restarted worker drops the fault-test hook, so a test's one crash stays one crash.
-            return Daemon("warm worker", worker_command(runtime_port),
+            return Daemon("warm worker", worker_command(runtime_port, args.threads),
                           {k: v for k, v in env.items() if k != CRASH_AT_TASK} if restart else env)
 
         def serve() -> int:

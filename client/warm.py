@@ -132,8 +132,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pollinate.client.warm",
                                      description="serve a SuperNode's ClientApp tasks in one warm process")
     parser.add_argument("--runtime-api-address", required=True, metavar="127.0.0.1:PORT")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args(argv)
+    if args.threads > 0:  # before torch loads: its OpenMP pool reads this once
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    import torch
+
     import pollinate.client.app  # noqa: F401 - torch, transformers and PEFT once, before the first message
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
 
     crash_at = int(os.environ.get(CRASH_AT_TASK, "0") or 0)
     log(INFO, "pollinate warm worker (pid %d) serving %s", os.getpid(), args.runtime_api_address)
