@@ -107,7 +107,7 @@ def supernode_command(superlink: str, config: str, runtime_port: int, security: 
 def worker_command(runtime_port: int, threads: int = 0) -> list[str]:
     """The warm worker that serves the SuperNode's ClientApp tasks (``client/warm.py``)."""
     return [sys.executable, "-m", "pollinate.client.warm", "--runtime-api-address", f"127.0.0.1:{runtime_port}",
-            "--threads", str(threads)]
+            "--threads", str(threads), "--parent-pid", str(os.getpid())]
 
 
 MAX_RESTARTS = 5  # worker crashes in a row (each within STABLE_S of its start) before the node gives up

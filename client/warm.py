@@ -33,6 +33,7 @@ from flwr.clientapp.utils import get_load_client_app_fn
 from flwr.common.constant import ErrorCode, SubStatus
 from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
 from flwr.supercore import log
+from flwr.supercore.app_utils import start_parent_process_monitor
 from flwr.supercore.constant import TaskType
 from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
 from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
@@ -133,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
                                      description="serve a SuperNode's ClientApp tasks in one warm process")
     parser.add_argument("--runtime-api-address", required=True, metavar="127.0.0.1:PORT")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--parent-pid", type=int, help="exit when this process (`pollinate client`) is gone")
     args = parser.parse_args(argv)
     if args.threads > 0:  # before torch loads: its OpenMP pool reads this once
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
@@ -142,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    if args.parent_pid:  # a `pollinate client` killed with SIGKILL cannot stop us: we notice and leave
+        start_parent_process_monitor(args.parent_pid)
 
     crash_at = int(os.environ.get(CRASH_AT_TASK, "0") or 0)
     log(INFO, "pollinate warm worker (pid %d) serving %s", os.getpid(), args.runtime_api_address)
