@@ -19,6 +19,7 @@ import torch
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from transformers import PreTrainedTokenizerBase
 
+from pollinate.privacy.csprng import poisson_sample
 from pollinate.proto.run_config import ConfigError, DataConfig, ModelConfig
 
 PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
@@ -123,12 +124,18 @@ def endless_batches(examples: list[Example], tokenizer: PreTrainedTokenizerBase,
 
 
 def poisson_batches(examples: list[Example], tokenizer: PreTrainedTokenizerBase, model: ModelConfig,
-                    sample_rate: float, seed: int | None) -> Iterator[dict[str, torch.Tensor] | None]:
+                    sample_rate: float, seed: int | None,
+                    secure: bool = False) -> Iterator[dict[str, torch.Tensor] | None]:
     """Batches with every example drawn independently with probability ``sample_rate``, forever.
 
     Poisson sampling is what DP-SGD's privacy amplification by subsampling assumes (Abadi et al.
     2016; Opacus' sampler); batch sizes vary and an empty batch is ``None``. ``seed`` None: fresh entropy.
+    ``secure`` (privacy.secure-mode): every draw from the OS CSPRNG (``privacy.csprng.poisson_sample``).
     """
+    if secure:
+        while True:
+            indices = poisson_sample(range(len(examples)), sample_rate)
+            yield _collate([examples[i] for i in indices], tokenizer, model) if indices else None
     generator = torch.Generator()
     if seed is None:
         generator.seed()

@@ -19,9 +19,11 @@ import torch
 import torch.nn.functional as F
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from peft import PeftModel
 
 from pollinate.client.train import autocast, trainable_parameters
+from pollinate.privacy.csprng import SecureGaussian
 from pollinate.proto.run_config import TrainConfig
 
 # Importing Opacus runs logging.basicConfig(), which gives the root logger a handler at level NOTSET. Flower's
@@ -44,18 +46,36 @@ def per_example_mean_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     return ((tokens * mask).sum(1) / mask.sum(1).clamp(min=1.0)).mean()
 
 
+class SecureNoiseDPOptimizer(DPOptimizer):
+    """Opacus' DPOptimizer with its Gaussian noise drawn from the OS CSPRNG (``privacy.csprng.SecureGaussian``).
+
+    What Opacus' own ``secure_mode`` is for, without its torchcsprng dependency (archived, no build for this
+    torch): a seeded torch generator's noise can be predicted by whoever recovers its state.
+    """
+
+    def add_noise(self) -> None:
+        gaussian = SecureGaussian()
+        for p in self.params:
+            _check_processed_flag(p.summed_grad)  # Opacus' own guard against noising a gradient twice
+            noise = gaussian.normal(0.0, self.noise_multiplier * self.max_grad_norm, size=tuple(p.summed_grad.shape))
+            p.grad = (p.summed_grad + torch.as_tensor(noise, dtype=p.summed_grad.dtype,
+                                                      device=p.summed_grad.device)).view_as(p)
+            _mark_as_processed(p.summed_grad)
+
+
 def train_dp(model: PeftModel, batches: Iterator[Batch | None], cfg: TrainConfig, device: torch.device,
              noise_multiplier: float, clip_norm: float, expected_batch_size: int,
-             train_factors: str = "all", generator: torch.Generator | None = None) -> float:
+             train_factors: str = "all", generator: torch.Generator | None = None, secure: bool = False) -> float:
     """``cfg.local_steps`` DP-AdamW steps on the adapter; returns the mean training loss of non-empty batches.
 
     ``batches`` yields Poisson-sampled batches (``client.data.poisson_batches``); ``None`` is an empty
     batch, which still takes a noise-only step: skipping it would reveal that no example was sampled.
     The update is (sum_i clip(g_i, C) + N(0, (z C)^2)) / expected_batch_size (Abadi et al. 2016, Alg. 1).
+    ``secure`` (privacy.secure-mode): the noise from the OS CSPRNG (``SecureNoiseDPOptimizer``).
     """
     model.to(device).train()
     params = trainable_parameters(model, train_factors)
-    optimiser = DPOptimizer(torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay),
+    optimiser = (SecureNoiseDPOptimizer if secure else DPOptimizer)(torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay),
                             noise_multiplier=noise_multiplier, max_grad_norm=clip_norm,
                             expected_batch_size=expected_batch_size, generator=generator)
     private = GradSampleModule(model, batch_first=True, loss_reduction="mean")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -37,8 +38,14 @@ def clip_delta(delta: Mapping[str, np.ndarray], clip_norm: float) -> tuple[Named
     return {k: (v * np.float32(scale)).astype(np.float32) for k, v in delta.items()}, norm
 
 
+class Gaussian(Protocol):
+    """Where noise comes from: ``np.random.Generator`` (tests), or ``privacy.csprng.SecureGaussian`` (runs)."""
+
+    def normal(self, loc: float = ..., scale: float = ..., size: Any = ...) -> Any: ...
+
+
 def add_gaussian_noise(tensors: Mapping[str, np.ndarray], std: float, names: Collection[str],
-                       rng: np.random.Generator) -> NamedArrays:
+                       rng: Gaussian) -> NamedArrays:
     """``tensors`` with N(0, std^2) added to every element of ``names`` only (the tensors that were trained)."""
     return {k: (v + rng.normal(0.0, std, size=v.shape)).astype(np.float32) if k in names else v.copy()
             for k, v in tensors.items()}
@@ -54,11 +61,16 @@ class PrivateMean:
 
 
 def private_mean(deltas: Sequence[Mapping[str, np.ndarray]], clip_norm: float, noise_multiplier: float,
-                 noised: Collection[str], rng: np.random.Generator) -> PrivateMean:
-    """(1/m) sum_i clip(delta_i, C) + N(0, (z C / m)^2) on the ``noised`` names (McMahan et al. 2018, Alg. 1)."""
+                 noised: Collection[str], rng: Gaussian, denominator: float | None = None) -> PrivateMean:
+    """(1/W) sum_i clip(delta_i, C) + N(0, (z C / W)^2) on the ``noised`` names (McMahan et al. 2018, Alg. 1).
+
+    W is the fixed ``denominator`` q N, the expected number of sampled clients, as the accountant assumes
+    (DP-FedAvg's fixed-denominator estimator: the sensitivity of the mean is then C / W whatever the realised
+    sample); without one, the realised count m (not private under Poisson sampling: for tests and benches).
+    """
     if not deltas:
         raise ValueError("no client delta to average")
-    m = len(deltas)
+    m = denominator if denominator is not None else len(deltas)
     total: NamedArrays = {k: np.zeros_like(v, dtype=np.float32) for k, v in deltas[0].items()}
     norms = []
     for delta in deltas:
@@ -96,8 +108,8 @@ def update_noise_multiplier(noise_multiplier: float, count_stddev: float) -> flo
     return rest ** -0.5
 
 
-def next_clip_norm(clip_norm: float, unclipped: int, clients: int, count_stddev: float, target_quantile: float,
-                   learning_rate: float, rng: np.random.Generator) -> tuple[float, float]:
+def next_clip_norm(clip_norm: float, unclipped: int, clients: float, count_stddev: float, target_quantile: float,
+                   learning_rate: float, rng: Gaussian) -> tuple[float, float]:
     """Andrew et al. 2021, Alg. 1: C <- C exp(-eta_C (b~ - gamma)), b~ = (sum b_i + N(0, sigma_b^2)) / m.
 
     Returns the next C and the noised unclipped fraction b~ (the only thing released about the norms).

@@ -160,7 +160,7 @@ class FederationConfig:
     rounds: int = 3
     strategy: str = "fedavg"  # a name from `pollinate strategies`
     min_nodes: int = 2  # a round needs at least this many connected nodes (and accepted updates)
-    fraction_train: float = 1.0  # share of connected nodes sampled per round
+    fraction_train: float = 1.0  # share of connected nodes sampled per round (central DP: each one's Poisson rate q)
     wait_for_nodes: float = 120.0  # seconds to wait for min-nodes before failing the round
     round_timeout: float = 900.0  # seconds to wait for replies in one exchange
     wire_dtype: WireDtype = field(default="float32", metadata={
@@ -215,6 +215,7 @@ class PrivacyConfig:
     target_unclipped_quantile: float = 0.5  # gamma: share of clients whose delta should fit under C
     clip_learning_rate: float = 0.2  # eta_C: C <- C * exp(-eta_C * (unclipped fraction - gamma))
     clipped_count_stddev: float = 0.0  # sigma_b of the noisy unclipped count; 0: max(clients / 20, z)
+    secure_mode: bool = False  # sample: DP-SGD's noise and batch sampling from the OS CSPRNG (Opacus secure_mode's aim)
 
     def validate(self) -> None:
         _require(self.target_epsilon > 0 and self.target_epsilon != float("inf"), "privacy.target-epsilon",
@@ -236,6 +237,9 @@ class PrivacyConfig:
                  self.target_unclipped_quantile, "use a value in (0, 1), e.g. 0.5")
         _require(self.clip_learning_rate > 0, "privacy.clip-learning-rate", self.clip_learning_rate,
                  "use a positive rate, e.g. 0.2")
+        _require(not self.secure_mode or self.mode == "sample", "privacy.secure-mode", self.secure_mode,
+                 "secure mode is for privacy.mode = 'sample' (central DP always draws from the OS CSPRNG); set it "
+                 "false")
         _require(self.clipped_count_stddev >= 0, "privacy.clipped-count-stddev", self.clipped_count_stddev,
                  "use a value >= 0 (0: max(clients / 20, z))")
 
@@ -267,10 +271,13 @@ class StoreConfig:
     db: str = "sqlite:///pollinate.db"  # any SQLAlchemy URL
     output_dir: str = "runs"  # the final adapter is exported to <output-dir>/run-<id>/adapter
     resume_run: int = 0  # continue this stored run from its last completed round (`pollinate server --resume`); 0: new
+    lease_ttl: float = 60.0  # s: a dead coordinator's run can be resumed this long after its last lease heartbeat
 
     def validate(self) -> None:
         _require(self.resume_run >= 0, "store.resume-run", self.resume_run, "use a run id from `pollinate runs`, "
                  "or 0 for a new run")
+        _require(1.0 <= self.lease_ttl <= 86400.0, "store.lease-ttl", self.lease_ttl,
+                 "use a lease of 1 to 86400 seconds, e.g. 60 (the heartbeat renews it every quarter of that)")
 
 
 def _default_strategy_options() -> Any:

@@ -12,28 +12,30 @@ exported in PEFT's format.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from peft import PeftModel
-from rich.console import Console
 from rich.markup import escape
 
 from pollinate import strategies
 from pollinate.models import adapter_state, build_peft_model, export_adapter
 from pollinate.proto.run_config import ConfigError, FederationConfig, RunConfig
-from pollinate.server.privacy_rounds import BudgetSpent, RunPrivacy, check_privacy_config, is_refusal
+from pollinate.server.privacy_rounds import BudgetSpent, RunPrivacy, check_privacy_config, is_refusal, released
 from pollinate.server.rounds import (Declaration, Evaluation, RoundExchange, RoundFailed, RoundLedger, evaluate_global,
                            mean_metric, query_capacities, sample_nodes, wait_for_nodes)
+from pollinate.server.crash_points import AFTER_AGGREGATION, AFTER_COMMIT, crash_point
+from pollinate.server.lease import RunLease, holder_id
 from pollinate.server.secure import SecureAggregation
-from pollinate.server.resume import round_state, start_or_resume
-from pollinate.server.store import ClientRecord, RoundRecord, RoundStore, adapter_bytes, sha256
+from pollinate.server.resume import RunStart, round_state, start_or_resume
+from pollinate.server.round_events import RoundEvent, emit, say
+from pollinate.server.store import (ClientRecord, LeaseHeld, RoundRecord, RoundStore, StoreError, adapter_bytes,
+                                    sha256)
 from pollinate.strategies.base import AggregationError, lora_rank
 
 app = ServerApp()
-console = Console(highlight=False, width=max(120, Console().width))
 
 
 @app.main()
@@ -41,66 +43,100 @@ def main(grid: Grid, context: Context) -> None:
     run_federation(grid, RunConfig.from_flat(context.run_config), flower_run_id=context.run_id)
 
 
-def run_federation(grid: Grid, cfg: RunConfig, flower_run_id: int = 0) -> int:
-    """Run (or, with ``store.resume-run``, resume) every round of ``cfg`` over ``grid``; returns the run id."""
+def run_federation(grid: Grid, cfg: RunConfig, flower_run_id: int = 0, lease_ttl_s: float | None = None) -> int:
+    """Run (or, with ``store.resume-run``, resume) every round of ``cfg`` over ``grid``; returns the run id.
+
+    Refused (``LeaseHeld``) when another live coordinator holds the run. A round that cannot be stored ends
+    the run ``interrupted`` (``StoreError``, one line): nothing of it reached a node, and a resume reruns it.
+    """
     strategy = strategies.build(cfg)
     store = RoundStore(cfg.store.db)
     model, _ = build_peft_model(cfg)
     check_privacy_config(cfg, strategy)
-    start = start_or_resume(store, cfg, strategy, adapter_state(model), flower_run_id)
+    holder = holder_id()
+    lease_ttl_s = cfg.store.lease_ttl if lease_ttl_s is None else lease_ttl_s
+    start = start_or_resume(store, cfg, strategy, adapter_state(model), flower_run_id, holder, lease_ttl_s)
     run_id, state = start.run_id, start.state
+    lease = RunLease(store, run_id, holder, lease_ttl_s, lease_ttl_s / 4).start()
+    try:
+        return _run_rounds(grid, cfg, strategy, store, start, state, model, lease)
+    finally:
+        lease.release()
+
+
+def _run_rounds(grid: Grid, cfg: RunConfig, strategy: strategies.Strategy, store: RoundStore, start: RunStart,
+                state: strategies.NamedArrays, model: PeftModel, lease: RunLease) -> int:
+    run_id = start.run_id
     capacities: dict[int, Declaration] = {}  # what each node declared when first asked (the query exchange)
     resumed = f" resumed at round {start.first_round}" if start.resumed else ""
-    console.print(f"[bold]pollinate[/] run {run_id}{resumed}: {strategy.name} on {cfg.model.name} + "
+    say(f"[bold]pollinate[/] run {run_id}{resumed}: {strategy.name} on {cfg.model.name} + "
                   f"{cfg.adapter.method} (r={cfg.adapter.r}), {cfg.federation.rounds} rounds, store {store.url}")
-    privacy = RunPrivacy.open(cfg.privacy, cfg.federation.rounds, store, run_id)  # rebuilt from the stored ledger on a resume
+    privacy = RunPrivacy.open(cfg.privacy, cfg.federation.rounds, store, run_id,  # rebuilt from the stored ledger
+                              sample_rate=cfg.federation.fraction_train)
     try:
         try:
             nodes = wait_for_nodes(grid, cfg.federation.min_nodes, cfg.federation.wait_for_nodes)
         except RoundFailed:
             nodes = []  # no round 0 evaluation; round 1 waits again and, failing, is stored as a failed round
-        if nodes and not start.resumed:
+        if nodes and not start.resumed and cfg.privacy.mode == "off":  # under DP nodes release no eval metrics
             initial = evaluate_global(grid, cfg.federation, nodes, strategy.evaluation_request(state), 0,
                                       RoundLedger())
             if initial is not None:
                 store.set_initial_metrics(run_id, {"eval-loss": initial.loss, "eval-accuracy": initial.accuracy})
-                console.print(f"round 0: eval loss {initial.loss:.4f}, accuracy {initial.accuracy:.4f}")
+                say(f"round 0: eval loss {initial.loss:.4f}, accuracy {initial.accuracy:.4f}")
         failures = start.consecutive_failures
         for number in range(start.first_round, cfg.federation.rounds + 1):
+            emit(RoundEvent("round-start", round=number, rounds=cfg.federation.rounds))
             try:
-                state = _run_round(grid, cfg, strategy, store, run_id, number, state, capacities, privacy)
+                state = _run_round(grid, cfg, strategy, store, run_id, number, state, capacities, privacy, lease)
                 failures = 0
             except BudgetSpent as e:
-                console.print(f"[yellow]privacy budget spent: {escape(str(e))}; the run ends with the adapter of "
+                say(f"[yellow]privacy budget spent: {escape(str(e))}; the run ends with the adapter of "
                               f"the last completed round[/]")
                 break
             except RoundFailed:
                 failures += 1
                 if cfg.federation.on_round_failure == "stop" or failures >= cfg.federation.max_consecutive_failures:
                     raise
-                console.print(f"  [yellow]round {number} failed ({failures} in a row, the run stops at "
+                say(f"  [yellow]round {number} failed ({failures} in a row, the run stops at "
                               f"{cfg.federation.max_consecutive_failures}); the next round starts from the last "
                               f"completed round's adapter[/]")
-        _finish(cfg, strategy, store, run_id, state, model)
+        _finish(cfg, strategy, store, run_id, state, model, lease.holder)
+    except LeaseHeld:
+        raise  # another coordinator holds the run now: its status is that coordinator's to set
     except (KeyboardInterrupt, SystemExit) as e:
-        store.finish_run(run_id, "interrupted", error=f"{type(e).__name__}: the coordinator was stopped; "
-                         f"`pollinate server --resume {run_id}` continues it")
+        _end(store, run_id, "interrupted", f"{type(e).__name__}: the coordinator was stopped; "
+             f"`pollinate server --resume {run_id}` continues it", lease.holder)
         raise
+    except StoreError as e:
+        message = (f"run {run_id} stopped, interrupted: {e}. No node received anything not stored; "
+                   f"`pollinate server --resume {run_id}` continues it once the store is back")
+        _end(store, run_id, "interrupted", message, lease.holder)
+        raise StoreError(message) from None
     except BaseException as e:
-        store.finish_run(run_id, "failed", error=f"{type(e).__name__}: {e}")
+        _end(store, run_id, "failed", f"{type(e).__name__}: {e}", lease.holder)
         raise
     return run_id
 
 
+def _end(store: RoundStore, run_id: int, status: str, error: str, holder: str) -> None:
+    """Mark the run ended, if the store lets us: when it is down, the run stays ``running`` and its lease
+    expires, which is just as resumable (``pollinate server --resume``)."""
+    try:
+        store.finish_run(run_id, status, error=error, holder=holder)
+    except StoreError as e:
+        say(f"[yellow]run {run_id} could not be marked {status} ({escape(str(e))}); it stays resumable[/]")
+
+
 def _finish(cfg: RunConfig, strategy: strategies.Strategy, store: RoundStore, run_id: int,
-            state: strategies.NamedArrays, model: PeftModel) -> None:
+            state: strategies.NamedArrays, model: PeftModel, holder: str) -> None:
     final = strategy.export(state)
     rank = lora_rank(final) or cfg.adapter.r
     if rank != cfg.adapter.r:  # base deltas folded into the LoRA (flora, fedex-lora)
         model, _ = build_peft_model(cfg.replace(**{"adapter.r": rank}))
     adapter_dir = export_adapter(model, final, Path(cfg.store.output_dir) / f"run-{run_id}" / "adapter")
-    store.finish_run(run_id, "completed", adapter_dir=str(adapter_dir.resolve()))
-    console.print(f"run {run_id} completed; adapter exported to {adapter_dir}")
+    store.finish_run(run_id, "completed", adapter_dir=str(adapter_dir.resolve()), holder=holder)
+    say(f"run {run_id} completed; adapter exported to {adapter_dir}")
 
 
 def _assign_ranks(grid: Grid, federation: FederationConfig, strategy: strategies.Strategy, nodes: list[int], number: int,
@@ -136,8 +172,11 @@ class _RoundProgress:
 
 def _run_round(grid: Grid, cfg: RunConfig, strategy: strategies.Strategy, store: RoundStore, run_id: int,
                number: int, state: strategies.NamedArrays, capacities: dict[int, Declaration],
-               privacy: RunPrivacy) -> strategies.NamedArrays:
-    """One round, stored in one transaction: completed (with adapter and state), or failed (with its reason)."""
+               privacy: RunPrivacy, lease: RunLease) -> strategies.NamedArrays:
+    """One round, stored in one transaction: completed (with adapter, state and privacy ledger), or failed (with
+    its reason). Persist, then release: the new adapter reaches the nodes (evaluation, the next round) only
+    after its round and ledger are committed, so a coordinator that dies at any point never under-counts
+    the privacy spent on what the nodes saw."""
     started = time.monotonic()
     progress = _RoundProgress()
     ledger = progress.ledger
@@ -145,9 +184,10 @@ def _run_round(grid: Grid, cfg: RunConfig, strategy: strategies.Strategy, store:
     before = strategy.state_arrays()  # a failed round must leave the strategy as it found it
     try:
         connected = wait_for_nodes(grid, cfg.federation.min_nodes, cfg.federation.wait_for_nodes)
-        progress.sampled = sample_nodes(connected, cfg.federation, cfg.seed, number)
+        progress.sampled = sample_nodes(connected, cfg.federation, cfg.seed, number,
+                                        secret=privacy.central is not None)
         if privacy.central is not None:  # the run's own budget: stop before a round that would exceed it
-            privacy.central.start_round(number, len(progress.sampled), len(connected))
+            privacy.central.start_round(number, len(connected))
         ranks = _assign_ranks(grid, cfg.federation, strategy, progress.sampled, number, capacities, ledger)
         declared = {node: capacities[node].num_examples for node in ranks}
         secure = (SecureAggregation(grid, cfg.secagg, cfg.federation, number, ledger, seed=cfg.seed,
@@ -164,49 +204,62 @@ def _run_round(grid: Grid, cfg: RunConfig, strategy: strategies.Strategy, store:
         record = RoundRecord(
             number=number, participants=len(progress.sampled), accepted=progress.accepted, train_loss=None,
             eval_loss=None, eval_accuracy=None, bytes_up=ledger.bytes("up"), bytes_down=ledger.bytes("down"),
-            duration_s=time.monotonic() - started, clients=ledger.clients, status="failed", reason=reason,
+            duration_s=time.monotonic() - started, clients=released(cfg.privacy, ledger.clients), status="failed",
+            reason=reason,
             parent_sha256=parent, metrics={"privacy-budget-spent": 1.0} if refused else {},
             privacy=privacy.entries(ledger.clients))
-        store.record_round(run_id, record, None)
+        store.record_round(run_id, record, None, holder=lease.holder, lease_ttl_s=lease.ttl_s)
         _print_round(cfg, record, None, ledger)
         if refused:  # the nodes' budgets, not a fault: the run ends cleanly with the last completed adapter
             raise BudgetSpent(f"in round {number} {reason}") from None
         raise RoundFailed(str(e)) from e
-    evaluation = evaluate_global(grid, cfg.federation, connected, strategy.evaluation_request(new_state), number,
-                                 ledger)
+    crash_point(AFTER_AGGREGATION)
     record = RoundRecord(
         number=number, participants=len(progress.sampled), accepted=len(exchange.reports),
-        train_loss=mean_metric(exchange.reports, "train-loss"),
-        eval_loss=evaluation.loss if evaluation else None,
-        eval_accuracy=evaluation.accuracy if evaluation else None,
+        train_loss=mean_metric(exchange.reports, "train-loss"), eval_loss=None, eval_accuracy=None,
         bytes_up=ledger.bytes("up"), bytes_down=ledger.bytes("down"),
-        duration_s=time.monotonic() - started, clients=ledger.clients, parent_sha256=parent,
+        duration_s=time.monotonic() - started, clients=released(cfg.privacy, ledger.clients), parent_sha256=parent,
         privacy=privacy.entries(ledger.clients))
-    store.record_round(run_id, record, strategy.export(new_state), round_state(new_state, strategy))
-    _print_round(cfg, record, evaluation, ledger)
+    store.record_round(run_id, record, strategy.export(new_state), round_state(new_state, strategy),
+                       holder=lease.holder, lease_ttl_s=lease.ttl_s)
+    crash_point(AFTER_COMMIT)
+    # Released only now: the round and its ledger are stored. Without DP the nodes evaluate the new adapter
+    # and the evaluation is added to the stored round; under DP they release no metrics (the next round's
+    # training exchange is the first release of this adapter).
+    evaluated, evaluation = RoundLedger(), None
+    if cfg.privacy.mode == "off":
+        evaluation = evaluate_global(grid, cfg.federation, connected, strategy.evaluation_request(new_state), number,
+                                     evaluated)
+        store.record_evaluation(run_id, number, evaluation.loss if evaluation else None,
+                                evaluation.accuracy if evaluation else None, evaluated.clients, holder=lease.holder,
+                                lease_ttl_s=lease.ttl_s)
+    ledger.clients.extend(evaluated.clients)
+    _print_round(cfg, replace(record, bytes_up=ledger.bytes("up"), bytes_down=ledger.bytes("down")), evaluation,
+                 ledger)
     if secure is not None and secure.clipped:
-        console.print(f"  [yellow]secure aggregation clipped {secure.clipped} weighted value(s) to "
+        say(f"  [yellow]secure aggregation clipped {secure.clipped} weighted value(s) to "
                       f"+-{cfg.secagg.clip_range}; raise secagg.clip-range[/]")
     return new_state
 
 
 def _print_round(cfg: RunConfig, record: RoundRecord, evaluation: Evaluation | None, ledger: RoundLedger) -> None:
+    emit(RoundEvent("round-end", round=record.number, rounds=cfg.federation.rounds, seconds=record.duration_s))
     per_client = record.bytes_up / max(1, record.accepted) / 1024
     if record.status == "failed":
-        console.print(f"[red]round {record.number}/{cfg.federation.rounds} failed[/]: {escape(record.reason or '')}")
+        say(f"[red]round {record.number}/{cfg.federation.rounds} failed[/]: {escape(record.reason or '')}")
         for c in ledger.failures():
-            console.print(f"  [yellow]node {c.node_id} {c.phase} {c.status}[/]: {escape(c.reason or '')}")
+            say(f"  [yellow]node {c.node_id} {c.phase} {c.status}[/]: {escape(c.reason or '')}")
         return
     line = (f"round {record.number}/{cfg.federation.rounds}: {record.accepted}/{record.participants} updates "
             f"accepted, train loss {record.train_loss or float('nan'):.4f}")
     if evaluation is not None:
         line += f", eval loss {evaluation.loss:.4f}, accuracy {evaluation.accuracy:.4f}"
-    console.print(line + f", {per_client:.1f} KiB up per client, {record.duration_s:.1f} s")
+    say(line + f", {per_client:.1f} KiB up per client, {record.duration_s:.1f} s")
     for c in ledger.failures():
-        console.print(f"  [yellow]node {c.node_id} {c.phase} {c.status}[/]: {escape(c.reason or '')}")
+        say(f"  [yellow]node {c.node_id} {c.phase} {c.status}[/]: {escape(c.reason or '')}")
     spent = [e for e in record.privacy if e.status == "spent"]
     if spent:
         worst = max(spent, key=lambda e: e.epsilon)
-        console.print(f"  privacy: {worst.mechanism}, epsilon {worst.epsilon:.4g} of {cfg.privacy.target_epsilon:g} "
+        say(f"  privacy: {worst.mechanism}, epsilon {worst.epsilon:.4g} of {cfg.privacy.target_epsilon:g} "
                       f"spent (delta {worst.delta:g}" + (", the most of any node)" if worst.node_id is not None
                                                          else ", the run's)"))

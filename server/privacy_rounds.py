@@ -1,23 +1,26 @@
 """The coordinator's side of differential privacy: the run key, client-level central DP, the ledger entries.
 
 ``CentralPrivacy`` plugs into ``RoundExchange.mean``: it clips each node's adapter delta (its reply
-minus what it was sent), averages with equal weights 1/m and adds Gaussian noise to the trained
-tensors only (``privacy/central.py``). Its state (accountant history, adaptive clip norm) is rebuilt
+minus what it was sent), sums them, divides by the fixed expected count q N and adds Gaussian noise to the
+trained tensors only (``privacy/central.py``). The nodes were Poisson-sampled at rate q from the OS CSPRNG
+(``sample_nodes``), and the noise comes from it too (``privacy/csprng.py``): what the accountant assumes.
+Its state (accountant history, adaptive clip norm) is rebuilt
 from the privacy ledger, so a resumed run continues where the stored rounds left off.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC
 
 import numpy as np
 
 from pollinate.privacy.accountant import Release, calibrate_noise_multiplier, epsilon
-from pollinate.privacy.central import (add_gaussian_noise, default_count_stddev, delta_of, next_clip_norm, private_mean,
-                             update_noise_multiplier)
-from pollinate.privacy.ledger import MECHANISMS, REFUSAL_CODE, PrivacyEntry, entry_from_report, releases
+from pollinate.privacy.central import (Gaussian, add_gaussian_noise, default_count_stddev, delta_of, next_clip_norm,
+                                      private_mean, update_noise_multiplier)
+from pollinate.privacy.csprng import SecureGaussian
+from pollinate.privacy.ledger import MECHANISMS, REFUSAL_CODE, REPORT_KEYS, PrivacyEntry, entry_from_report, releases
 from pollinate.proto.instructions import trained_names
 from pollinate.proto.run_config import ConfigError, PrivacyConfig, RunConfig
 from pollinate.server.store import ClientRecord, RoundStore, RunSummary
@@ -54,13 +57,15 @@ class CentralPrivacy:
     """DP-FedAvg on the server (McMahan et al. 2018) with optional adaptive clipping (Andrew et al. 2021)."""
 
     def __init__(self, privacy: PrivacyConfig, rounds: int, ledger: Sequence[PrivacyEntry] = (),
-                 rng: np.random.Generator | None = None) -> None:
-        """``rounds``: the run's planned rounds (federation.rounds), over which a calibrated z spends the budget."""
-        self.p, self.rounds = privacy, rounds
+                 rng: Gaussian | None = None, sample_rate: float = 1.0) -> None:
+        """``rounds``: the run's planned rounds (federation.rounds), over which a calibrated z spends the budget;
+        ``sample_rate``: q, each connected node's chance to be sampled in a round (federation.fraction-train)."""
+        self.p, self.rounds, self.sample_rate = privacy, rounds, sample_rate
+        self.expected_clients = 0.0  # q N of the planned round: the mean's fixed denominator
         self.history = releases(ledger, node_id=None)
         own = [e for e in ledger if e.node_id is None and e.status == "spent"]
         self.clip_norm = float(own[-1].metrics.get("next-clip-norm", own[-1].clip_norm)) if own else self.p.clip_norm
-        self.rng = rng if rng is not None else np.random.default_rng()  # fresh OS entropy
+        self.rng: Gaussian = rng if rng is not None else SecureGaussian()  # unpredictable noise
         self.noise_multiplier = self.p.noise_multiplier
         self._pending: tuple[Release, float] | None = None
         self.entry: PrivacyEntry | None = None
@@ -68,12 +73,14 @@ class CentralPrivacy:
     def spent(self) -> float:
         return epsilon(self.history, self.p.delta)
 
-    def start_round(self, number: int, sampled: int, connected: int) -> None:
-        """Plan this round's release; ``BudgetSpent`` when it would take epsilon over the target."""
+    def start_round(self, number: int, connected: int) -> None:
+        """Plan this round's release over ``connected`` nodes, each Poisson-sampled at q; ``BudgetSpent`` when it
+        would take epsilon over the target."""
         if self.p.delta >= 1 / connected:
             raise ConfigError(f"privacy.delta = {self.p.delta:g} is not below 1/n = 1/{connected} for {connected} "
                               f"clients: lower privacy.delta below {1 / connected:.2g}")
-        rate = sampled / connected
+        rate = self.sample_rate  # the accountant's q is the rate the sample was drawn at, not a realised ratio
+        self.expected_clients = rate * connected
         if not self.noise_multiplier:  # calibrated once, for every planned round at this sampling rate
             self.noise_multiplier = calibrate_noise_multiplier(self.p.target_epsilon, self.p.delta, rate, self.rounds)
         release = Release(self.noise_multiplier, rate, 1)
@@ -85,7 +92,8 @@ class CentralPrivacy:
 
     def noised_mean(self, requests: Mapping[int, Request], mean: MeanUpdate) -> MeanUpdate:
         """Under secure aggregation: nodes clipped their own deltas to C (``Instructions.clip_norm``) and the
-        server holds only their equal-weight mean; add N(0, (z C / m)^2) to the trained tensors of it.
+        server holds only their equal-weight mean over the m that took part. The result is
+        sent + (m / W) (mean - sent) + N(0, (z C / W)^2) on the trained tensors, W = q N fixed.
 
         The guarantee assumes nodes clip honestly (as with Flower's client-side clipping): a node that
         does not is bounded only by secagg.clip-range.
@@ -96,10 +104,13 @@ class CentralPrivacy:
         sent = requests[mean.node_ids[0]]
         if any(not np.array_equal(requests[n].tensors[k], sent.tensors[k]) for n in mean.node_ids for k in sent.tensors):
             raise ConfigError("central DP needs every node sent the same tensors; this strategy sends others")
-        m, z = len(mean.node_ids), release.noise_multiplier
+        m, z, w = len(mean.node_ids), release.noise_multiplier, self.expected_clients
         noised = trained_names(mean.tensors, sent.instructions.train_factors)
-        tensors = add_gaussian_noise(mean.tensors, z * self.clip_norm / m, noised, self.rng)
-        metrics = {"clients": float(m), "update-noise-multiplier": z, "noise-std": z * self.clip_norm / m,
+        rescaled = {k: (sent.tensors[k] + (v - sent.tensors[k]) * np.float32(m / w)).astype(np.float32)
+                    for k, v in mean.tensors.items()}  # the sum of clipped deltas over W, not over m
+        tensors = add_gaussian_noise(rescaled, z * self.clip_norm / w, noised, self.rng)
+        metrics = {"clients": float(m), "expected-clients": w, "update-noise-multiplier": z,
+                   "noise-std": z * self.clip_norm / w,
                    "next-clip-norm": self.clip_norm, "secure-aggregation": 1.0}
         self.entry = PrivacyEntry(node_id=None, mechanism=MECHANISMS["central"], status="spent",
                                   noise_multiplier=z, clip_norm=self.clip_norm, sample_rate=release.sample_rate,
@@ -109,7 +120,7 @@ class CentralPrivacy:
         return MeanUpdate(tensors, mean.node_ids, mean.num_examples, mean.node_metrics)
 
     def mean(self, requests: Mapping[int, Request], updates: Sequence[ClientUpdate]) -> MeanUpdate:
-        """sent + (1/m) sum_i clip(reply_i - sent, C) + N(0, (z C / m)^2) on the trained tensors."""
+        """sent + (1/W) sum_i clip(reply_i - sent, C) + N(0, (z C / W)^2) on the trained tensors, W = q N."""
         if self._pending is None:
             raise RuntimeError("central DP: one private mean per round (start_round first)")
         release, after = self._pending
@@ -117,18 +128,18 @@ class CentralPrivacy:
         for u in updates:
             if any(not np.array_equal(requests[u.node_id].tensors[k], sent.tensors[k]) for k in u.tensors):
                 raise ConfigError(f"central DP needs every node sent the same tensors; node {u.node_id} got others")
-        m = len(updates)
+        m, w = len(updates), self.expected_clients
         z = release.noise_multiplier
-        count_std = (self.p.clipped_count_stddev or default_count_stddev(m, z)) if self.p.adaptive_clipping else 0.0
+        count_std = (self.p.clipped_count_stddev or default_count_stddev(w, z)) if self.p.adaptive_clipping else 0.0
         update_z = update_noise_multiplier(z, count_std) if self.p.adaptive_clipping else z
         noised = trained_names(updates[0].tensors, sent.instructions.train_factors)
         private = private_mean([delta_of(u.tensors, sent.tensors) for u in updates], self.clip_norm, update_z,
-                               noised, self.rng)
-        metrics = {"clients": float(m), "update-noise-multiplier": update_z,
-                   "noise-std": update_z * self.clip_norm / m}
+                               noised, self.rng, denominator=w)
+        metrics = {"clients": float(m), "expected-clients": w, "update-noise-multiplier": update_z,
+                   "noise-std": update_z * self.clip_norm / w}
         next_clip = self.clip_norm
         if self.p.adaptive_clipping:
-            next_clip, fraction = next_clip_norm(self.clip_norm, private.unclipped, m, count_std,
+            next_clip, fraction = next_clip_norm(self.clip_norm, private.unclipped, w, count_std,
                                                  self.p.target_unclipped_quantile, self.p.clip_learning_rate, self.rng)
             metrics.update({"count-stddev": count_std, "unclipped-fraction": fraction})
         metrics["next-clip-norm"] = next_clip
@@ -165,6 +176,23 @@ class NodeLedger:
         return out
 
 
+# What a node record may keep under DP: the release's own description (the ledger's), and a refusal's code.
+RELEASED_KEYS = frozenset({*REPORT_KEYS, "error-code"})
+
+
+def released(privacy: PrivacyConfig, clients: Sequence[ClientRecord]) -> list[ClientRecord]:
+    """The node records as the store keeps them: under DP, no per-node number the mechanism does not cover.
+
+    Nodes under DP send no count, loss or accuracy (client/app.py); this is the server's half, for what it
+    computes itself from one node's reply (its update norm, a count a node sent anyway): dropped before it
+    reaches the store and the status service.
+    """
+    if privacy.mode == "off":
+        return list(clients)
+    return [replace(c, num_examples=0, metrics={k: v for k, v in c.metrics.items() if k in RELEASED_KEYS})
+            for c in clients]
+
+
 def is_refusal(record: ClientRecord) -> bool:
     """A node that refused to train because its privacy budget would be exceeded."""
     return record.status == "failed" and record.metrics.get("error-code") == REFUSAL_CODE
@@ -179,14 +207,16 @@ class RunPrivacy:
     nodes: NodeLedger | None = None
 
     @classmethod
-    def open(cls, privacy: PrivacyConfig, rounds: int, store: RoundStore, run_id: int) -> RunPrivacy:
-        """The run's privacy state, rebuilt from its stored ledger (empty for a new run); ``rounds`` as planned."""
+    def open(cls, privacy: PrivacyConfig, rounds: int, store: RoundStore, run_id: int,
+             sample_rate: float = 1.0) -> RunPrivacy:
+        """The run's privacy state, rebuilt from its stored ledger (empty for a new run); ``rounds`` as planned,
+        ``sample_rate`` the nodes' Poisson sampling rate q under central DP."""
         if privacy.mode == "off":
             return cls()
         ledger = [entry for _, entry in store.privacy_ledger(run_id)]
         key = privacy_run_key(store.run(run_id))
         if privacy.mode == "central":
-            return cls(key, central=CentralPrivacy(privacy, rounds, ledger))
+            return cls(key, central=CentralPrivacy(privacy, rounds, ledger, sample_rate=sample_rate))
         return cls(key, nodes=NodeLedger(privacy, ledger))
 
     def entries(self, clients: Sequence[ClientRecord]) -> list[PrivacyEntry]:

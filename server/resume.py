@@ -20,7 +20,7 @@ from pollinate.strategies import NamedArrays, Strategy
 # What a resumed run may change: how long it goes on and waits, where things are, never what it computes.
 RESUMABLE_KEYS = frozenset({
     "federation.rounds", "federation.wait-for-nodes", "federation.round-timeout", "federation.on-round-failure",
-    "federation.max-consecutive-failures", "store.db", "store.output-dir", "store.resume-run"})
+    "federation.max-consecutive-failures", "store.db", "store.output-dir", "store.resume-run", "store.lease-ttl"})
 _STATE, _STRATEGY = "state/", "strategy/"
 
 
@@ -70,15 +70,21 @@ def check_resumable(run: RunSummary) -> None:
 
 
 def start_or_resume(store: RoundStore, cfg: RunConfig, strategy: Strategy, initial: NamedArrays,
-                    flower_run_id: int) -> RunStart:
-    """A new run (``store.resume-run`` = 0), or the stored one continued; records this coordinator's attempt."""
+                    flower_run_id: int, holder: str, lease_ttl_s: float) -> RunStart:
+    """A new run (``store.resume-run`` = 0), or the stored one continued; records this coordinator's attempt.
+
+    ``holder`` takes the run's lease (``server.lease``) first: a run another live coordinator works on is
+    refused (``LeaseHeld``, naming it) before anything about the run is read or changed.
+    """
     if not cfg.store.resume_run:
-        run_id = store.start_run(cfg.to_flat(), strategy.name, cfg.model.name)
+        run_id = store.start_run(cfg.to_flat(), strategy.name, cfg.model.name, holder=holder,
+                                 lease_ttl_s=lease_ttl_s)
         store.begin_attempt(run_id, flower_run_id, 1)
         return RunStart(run_id, initial, 1, 0, resumed=False)
     run = store.run(cfg.store.resume_run)
     check_resumable(run)
     resumed_config(run.config, cfg.to_flat())  # checked here too: `flwr run` may bypass `pollinate server`
+    store.acquire_lease(run.id, holder, lease_ttl_s)
     state = initial
     checkpoint = store.last_checkpoint(run.id)
     if checkpoint is not None:

@@ -14,15 +14,17 @@ brought to the newest Alembic revision once per database per process.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import threading
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import numpy as np
 from alembic import command
@@ -30,9 +32,9 @@ from alembic.config import Config as AlembicConfig
 from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 from sqlalchemy import (JSON, BigInteger, DateTime, Float, ForeignKey, Integer, LargeBinary, String, Text, UniqueConstraint,
-                        create_engine, select)
+                        create_engine, or_, select, update)
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from pollinate.privacy.ledger import PrivacyEntry
@@ -42,6 +44,52 @@ NamedArrays = dict[str, np.ndarray]
 
 class StoreError(RuntimeError):
     """The round store cannot be reached or holds something inconsistent; says what to check."""
+
+
+class LeaseHeld(StoreError):
+    """Another coordinator holds the run's lease (it is live): this one must not work on the run."""
+
+
+# Transient database faults (SQLite "database is locked" past its busy timeout, a PostgreSQL restart or reset
+# connection) are retried after these waits; a fault that outlasts them all is a StoreError.
+RETRY_DELAYS_S = (0.1, 0.3, 1.0, 3.0, 6.0)
+SQLITE_BUSY_TIMEOUT_S = 30.0  # several processes may write one SQLite file: each attempt waits this for the lock
+_P, _R = ParamSpec("_P"), TypeVar("_R")
+
+
+def is_transient(err: BaseException) -> bool:
+    """A database error that a retry may cure: an OperationalError (locked, busy, connection lost) or a
+    connection the driver invalidated. Integrity and programming errors are not: a retry repeats them."""
+    return isinstance(err, OperationalError) or (isinstance(err, DBAPIError) and err.connection_invalidated)
+
+
+def retried(method: Callable[_P, _R]) -> Callable[_P, _R]:
+    """``method`` (one whole transaction of ``RoundStore``) run again after each of ``RETRY_DELAYS_S`` while it
+    fails with a transient fault; the last fault becomes a one-line ``StoreError``. The transaction rolled back
+    on the fault, so running it again writes it once."""
+
+    @functools.wraps(method)
+    def again(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        store: RoundStore = args[0]  # type: ignore[assignment]
+        for attempt, delay in enumerate((*RETRY_DELAYS_S, None)):
+            try:
+                return method(*args, **kwargs)
+            except DBAPIError as e:
+                if not is_transient(e):
+                    raise
+                if delay is None:
+                    raise StoreError(f"the round store at {store.url} failed {attempt + 1} time(s) in "
+                                     f"{method.__name__} ({_first_line(e)}); check that the database is running, "
+                                     f"reachable and not locked by another program") from None
+                store.sleep(delay)
+        raise AssertionError("unreachable")
+
+    return again
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(getattr(err, "orig", None) or err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
 
 
 # Flower sends the whole run config to every node, and the config is stored with the run: the store URL
@@ -159,6 +207,8 @@ class _RunRow(_Base):
     ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     adapter_dir: Mapped[str | None] = mapped_column(Text, nullable=True)
+    lease_holder: Mapped[str | None] = mapped_column(String(128), nullable=True)  # the coordinator working on it
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
 class _RoundRow(_Base):
@@ -367,6 +417,11 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+def _utc(moment: datetime) -> datetime:
+    """A stored moment in UTC (SQLite returns it without its zone; everything is stored in UTC)."""
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
 def _finite(value: float | None) -> float | None:
     return None if value is None or not np.isfinite(value) else float(value)
 
@@ -375,6 +430,7 @@ class RoundStore:
     """Open (and create if needed) the store at ``url``; fails fast when the database is unreachable."""
 
     def __init__(self, url: str, connect_timeout_s: int = 5) -> None:
+        self.url = url
         try:
             parsed = make_url(url)
         except ArgumentError as e:
@@ -386,9 +442,10 @@ class RoundStore:
         if parsed.get_backend_name() == "postgresql":
             connect_args["connect_timeout"] = connect_timeout_s
         elif parsed.get_backend_name() == "sqlite":
-            connect_args["timeout"] = 30  # several processes may write one file; wait for the lock
+            connect_args["timeout"] = SQLITE_BUSY_TIMEOUT_S
         try:
-            self.engine: Engine = create_engine(parsed, connect_args=connect_args)
+            # pool_pre_ping: a pooled connection that a database restart closed is replaced, not used and failed
+            self.engine: Engine = create_engine(parsed, connect_args=connect_args, pool_pre_ping=True)
             _migrate_once(self.engine)
         except (OperationalError, ModuleNotFoundError) as e:
             raise StoreError(f"cannot open the round store at {parsed.render_as_string(hide_password=True)}: "
@@ -396,28 +453,44 @@ class RoundStore:
                              f"and reachable") from e
         self.url = parsed.render_as_string(hide_password=True)
 
+    def sleep(self, seconds: float) -> None:
+        """Wait between two attempts of a transaction that hit a transient fault."""
+        time.sleep(seconds)
+
+    @retried
     def start_run(self, config: Mapping[str, Any], strategy: str, model: str,
-                  initial_metrics: Mapping[str, float] | None = None) -> int:
+                  initial_metrics: Mapping[str, float] | None = None, holder: str | None = None,
+                  lease_ttl_s: float = 0.0) -> int:
+        """A new run, status running; ``holder`` (a coordinator's lease id) holds its lease for ``lease_ttl_s``."""
         with Session(self.engine) as s, s.begin():
+            now = _now()
             row = _RunRow(status="running", strategy=strategy, model=model, config=dict(config),
-                         initial_metrics=dict(initial_metrics or {}), started_at=_now())
+                         initial_metrics=dict(initial_metrics or {}), started_at=now, lease_holder=holder,
+                         lease_expires_at=now + timedelta(seconds=lease_ttl_s) if holder else None)
             s.add(row)
             s.flush()
             return row.id
 
+    @retried
     def set_initial_metrics(self, run_id: int, metrics: Mapping[str, float]) -> None:
         with Session(self.engine) as s, s.begin():
             s.get_one(_RunRow, run_id).initial_metrics = {k: _finite(v) for k, v in metrics.items()}
 
+    @retried
     def record_round(self, run_id: int, record: RoundRecord, global_adapter: NamedArrays | None,
-                     round_state: NamedArrays | None = None) -> str | None:
+                     round_state: NamedArrays | None = None, holder: str | None = None,
+                     lease_ttl_s: float = 0.0) -> str | None:
         """Store a round, its client records, its global adapter and the round loop's state atomically.
 
         Returns the adapter's sha256. A failed round (``record.status == "failed"``) has no adapter or state.
+        With ``holder``, the round is stored only while that coordinator holds the run's lease (renewed in the
+        same transaction), so a coordinator that lost it cannot store a round beside its successor's.
         """
         if (record.status == "completed") != (global_adapter is not None):
             raise ValueError("a completed round is stored with its global adapter, a failed one without")
         with Session(self.engine) as s, s.begin():
+            if holder is not None:
+                self._renew(s, run_id, holder, lease_ttl_s)
             row = _RoundRow(run_id=run_id, number=record.number, participants=record.participants,
                            accepted=record.accepted, train_loss=_finite(record.train_loss),
                            eval_loss=_finite(record.eval_loss), eval_accuracy=_finite(record.eval_accuracy),
@@ -448,6 +521,74 @@ class RoundStore:
                                     data=state_blob))
         return digest
 
+    @retried
+    def record_evaluation(self, run_id: int, number: int, eval_loss: float | None, eval_accuracy: float | None,
+                          clients: Sequence[ClientRecord], holder: str | None = None,
+                          lease_ttl_s: float = 0.0) -> None:
+        """Add the evaluation of a stored round's adapter (released to the nodes only after it was stored)."""
+        with Session(self.engine) as s, s.begin():
+            if holder is not None:
+                self._renew(s, run_id, holder, lease_ttl_s)
+            row = s.scalars(select(_RoundRow).where(_RoundRow.run_id == run_id, _RoundRow.number == number)).one()
+            row.eval_loss, row.eval_accuracy = _finite(eval_loss), _finite(eval_accuracy)
+            row.bytes_up += sum(c.bytes_up for c in clients)
+            row.bytes_down += sum(c.bytes_down for c in clients)
+            for c in clients:
+                s.add(_ClientUpdateRow(round_id=row.id, node_id=str(c.node_id), phase=c.phase, status=c.status,
+                                      reason=c.reason, rank=c.rank, num_examples=c.num_examples,
+                                      bytes_up=c.bytes_up, bytes_down=c.bytes_down,
+                                      metrics={k: _finite(v) for k, v in c.metrics.items()}))
+
+    @retried
+    def acquire_lease(self, run_id: int, holder: str, ttl_s: float) -> None:
+        """Compare-and-set: ``holder`` takes the run's lease for ``ttl_s`` if nobody holds it, it holds it
+        already, or the holder's lease expired (its coordinator stopped renewing). ``LeaseHeld`` otherwise."""
+        now = _now()
+        with Session(self.engine) as s, s.begin():
+            taken = s.execute(update(_RunRow).where(
+                _RunRow.id == run_id,
+                or_(_RunRow.lease_holder.is_(None), _RunRow.lease_holder == holder, _RunRow.lease_expires_at < now))
+                .values(lease_holder=holder, lease_expires_at=now + timedelta(seconds=ttl_s))).rowcount
+            if taken == 1:
+                return
+            row = s.get(_RunRow, run_id)
+            if row is None:
+                raise StoreError(f"run {run_id} is not in the store at {self.url}; `pollinate runs` lists runs")
+            until = f"{_utc(row.lease_expires_at):%Y-%m-%d %H:%M:%S}" if row.lease_expires_at else "?"
+            raise LeaseHeld(f"run {run_id} is being worked on by coordinator {row.lease_holder} (its lease runs "
+                            f"until {until} UTC and its heartbeat renews it); stop that coordinator, or, if it "
+                            f"died, resume once its lease has expired")
+
+    @retried
+    def renew_lease(self, run_id: int, holder: str, ttl_s: float) -> None:
+        """Extend ``holder``'s lease by ``ttl_s`` from now; ``LeaseHeld`` when another coordinator took it."""
+        with Session(self.engine) as s, s.begin():
+            self._renew(s, run_id, holder, ttl_s)
+
+    @retried
+    def release_lease(self, run_id: int, holder: str) -> None:
+        """Give up ``holder``'s lease (a coordinator that stops): the run can be resumed at once."""
+        with Session(self.engine) as s, s.begin():
+            s.execute(update(_RunRow).where(_RunRow.id == run_id, _RunRow.lease_holder == holder)
+                      .values(lease_holder=None, lease_expires_at=None))
+
+    @retried
+    def lease(self, run_id: int) -> tuple[str | None, datetime | None]:
+        """(holder, expiry in UTC) of the run's lease; (None, None) when nobody holds it."""
+        with Session(self.engine) as s:
+            row = s.get_one(_RunRow, run_id)
+            return row.lease_holder, _utc(row.lease_expires_at) if row.lease_expires_at else None
+
+    def _renew(self, s: Session, run_id: int, holder: str, ttl_s: float) -> None:
+        renewed = s.execute(update(_RunRow).where(_RunRow.id == run_id, _RunRow.lease_holder == holder)
+                            .values(lease_expires_at=_now() + timedelta(seconds=ttl_s))).rowcount
+        if renewed != 1:
+            now_held = s.get(_RunRow, run_id)
+            other = now_held.lease_holder if now_held is not None else None
+            raise LeaseHeld(f"this coordinator ({holder}) lost the lease on run {run_id} to {other or 'nobody'} "
+                            f"(its heartbeat could not renew it in time); it stops without storing more")
+
+    @retried
     def begin_attempt(self, run_id: int, flower_run_id: int, first_round: int) -> None:
         """A coordinator (re)starts work on ``run_id`` as Flower run ``flower_run_id``: the run is running again."""
         with Session(self.engine) as s, s.begin():
@@ -456,6 +597,7 @@ class RoundStore:
             s.add(_RunAttemptRow(run_id=run_id, flower_run_id=str(flower_run_id), first_round=first_round,
                                 started_at=_now()))
 
+    @retried
     def attempts(self, run_id: int) -> list[AttemptRecord]:
         """The coordinator processes that worked on ``run_id``, in order."""
         query = select(_RunAttemptRow).where(_RunAttemptRow.run_id == run_id).order_by(_RunAttemptRow.id)
@@ -463,12 +605,14 @@ class RoundStore:
             return [AttemptRecord(flower_run_id=int(a.flower_run_id), first_round=a.first_round,
                                   started_at=a.started_at) for a in s.scalars(query)]
 
+    @retried
     def run_of_flower_run(self, flower_run_id: int) -> int | None:
         """The pollinate run a Flower run worked on, if it got as far as starting one."""
         with Session(self.engine) as s:
             return s.scalar(select(_RunAttemptRow.run_id).where(_RunAttemptRow.flower_run_id == str(flower_run_id))
                             .order_by(_RunAttemptRow.id.desc()).limit(1))
 
+    @retried
     def last_checkpoint(self, run_id: int) -> Checkpoint | None:
         """The last completed round's state (None before round 1 completes), sha256-checked."""
         with Session(self.engine) as s:
@@ -485,17 +629,26 @@ class RoundStore:
                              f"was altered or damaged, so the run cannot be resumed from it")
         return Checkpoint(number=number, adapter_sha256=adapter_digest, state=dict(load_safetensors(blob)))
 
-    def finish_run(self, run_id: int, status: str, error: str | None = None, adapter_dir: str | None = None) -> None:
+    @retried
+    def finish_run(self, run_id: int, status: str, error: str | None = None, adapter_dir: str | None = None,
+                   holder: str | None = None) -> None:
+        """The run ends with ``status``; ``holder``'s lease is released with it (another coordinator's is kept)."""
         with Session(self.engine) as s, s.begin():
             row = s.get_one(_RunRow, run_id)
+            if holder is not None and row.lease_holder not in (None, holder):
+                return  # another coordinator took the run over: its status is that coordinator's to set
             row.status, row.error, row.ended_at = status, error, _now()
+            if holder is not None:
+                row.lease_holder, row.lease_expires_at = None, None
             if adapter_dir is not None:
                 row.adapter_dir = adapter_dir
 
+    @retried
     def runs(self) -> list[RunSummary]:
         with Session(self.engine) as s:
             return [_summary(r) for r in s.scalars(select(_RunRow).order_by(_RunRow.id))]
 
+    @retried
     def run(self, run_id: int) -> RunSummary:
         with Session(self.engine) as s:
             row = s.get(_RunRow, run_id)
@@ -503,6 +656,7 @@ class RoundStore:
                 raise StoreError(f"run {run_id} is not in the store at {self.url}; `pollinate runs` lists runs")
             return _summary(row)
 
+    @retried
     def rounds(self, run_id: int, after: int = 0) -> list[StoredRound]:
         """The run's stored rounds numbered above ``after``, in order, each with its adapter's digest and size."""
         query = (select(_RoundRow, _AdapterRow.sha256, _AdapterRow.nbytes)
@@ -511,6 +665,7 @@ class RoundStore:
         with Session(self.engine) as s:
             return [_stored_round(row, digest, nbytes) for row, digest, nbytes in s.execute(query)]
 
+    @retried
     def client_updates(self, run_id: int, number: int | None = None) -> list[StoredClientUpdate]:
         """Every node's part in the run's rounds (or in round ``number``), in round and recording order."""
         query = select(_RoundRow.number, _ClientUpdateRow).join(_RoundRow).where(_RoundRow.run_id == run_id)
@@ -520,6 +675,7 @@ class RoundStore:
             rows = s.execute(query.order_by(_RoundRow.number, _ClientUpdateRow.id))
             return [_client_update(n, row) for n, row in rows]
 
+    @retried
     def privacy_ledger(self, run_id: int) -> list[tuple[int, PrivacyEntry]]:
         """(round number, entry) for every privacy ledger row of a run, in round order."""
         query = (select(_RoundRow.number, _PrivacyLedgerRow).join(_RoundRow)
@@ -527,6 +683,7 @@ class RoundStore:
         with Session(self.engine) as s:
             return [(number, _privacy_entry(row)) for number, row in s.execute(query)]
 
+    @retried
     def adapter(self, run_id: int, number: int) -> StoredAdapter:
         """A round's global adapter, its bytes checked against the stored sha256 (``StoreError`` if they fail).
 

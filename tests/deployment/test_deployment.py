@@ -8,6 +8,7 @@ import json
 import re
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,11 @@ def procs(tmp_path: Path):
     processes.stop_all()
 
 
+def _lease_expired(store: RoundStore, run_id: int) -> bool:
+    _, expires = store.lease(run_id)
+    return expires is None or expires < datetime.now(UTC)
+
+
 def _completed(store: RoundStore, run_id: int) -> list[int]:
     return [r.number for r in store.rounds(run_id) if r.status == "completed"]
 
@@ -41,7 +47,7 @@ def test_a_coordinator_killed_after_round_1_resumes_with_the_same_adapter_and_lo
     data = write_node_data(tmp_path, 2)
     server = procs.pollinate("server-1", "server", "--scenario", TINY, "--db", url, "--output", str(tmp_path / "out"),
                              "--port", str(port), "--rounds", "3", "--set", "federation.round-timeout=600",
-                             "--status-port", str(free_port()))
+                             "--set", "store.lease-ttl=5", "--status-port", str(free_port()))
     for i, path in enumerate(data):
         procs.pollinate(f"node-{i}", "client", "--superlink", f"127.0.0.1:{port}", "--data", str(path),
                         "--max-rank", "4", "--device", "cpu")
@@ -53,6 +59,8 @@ def test_a_coordinator_killed_after_round_1_resumes_with_the_same_adapter_and_lo
     assert store.run(run_id).status == "running"  # nobody could say otherwise
     assert [r.number for r in store.rounds(run_id)] == [1]  # round 2 was under way: nothing of it is stored
     round_1 = store.rounds(run_id)[0].adapter_sha256
+    # The dead coordinator's lease (5 s) must expire first: until then a resume is refused as a second coordinator.
+    poll("the dead coordinator's lease to expire", lambda: _lease_expired(store, run_id) or None, 60, every_s=0.5)
 
     resumed = procs.pollinate("server-2", "server", "--resume", str(run_id), "--db", url, "--port", str(port),
                               "--no-status")

@@ -43,7 +43,7 @@ def test_the_server_path_adds_the_configured_noise_to_what_it_sent(tiny_cfg) -> 
     request = Request(sent, Instructions(train_factors="B"))
     big = {A: sent[A], B: np.full((256, 4), 1.0, np.float32)}  # ||delta|| = 32 >> C: clipped to 0.5
     updates = [ClientUpdate(node_id=n, tensors=big, num_examples=10 * n) for n in (1, 2, 3, 4)]
-    central.start_round(1, sampled=4, connected=4)
+    central.start_round(1, connected=4)
     mean = central.mean({n: request for n in (1, 2, 3, 4)}, updates)
     assert np.array_equal(mean.tensors[A], sent[A])
     clipped_mean = 0.5 / 32  # each clipped delta element; equal weights 1/m despite different example counts
@@ -160,7 +160,7 @@ def test_delta_must_be_below_one_over_n() -> None:
     cfg = RunConfig().replace(**{"privacy.mode": "central", "privacy.clip-norm": 1.0, "privacy.delta": 0.3})
     central = CentralPrivacy(cfg.privacy, cfg.federation.rounds)
     with pytest.raises(ConfigError, match=r"privacy.delta = 0.3 is not below 1/n = 1/4 for 4 clients"):
-        central.start_round(1, sampled=4, connected=4)
+        central.start_round(1, connected=4)
 
 
 @pytest.mark.parametrize("strategy", ["flexlora", "flora", "fedex-lora", "sketch", "hetlora"])

@@ -64,13 +64,15 @@ def test_a_resumed_run_ends_exactly_where_an_uninterrupted_one_does(name: str, t
 
     store = RoundStore(cfg.store.db)
     first = strategies.build(cfg)
-    start = start_or_resume(store, cfg, first, initial, flower_run_id=11)
+    # The first coordinator's lease lasts 0 s: it has expired by the time the second one asks for it.
+    start = start_or_resume(store, cfg, first, initial, flower_run_id=11, holder="first", lease_ttl_s=0.0)
     state = _round(first, start.state, 1)
     store.record_round(start.run_id, _record(1), first.export(state), round_state(state, first))
     # The coordinator dies here; a new one starts from the store with a fresh strategy and the initial adapter.
     resumed_cfg = cfg.replace(**{"store.resume-run": start.run_id})
     second = strategies.build(resumed_cfg)
-    resumed = start_or_resume(store, resumed_cfg, second, initial, flower_run_id=22)
+    resumed = start_or_resume(store, resumed_cfg, second, initial, flower_run_id=22, holder="second",
+                              lease_ttl_s=60.0)
     assert (resumed.run_id, resumed.first_round, resumed.resumed) == (start.run_id, 2, True)
     state = resumed.state
     for number in (2, 3):
