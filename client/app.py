@@ -27,11 +27,12 @@ from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from peft import PeftModel
 
-from pollinate.client.data import Example, batches, endless_batches, read_examples, split
+from pollinate.client.data import batches, endless_batches
+from pollinate.client import resident
 from pollinate.client import secure
 from pollinate.client.private_training import BudgetRefused, PrivateRound, plan_round, privatise_upload, train_sample_dp
 from pollinate.client.train import evaluate, resolve_device, train
-from pollinate.models import BaseModel, adapter_state, build_peft_model, load_adapter_state, set_base_deltas
+from pollinate.models import BaseModel, adapter_state, load_adapter_state, set_base_deltas
 from pollinate.proto.adapter_record import (ADAPTER, INSTRUCTIONS, REPORT, from_record, refuse_outside, specs_of,
                                   to_record)
 from pollinate.proto.instructions import Instructions
@@ -73,12 +74,6 @@ def node_config(context: Context, cfg: RunConfig) -> NodeConfig:
 
 
 @functools.lru_cache(maxsize=2)
-def _model(cfg: RunConfig) -> tuple[PeftModel, BaseModel]:
-    # One PeftModel per (config, rank), reused across rounds: every call overwrites the whole adapter state.
-    return build_peft_model(cfg)
-
-
-@functools.lru_cache(maxsize=2)
 def _strategy(cfg: RunConfig) -> Strategy:
     # The node half of the run's strategy: its hooks read only the run config's context, never server state.
     return strategies.build(cfg)
@@ -102,24 +97,20 @@ def keep_node_state(state: RecordDict, node_state: NodeState) -> None:
         state[NODE_STATE + name] = record
 
 
-@functools.lru_cache(maxsize=4)
-def _local_split(path: str, cfg: RunConfig) -> tuple[list[Example], list[Example]]:
-    examples = read_examples(path, cfg.data, cfg.model)
-    return split(examples, cfg.data.eval_fraction, cfg.seed)
-
-
 def _instructions(msg: Message) -> Instructions:
     record = msg.content.config_records.get(INSTRUCTIONS)
     return Instructions.from_record_values(record) if record is not None else Instructions()
 
 
-def _prepare(msg: Message, cfg: RunConfig, instructions: Instructions, node: NodeConfig,
+def _prepare(msg: Message, context: Context, cfg: RunConfig, instructions: Instructions, node: NodeConfig,
              node_state: NodeState, training: bool) -> tuple[PeftModel, BaseModel]:
     """The model at the instructed rank with the received adapter, as the strategy prepares it, loaded."""
     rank = instructions.rank or cfg.adapter.r
     if training and node.max_rank and rank > node.max_rank:
         raise ValueError(f"the server sent a rank-{rank} adapter, but this node's max-rank is {node.max_rank}")
-    model, base = _model(cfg.replace(**{"adapter.r": rank}) if rank != cfg.adapter.r else cfg)
+    # The resident model: loaded once per run and config; everything below overwrites its whole adapter state.
+    at_rank = cfg.replace(**{"adapter.r": rank}) if rank != cfg.adapter.r else cfg
+    model, base = resident.model(context.run_id, at_rank)
     tensors, deltas = split_deltas(from_record(msg.content.array_records[ADAPTER]))
     expected, got = specs_of(adapter_state(model)), specs_of(tensors)
     if got != expected:
@@ -151,6 +142,12 @@ def _count(cfg: RunConfig, node: NodeConfig, num_examples: int) -> dict[str, int
     return {} if _withholds(cfg, node) else {"num-examples": num_examples}
 
 
+def _loads(cfg: RunConfig, node: NodeConfig) -> dict[str, int]:
+    """The node's model-loads counter (how warm it is), or nothing when it withholds everything DP does not cover:
+    the counter says nothing of the data, but such a node sends only the keys its release describes."""
+    return {} if _withholds(cfg, node) else {resident.MODEL_LOADS: resident.model_loads()}
+
+
 def _refuse(msg: Message, reason: str) -> Message:
     return Message(Error(code=REFUSAL_CODE, reason=reason), reply_to=msg)
 
@@ -165,8 +162,8 @@ def describe_node(msg: Message, context: Context) -> Message:
     """The node's capacity (max-rank) and how many training examples it holds; no tensors."""
     cfg = RunConfig.from_flat(context.run_config)
     node = node_config(context, cfg)
-    train_set, _ = _local_split(str(node.data_path), cfg)
-    report = MetricRecord({**_count(cfg, node, len(train_set)), MAX_RANK: node.max_rank})
+    train_set, _ = resident.local_split(context.run_id, str(node.data_path), cfg)
+    report = MetricRecord({**_count(cfg, node, len(train_set)), MAX_RANK: node.max_rank, **_loads(cfg, node)})
     return Message(RecordDict({REPORT: report}), reply_to=msg)
 
 
@@ -176,7 +173,7 @@ def train_adapter(msg: Message, context: Context) -> Message:
     cfg = RunConfig.from_flat(context.run_config)
     node = node_config(context, cfg)
     instructions = _instructions(msg)
-    train_set, _ = _local_split(str(node.data_path), cfg)
+    train_set, _ = resident.local_split(context.run_id, str(node.data_path), cfg)
     strategy, node_state = _strategy(cfg), read_node_state(context.state)
     # The reply guard: only names the strategy may upload for what was sent; no base-model tensor leaves.
     allowed = strategy.upload_names(msg.content.array_records[ADAPTER].keys(), instructions)
@@ -191,7 +188,7 @@ def train_adapter(msg: Message, context: Context) -> Message:
             plan = plan_round(cfg, instructions, len(train_set), budget, node.policy)
         except BudgetRefused as e:
             return _refuse(msg, str(e))
-    model, base = _prepare(msg, cfg, instructions, node, node_state, training=True)
+    model, base = _prepare(msg, context, cfg, instructions, node, node_state, training=True)
     received = adapter_state(model)
     if plan is not None and cfg.privacy.mode == "sample":
         loss = train_sample_dp(model, train_set, base.tokenizer, cfg, _device(cfg, node), instructions, plan)
@@ -220,6 +217,8 @@ def train_adapter(msg: Message, context: Context) -> Message:
     if plan is not None or not _withholds(cfg, node):  # under central DP the upload itself is not yet private
         for key, value in metrics.items():
             report[key] = value
+    for key, value in _loads(cfg, node).items():  # how warm this node is: 1 per run when resident
+        report[key] = value
     keep_node_state(context.state, node_state)
     return _reply(msg, context, cfg, upload, report, allowed)
 
@@ -247,9 +246,10 @@ def evaluate_adapter(msg: Message, context: Context) -> Message:
     if _withholds(cfg, node):  # a per-node loss and accuracy are not covered by any DP mechanism pollinate runs
         return _refuse(msg, "this node sends no evaluation metrics under differential privacy (per-node loss and "
                             "accuracy are not covered by the DP mechanism); see docs/privacy.md")
-    model, base = _prepare(msg, cfg, _instructions(msg), node, read_node_state(context.state), training=False)
-    _, eval_set = _local_split(str(node.data_path), cfg)
+    model, base = _prepare(msg, context, cfg, _instructions(msg), node, read_node_state(context.state), training=False)
+    _, eval_set = resident.local_split(context.run_id, str(node.data_path), cfg)
     eval_set = eval_set[: cfg.train.eval_max_examples]
     result = evaluate(model, batches(eval_set, base.tokenizer, cfg.model, 64, seed=None), _device(cfg, node))
-    report = MetricRecord({"num-examples": result.num_examples, "loss": result.loss, "accuracy": result.accuracy})
+    report = MetricRecord({"num-examples": result.num_examples, "loss": result.loss, "accuracy": result.accuracy,
+                           **_loads(cfg, node)})
     return Message(RecordDict({REPORT: report}), reply_to=msg)

@@ -3,19 +3,26 @@
 The node's settings reach the ClientApp as Flower node config (``client.app``: ``data-path``,
 ``max-rank``, ``device``, and its own privacy policy ``max-epsilon`` / ``max-delta`` / ``budget-scope``,
 ``privacy/node_policy.py``); its data never leaves it. The SuperNode keeps reconnecting when the
-coordinator restarts (a resumed run finds the same nodes), and runs every ClientApp in a
-subprocess (``--isolation subprocess``) on its own Runtime API port.
+coordinator restarts (a resumed run finds the same nodes). It runs with ``--isolation process``:
+it launches nothing itself, and one warm worker (``client/warm.py``) beside it serves every message
+from its Runtime API on 127.0.0.1, so the base model and the data load once per run. This command
+supervises both: a worker that dies is restarted (bounded, with backoff) and serves the next round;
+stopping the command stops both process trees by PID.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from pollinate.flags import RENAMED_TLS_CLIENT, add_certs_argument, certs_of, host_port, port_number, refuse_renamed
+from pollinate.client.warm import CRASH_AT_TASK
 from pollinate.privacy.node_policy import SCOPES, NodePolicy, PolicyError
 from pollinate.proto.node_config import (BUDGET_SCOPE, DATA_PATH, DEFAULT_MAX_DELTA, DEVICE, MAX_DELTA, MAX_EPSILON,
                                          MAX_RANK, PRIVACY_STATE)
@@ -66,6 +73,31 @@ def node_config(data: Path, max_rank: int, device: str, privacy_state: Path | No
     return config
 
 
+MAX_LABELS = 2**31 - 1  # the node cannot know the run's model.num-labels: any non-negative integer label passes here
+
+
+def check_data(path: Path) -> int:
+    """Refuse a bad ``--data`` file before the node connects: its format, every row, at least 2 examples.
+
+    The rows are read and checked by ``client/data.py`` (the ClientApp's own reader), against the task the
+    columns name. Field names other than the defaults are the run's choice (``data.text-field``): those rows
+    are checked when the first message arrives. Returns how many examples the file holds.
+    """
+    from pollinate.client.data import examples_of, read_rows, split
+    from pollinate.proto.run_config import DataConfig, ModelConfig
+
+    rows = read_rows(path)  # a DataError with the file and line when the format is wrong
+    data = DataConfig()
+    if rows and "instruction" in rows[0]:
+        model = ModelConfig(task="causal-lm")
+    elif not rows or (data.text_field in rows[0] and data.label_field in rows[0]):
+        model = ModelConfig(num_labels=MAX_LABELS)
+    else:
+        return len(rows)
+    split(examples_of(rows, path, data, model), data.eval_fraction, 0)  # at least one to train, one to evaluate
+    return len(rows)
+
+
 def node_policy(args: argparse.Namespace) -> NodePolicy | None:
     """The node's privacy policy from --max-epsilon / --delta / --budget-scope (None without --max-epsilon)."""
     if args.max_epsilon is None:
@@ -90,7 +122,42 @@ def _plain_path(path: Path, flag: str) -> str:
 
 def supernode_command(superlink: str, config: str, runtime_port: int, security: NodeSecurity) -> list[str]:
     return [executable("flower-supernode"), *security.flags(), "--superlink", superlink, "--node-config", config,
-            "--isolation", "subprocess", "--port", str(runtime_port)]
+            "--isolation", "process", "--port", str(runtime_port)]
+
+
+def worker_command(runtime_port: int, threads: int = 0) -> list[str]:
+    """The warm worker that serves the SuperNode's ClientApp tasks (``client/warm.py``)."""
+    return [sys.executable, "-m", "pollinate.client.warm", "--runtime-api-address", f"127.0.0.1:{runtime_port}",
+            "--threads", str(threads), "--parent-pid", str(os.getpid())]
+
+
+MAX_RESTARTS = 5  # worker crashes in a row (each within STABLE_S of its start) before the node gives up
+STABLE_S = 300.0  # a worker that served this long has recovered: its crash count starts again
+BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0)
+
+
+def supervise(node: Daemon, start_worker: Callable[[bool], Daemon], check_s: float = 0.5) -> int:
+    """Run until the SuperNode exits (its exit code), restarting a dead worker with backoff; both stopped by PID."""
+    worker, started, crashes = start_worker(False), time.monotonic(), 0
+    try:
+        while node.running():
+            if not worker.running():
+                crashes = 0 if time.monotonic() - started > STABLE_S else crashes + 1
+                if crashes > MAX_RESTARTS:
+                    print(f"the warm worker died {crashes} times in a row (last exit code {worker.process.returncode});"
+                          f" stopping the node: see the worker's error above, fix it and start the node again",
+                          file=sys.stderr, flush=True)
+                    return 1
+                wait = BACKOFF_S[min(crashes, len(BACKOFF_S)) - 1] if crashes else 0.0
+                print(f"the warm worker (pid {worker.pid}) exited with code {worker.process.returncode}; a message "
+                      f"it was serving is recorded as this node's failure; restarting it in {wait:.0f} s", file=sys.stderr, flush=True)
+                time.sleep(wait)
+                worker, started = start_worker(True), time.monotonic()
+                print(f"warm worker restarted, pid {worker.pid}", flush=True)
+            time.sleep(check_s)
+        return node.process.returncode
+    finally:
+        worker.stop()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -100,6 +167,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "Parquet, Arrow or a `datasets` save_to_disk directory")
     parser.add_argument("--max-rank", type=int, default=0, help="largest LoRA rank this node can train (0: no limit)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    parser.add_argument("--threads", type=int, default=0, metavar="N",
+                        help="CPU threads the node trains with (default 0: torch's default, all cores); give each "
+                             "node its share when several run on one machine")
     parser.add_argument("--privacy-state", type=Path, metavar="FILE",
                         help="where this node keeps its differential-privacy budget (default: beside --data); "
                              "it must be writable, e.g. when the data is mounted read-only")
@@ -129,8 +199,12 @@ def run_node(args: argparse.Namespace) -> int:
     stop_on_sigterm()
     policy = node_policy(args)
     config = node_config(args.data, args.max_rank, args.device, args.privacy_state, policy)
+    if args.threads < 0:
+        raise ConfigError(f"--threads {args.threads} is invalid: give the CPU threads this node may use, or 0 for "
+                          f"torch's default")
     security = NodeSecurity(certs_of(args), args.node_key)
     security.flags()  # fail fast: a key without TLS, missing files
+    examples = check_data(args.data)  # bad data is refused here, with its file and row, not in round 1
     runtime_port = args.runtime_port or free_port()
     require_free_port("127.0.0.1", runtime_port, "SuperNode's Runtime API", "--runtime-port")
     scheme = "https" if security.ca_cert else "http"
@@ -140,13 +214,49 @@ def run_node(args: argparse.Namespace) -> int:
                           f"coordinator first (`pollinate server --port ...`), check --superlink HOST:PORT and the "
                           f"firewall, or wait longer with --wait")
     with tempfile.TemporaryDirectory(prefix="pollinate-node-") as home:
-        node = Daemon("SuperNode", supernode_command(args.superlink, config, runtime_port, security),
-                      flower_env(Path(home)))
-        print(f"node serving {args.data} (max-rank {args.max_rank or 'unlimited'}, device {args.device}) for the "
-              f"SuperLink at {args.superlink}; SuperNode pid {node.pid}", flush=True)
+        env = flower_env(Path(home))
+
+        def start_worker(restart: bool) -> Daemon:
+            # A restarted worker drops the fault-test hook, so a test's one crash stays one crash.
+            return Daemon("warm worker", worker_command(runtime_port, args.threads),
+                          {k: v for k, v in env.items() if k != CRASH_AT_TASK} if restart else env)
+
+        def serve() -> int:
+            node = Daemon("SuperNode", supernode_command(args.superlink, config, runtime_port, security), env)
+            try:
+                if not wait_healthy(f"http://127.0.0.1:{runtime_port}", 60.0, alive=node):
+                    if not node.running():
+                        return node.process.returncode
+                    raise ConfigError(f"the SuperNode's Runtime API on 127.0.0.1:{runtime_port} did not come up; "
+                                      f"see its error above (a port taken: choose another --runtime-port)")
+                print(f"node serving {args.data} ({examples} examples, max-rank {args.max_rank or 'unlimited'}, "
+                      f"device {args.device}) for the SuperLink at {args.superlink}; SuperNode pid {node.pid}",
+                      flush=True)
+                return supervise(node, start_worker)
+            finally:
+                node.stop()
+
         try:
-            return node.process.wait()
+            return serve_until_admitted(serve, security.node_key is not None, args.wait)
         except KeyboardInterrupt:
             return 130
-        finally:
-            node.stop()
+
+
+def serve_until_admitted(serve: Callable[[], int], authenticated: bool, wait_s: float) -> int:
+    """``serve()``; with node authentication, again with backoff while the SuperNode is refused, for ``wait_s``.
+
+    A SuperLink with node authentication refuses a key it has not registered yet, and the SuperNode exits;
+    the coordinator may register it a moment later. So nodes and coordinator may start in any order.
+    """
+    deadline, attempt = time.monotonic() + wait_s, 0
+    while True:
+        code = serve()
+        left = deadline - time.monotonic()
+        if code == 0 or not authenticated or left <= 0:
+            return code
+        attempt += 1
+        pause = min(2.0 ** attempt, 30.0, left)
+        print(f"the SuperNode exited with code {code} (attempt {attempt}): with node authentication the SuperLink "
+              f"refuses a key it has not registered yet; retrying in {pause:.0f} s (--wait {wait_s:.0f} s in all; "
+              f"register the key with `pollinate server --register-node`)", file=sys.stderr, flush=True)
+        time.sleep(pause)

@@ -32,6 +32,8 @@ MAX_METRICS = 32  # keys in one reply's report (pollinate's own reports hold at 
 MAX_KEY_CHARS = 128  # characters of one record or metric name
 MAX_CONFIG_VALUE_BYTES = 64 * 2**20  # one SecAgg config value (a node's shares: kilobytes per neighbour)
 MAX_CONFIG_KEYS = 16  # fields of one SecAgg message (at most 5 today)
+MODEL_LOADS = "model-loads"  # base models the node's process has built: 1 per run when the node stays warm
+MAX_MODEL_LOADS = 2**20  # a node reloading more often than this is no node
 
 # Exchange names: Flower message types, plus the secure training exchange whose reply carries keys, not tensors.
 QUERY, TRAIN, EVALUATE, SECAGG_KEYS = "query", "train", "evaluate", "train+secagg"
@@ -66,16 +68,18 @@ EXAMPLES = Metric(low=1, high=MAX_EXAMPLES, integer=True)  # optional: a node un
 _DP_REPORT = {"dp-epsilon": Metric(low=0), "dp-delta": Metric(0, 1), "dp-noise-multiplier": Metric(low=0),
               "dp-clip-norm": Metric(low=0), "dp-sample-rate": Metric(0, 1),
               "dp-steps": Metric(0, MAX_EXAMPLES, integer=True)}
-_TRAIN_REPORT = {"num-examples": EXAMPLES, "train-loss": Metric(), **_DP_REPORT}
+LOADS = Metric(0, MAX_MODEL_LOADS, integer=True)  # optional: a node that does not count reports nothing
+_TRAIN_REPORT = {"num-examples": EXAMPLES, "train-loss": Metric(), MODEL_LOADS: LOADS, **_DP_REPORT}
 
 SCHEMAS: Mapping[str, ReplySchema] = {
     QUERY: ReplySchema(metrics=frozenset({REPORT}), required=frozenset({REPORT}),
-                       report={"num-examples": EXAMPLES, MAX_RANK: Metric(0, MAX_RANK_DECLARED, integer=True)}),
+                       report={"num-examples": EXAMPLES, MAX_RANK: Metric(0, MAX_RANK_DECLARED, integer=True),
+                               MODEL_LOADS: LOADS}),
     TRAIN: ReplySchema(arrays=frozenset({ADAPTER}), metrics=frozenset({REPORT}), required=frozenset({ADAPTER, REPORT}),
                        report=_TRAIN_REPORT, open_report=True, all_or_none=DP_KEYS),
     EVALUATE: ReplySchema(metrics=frozenset({REPORT}), required=frozenset({REPORT}),
                           report={"num-examples": EXAMPLES, "loss": Metric(low=0, required=True),
-                                  "accuracy": Metric(0, 1, required=True)}),
+                                  "accuracy": Metric(0, 1, required=True), MODEL_LOADS: LOADS}),
     SECAGG_KEYS: ReplySchema(configs=frozenset({SECAGG}), metrics=frozenset({REPORT}),
                              required=frozenset({SECAGG, REPORT}), report=_TRAIN_REPORT, open_report=True,
                              all_or_none=DP_KEYS),

@@ -84,6 +84,10 @@ ROWS: list[tuple[str, list[str], str]] = [
      "--host 'coord inator' is neither an IP address nor a DNS name"),
     *[(f"corpus-{name}", ["simulate", TINY, "--corpus", f"{{tmp}}/{name}"], f"{{tmp}}/{name} {says}")
       for name, says in DATA_ERRORS.items()],
+    # A node refuses bad data before it connects (no SuperLink listens on port 9): the node cannot know the run's
+    # model.num-labels, so only a label that is no non-negative integer is refused there.
+    *[(f"client-{name}", ["client", "--superlink", "127.0.0.1:9", "--data", f"{{tmp}}/{name}", "--wait", "1"],
+       f"{{tmp}}/{name} {says.split(' in [0, 2)')[0]}") for name, says in DATA_ERRORS.items()],
 ]
 
 

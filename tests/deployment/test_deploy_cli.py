@@ -74,6 +74,9 @@ def test_a_node_without_its_data_or_its_superlink_says_what_to_do(capsys, tmp_pa
     data = tmp_path / "d.jsonl"
     data.write_text('{"text": "fine", "label": 1}\n')
     said = _says(capsys, "client", "--superlink", "127.0.0.1:1", "--data", str(data), "--wait", "1")
+    assert "a node needs at least 2 examples to train and evaluate, it has 1" in said  # checked before connecting
+    data.write_text('{"text": "fine", "label": 1}\n{"text": "poor", "label": 0}\n')
+    said = _says(capsys, "client", "--superlink", "127.0.0.1:1", "--data", str(data), "--wait", "1")
     assert "the SuperLink at 127.0.0.1:1 did not answer within 1 s" in said and "pollinate server" in said
 
 

@@ -12,7 +12,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pytest
 from peft import PeftModel
 
@@ -126,7 +125,7 @@ def test_over_tls_a_node_killed_mid_round_is_recorded_failed_and_the_run_complet
     assert status["run"]["status"] == "running" and status["run"]["rounds"][0]["number"] == 1
     assert sum(c["phase"] == "train" for c in status["round"]["clients"]) == 2
     victim = int(poll("node 1's id", lambda: _node_id(procs.log("node-1")), 60))
-    poll("node 1 training round 2", lambda: _running_clientapp(nodes[1]), 600, every_s=0.2)
+    poll("node 1 training round 2", lambda: _training(procs.log("node-1"), 2), 600, every_s=0.2)
     procs.kill_tree(nodes[1])  # the node dies in the middle of its round-2 training
 
     assert server.wait(timeout=1200) == 0, procs.log("server")[-4000:]
@@ -145,20 +144,9 @@ def _node_id(log: str) -> str | None:
     return found.group(1) if found else None
 
 
-def _running_clientapp(node: subprocess.Popen[bytes]) -> bool | None:
-    """True while the node's SuperNode runs a ClientApp process (it is handling a message)."""
-    try:
-        tree = psutil.Process(node.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return None
-    return any("flwr-clientapp" in " ".join(_cmdline(p)) for p in tree) or None
-
-
-def _cmdline(p: psutil.Process) -> list[str]:
-    try:
-        return p.cmdline()
-    except (psutil.NoSuchProcess, psutil.ZombieProcess):
-        return []
+def _training(log: str, times: int) -> bool | None:
+    """True once the node's warm worker has started its ``times``-th train task (it logs each task it starts)."""
+    return len(re.findall(r"task \d+ \(train\) started", log)) >= times or None
 
 
 @pytest.mark.timeout(600)
