@@ -73,7 +73,6 @@ def node_config(data: Path, max_rank: int, device: str, privacy_state: Path | No
     return config
 
 
-MAX_LABELS = 2**31 - 1  # the node cannot know the run's model.num-labels: any non-negative integer label passes here
 
 
 def check_data(path: Path) -> int:
@@ -83,19 +82,21 @@ def check_data(path: Path) -> int:
     columns name. Field names other than the defaults are the run's choice (``data.text-field``): those rows
     are checked when the first message arrives. Returns how many examples the file holds.
     """
-    from pollinate.client.data import examples_of, read_rows, split
-    from pollinate.proto.run_config import DataConfig, ModelConfig
+    from pollinate.client.data import read_rows, split
+    from pollinate.client.data_check import infer_labels, summarise
+    from pollinate.proto.run_config import RunConfig
 
     rows = read_rows(path)  # a DataError with the file and line when the format is wrong
-    data = DataConfig()
+    cfg = RunConfig()
     if rows and "instruction" in rows[0]:
-        model = ModelConfig(task="causal-lm")
-    elif not rows or (data.text_field in rows[0] and data.label_field in rows[0]):
-        model = ModelConfig(num_labels=MAX_LABELS)
-    else:
+        cfg = cfg.replace(**{"model.task": "causal-lm"})
+    elif rows and not (cfg.data.text_field in rows[0] and cfg.data.label_field in rows[0]):
         return len(rows)
-    split(examples_of(rows, path, data, model), data.eval_fraction, 0)  # at least one to train, one to evaluate
-    return len(rows)
+    else:  # class names are fine here: the run's data.labels maps them, checked when the first message arrives
+        cfg = cfg.replace(**infer_labels(rows, cfg.data, cfg.model))
+    summary = summarise(rows, path, cfg.data, cfg.model)  # every row, as the ClientApp reads it
+    split([None] * summary.examples, cfg.data.eval_fraction, 0)  # at least one to train, one to evaluate
+    return summary.examples
 
 
 def node_policy(args: argparse.Namespace) -> NodePolicy | None:

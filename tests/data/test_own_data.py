@@ -133,3 +133,17 @@ def test_data_check_summarises_a_good_file_as_a_simulation_would_read_it(tmp_pat
     code, said = pollinate(capsys, "data", "check", str(csv_path), "--set", "data.text-field=sentence", "--set",
                            "data.label-field=party", "--set", "data.partitioning=natural")
     assert code == 2 and "needs a 'group' column" in said and "set data.group-field" in said, said
+
+
+def test_a_node_with_class_names_passes_its_start_up_check_and_a_broken_row_does_not(tmp_path: Path) -> None:
+    # `pollinate client` checks its file before it connects, without the run's data.labels: names are the run's
+    # to map (on the first message), but every row must still read.
+    from pollinate.client.node import check_data
+
+    good = tmp_path / "names.csv"
+    good.write_text("text,label\ngreat film,positive\ndull plot,negative\nfine acting,positive\n")
+    assert check_data(good) == 3
+    bad = tmp_path / "empty-text.csv"
+    bad.write_text("text,label\ngreat film,positive\n ,negative\n")
+    with pytest.raises(DataError, match=r"empty-text.csv row 2: 'text' is empty"):
+        check_data(bad)
