@@ -8,6 +8,7 @@ weights (the base never travels, so it must be identical by construction).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import warnings
@@ -20,6 +21,7 @@ import transformers
 from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, BertConfig,
                           LlamaConfig, PreTrainedModel, PreTrainedTokenizerBase)
 
+from pollinate.models.quantization import quantised, quantization_config
 from pollinate.proto.run_config import ConfigError, ModelConfig
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub: weights come from installed packages
@@ -60,6 +62,8 @@ def _tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
         tok = AutoTokenizer.from_pretrained(str(_minilm_dir()))  # tiny models reuse MiniLM's WordPiece vocabulary
     else:
         tok = AutoTokenizer.from_pretrained(cfg.name)
+    if cfg.task == "causal-lm" and tok.eos_token is None and tok.sep_token is not None:
+        tok.eos_token = tok.sep_token  # a WordPiece vocabulary (the tiny models') ends a sequence with [SEP]
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -92,6 +96,17 @@ BASE_MODELS: dict[str, tuple[Callable[[ModelConfig, int], PreTrainedModel], str]
 }
 
 
+def _quantised(cfg: ModelConfig, vocab: int) -> PreTrainedModel:
+    """The base through bitsandbytes: from its files where it has them, else built here and then quantised."""
+    if cfg.name == "smollm2":
+        path = _smollm2_file()
+        return quantised(cfg, functools.partial(_from_pretrained, cfg, path.parent, gguf_file=path.name))
+    if cfg.name in BASE_MODELS:
+        return quantised(cfg, functools.partial(_from_pretrained, cfg),
+                         build=lambda: BASE_MODELS[cfg.name][0](cfg, vocab))
+    return quantised(cfg, functools.partial(_from_pretrained, cfg, cfg.name))
+
+
 def check_model_config(cfg: ModelConfig) -> None:
     """Fail fast (before any process starts) on a model that cannot be loaded here."""
     if cfg.name == "minilm" and cfg.task != "classification":
@@ -104,6 +119,7 @@ def check_model_config(cfg: ModelConfig) -> None:
         _smollm2_file()
     elif cfg.name in BASE_MODELS:
         _minilm_dir()
+    quantization_config(cfg)  # bitsandbytes installed, when a quantised base is asked for
 
 
 def load_base_model(cfg: ModelConfig, seed: int) -> BaseModel:
@@ -114,7 +130,9 @@ def load_base_model(cfg: ModelConfig, seed: int) -> BaseModel:
     # builds the same frozen weights.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        if cfg.name in BASE_MODELS:
+        if cfg.quantization != "none":
+            model = _quantised(cfg, len(tokenizer))
+        elif cfg.name in BASE_MODELS:
             model = BASE_MODELS[cfg.name][0](cfg, len(tokenizer))
         else:
             model = _from_pretrained(cfg, cfg.name)

@@ -34,6 +34,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 Scalar = bool | int | float | str
 
 ModelTask = Literal["classification", "causal-lm"]
+Quantization = Literal["none", "nf4", "int8"]  # the frozen base's weights (QLoRA); the adapter stays float32
 Partitioning = Literal["iid", "dirichlet", "natural"]  # simulation only
 WireDtype = Literal["float32", "float16"]  # bfloat16 does not travel in a Flower ArrayRecord
 OnRoundFailure = Literal["stop", "continue"]
@@ -84,10 +85,15 @@ class ModelConfig:
     task: ModelTask = "classification"
     num_labels: int = 2  # classification only
     max_length: int = 64  # tokens per example (longer text is truncated)
+    # Load the frozen base through bitsandbytes (QLoRA): nf4 (4-bit NormalFloat) or int8, on CUDA or CPU.
+    # Needs `pip install "pollinate[qlora]"`. The adapter on the wire and the export are the same as with none.
+    quantization: Quantization = "none"
 
     def validate(self) -> None:
         _require(self.num_labels >= 2, "model.num-labels", self.num_labels, "use 2 or more")
         _require(self.max_length >= 8, "model.max-length", self.max_length, "use at least 8 tokens")
+        _require(self.quantization == "none" or self.task == "causal-lm", "model.quantization", self.quantization,
+                 "QLoRA quantises a causal LM's base: set model.task = 'causal-lm', or model.quantization = 'none'")
 
 
 @dataclass(frozen=True)
