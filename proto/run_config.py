@@ -155,6 +155,12 @@ class DataConfig:
     eval_fraction: float = 0.2  # share of each client's local data held out for evaluation
     text_field: str = "text"
     label_field: str = "label"
+    # causal-lm: the instruction, its optional input and the response; or a conversation list of
+    # {"role": system|user|assistant, "content": ...} ending with the assistant's turn (JSONL).
+    instruction_field: str = "instruction"
+    input_field: str = "input"
+    response_field: str = "response"
+    messages_field: str = "messages"
 
     def validate(self) -> None:
         _require(self.dirichlet_alpha > 0, "data.dirichlet-alpha", self.dirichlet_alpha, "use a positive alpha")
