@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from flwr.app import RecordDict
 
 from pollinate.proto.adapter_record import ADAPTER, REPORT, UpdateRejected
+from pollinate.proto.generation_metrics import all_keys as generation_keys
 from pollinate.proto.node_config import MAX_RANK
 from pollinate.proto.secagg_record import CLIPPED, MASKED, SECAGG
 from pollinate.privacy.ledger import REPORT_KEYS as DP_KEYS
@@ -73,7 +74,10 @@ SCHEMAS: Mapping[str, ReplySchema] = {
                        report=_TRAIN_REPORT, open_report=True, all_or_none=DP_KEYS),
     EVALUATE: ReplySchema(metrics=frozenset({REPORT}), required=frozenset({REPORT}),
                           report={"num-examples": EXAMPLES, "loss": Metric(low=0, required=True),
-                                  "accuracy": Metric(0, 1, required=True)}),
+                                  "accuracy": Metric(0, 1, required=True),
+                                  # causal-lm: per-token argmax accuracy, and the generation counts
+                                  "token-accuracy": Metric(0, 1),
+                                  **{k: Metric(0, MAX_EXAMPLES, integer=True) for k in generation_keys()}}),
     SECAGG_KEYS: ReplySchema(configs=frozenset({SECAGG}), metrics=frozenset({REPORT}),
                              required=frozenset({SECAGG, REPORT}), report=_TRAIN_REPORT, open_report=True,
                              all_or_none=DP_KEYS),

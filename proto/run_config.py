@@ -135,6 +135,9 @@ class TrainConfig:
     batch_size: int = 16
     local_steps: int = 40  # optimiser steps per round on each client
     eval_max_examples: int = 256  # cap on each client's evaluation set
+    # causal-lm: tokens each held-out prompt may generate greedily for exact match / accuracy / macro-F1;
+    # 0 evaluates loss and perplexity only
+    eval_max_new_tokens: int = 8
     weight_decay: float = 0.0
     device: str = "auto"  # auto (CUDA when present), cpu, cuda, cuda:N
 
@@ -143,6 +146,8 @@ class TrainConfig:
         _require(self.batch_size > 0, "train.batch-size", self.batch_size, "use a positive batch size")
         _require(self.local_steps > 0, "train.local-steps", self.local_steps, "use at least 1 step")
         _require(self.eval_max_examples > 0, "train.eval-max-examples", self.eval_max_examples, "use at least 1")
+        _require(0 <= self.eval_max_new_tokens <= 512, "train.eval-max-new-tokens", self.eval_max_new_tokens,
+                 "use 0 (no generation) to 512 tokens")
         _require(valid_device(self.device), "train.device", self.device, "use auto, cpu, cuda or cuda:N")
 
 
@@ -161,10 +166,15 @@ class DataConfig:
     input_field: str = "input"
     response_field: str = "response"
     messages_field: str = "messages"
+    # causal-lm: the responses that are class labels (e.g. "negative,positive"): generation-based evaluation
+    # then reports accuracy and macro-F1 over them, besides exact match. At most 8.
+    label_words: tuple[str, ...] = ()
 
     def validate(self) -> None:
         _require(self.dirichlet_alpha > 0, "data.dirichlet-alpha", self.dirichlet_alpha, "use a positive alpha")
         _require(0.0 < self.eval_fraction < 1.0, "data.eval-fraction", self.eval_fraction, "use a value in (0, 1)")
+        _require(len(self.label_words) <= 8, "data.label-words", ",".join(self.label_words),
+                 "name at most 8 label words (macro-F1 is reported over them)")
 
 
 @dataclass(frozen=True)

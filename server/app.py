@@ -61,10 +61,12 @@ def run_federation(grid: Grid, cfg: RunConfig, flower_run_id: int = 0) -> int:
             nodes = []  # no round 0 evaluation; round 1 waits again and, failing, is stored as a failed round
         if nodes and not start.resumed:
             initial = evaluate_global(grid, cfg.federation, nodes, strategy.evaluation_request(state), 0,
-                                      RoundLedger())
+                                      RoundLedger(), len(cfg.data.label_words))
             if initial is not None:
-                store.set_initial_metrics(run_id, {"eval-loss": initial.loss, "eval-accuracy": initial.accuracy})
-                console.print(f"round 0: eval loss {initial.loss:.4f}, accuracy {initial.accuracy:.4f}")
+                store.set_initial_metrics(run_id, {"eval-loss": initial.loss, "eval-accuracy": initial.accuracy,
+                                                   **initial.metrics})
+                console.print(f"round 0: eval loss {initial.loss:.4f}, accuracy {initial.accuracy:.4f}"
+                              f"{_generation_line(initial)}")
         failures = start.consecutive_failures
         for number in range(start.first_round, cfg.federation.rounds + 1):
             try:
@@ -173,7 +175,7 @@ def _run_round(grid: Grid, cfg: RunConfig, strategy: strategies.Strategy, store:
             raise BudgetSpent(f"in round {number} {reason}") from None
         raise RoundFailed(str(e)) from e
     evaluation = evaluate_global(grid, cfg.federation, connected, strategy.evaluation_request(new_state), number,
-                                 ledger)
+                                 ledger, len(cfg.data.label_words))
     record = RoundRecord(
         number=number, participants=len(progress.sampled), accepted=len(exchange.reports),
         train_loss=mean_metric(exchange.reports, "train-loss"),
@@ -181,13 +183,20 @@ def _run_round(grid: Grid, cfg: RunConfig, strategy: strategies.Strategy, store:
         eval_accuracy=evaluation.accuracy if evaluation else None,
         bytes_up=ledger.bytes("up"), bytes_down=ledger.bytes("down"),
         duration_s=time.monotonic() - started, clients=ledger.clients, parent_sha256=parent,
-        privacy=privacy.entries(ledger.clients))
+        privacy=privacy.entries(ledger.clients), metrics=evaluation.metrics if evaluation else {})
     store.record_round(run_id, record, strategy.export(new_state), round_state(new_state, strategy))
     _print_round(cfg, record, evaluation, ledger)
     if secure is not None and secure.clipped:
         console.print(f"  [yellow]secure aggregation clipped {secure.clipped} weighted value(s) to "
                       f"+-{cfg.secagg.clip_range}; raise secagg.clip-range[/]")
     return new_state
+
+
+def _generation_line(evaluation: Evaluation) -> str:
+    """A causal LM's generation scores for the console (accuracy above is already the generated one)."""
+    shown = [(k, evaluation.metrics[k]) for k in ("gen-exact-match", "gen-macro-f1", "perplexity")
+             if k in evaluation.metrics]
+    return "".join(f", {k.removeprefix('gen-').replace('-', ' ')} {v:.4f}" for k, v in shown)
 
 
 def _print_round(cfg: RunConfig, record: RoundRecord, evaluation: Evaluation | None, ledger: RoundLedger) -> None:
@@ -200,7 +209,7 @@ def _print_round(cfg: RunConfig, record: RoundRecord, evaluation: Evaluation | N
     line = (f"round {record.number}/{cfg.federation.rounds}: {record.accepted}/{record.participants} updates "
             f"accepted, train loss {record.train_loss or float('nan'):.4f}")
     if evaluation is not None:
-        line += f", eval loss {evaluation.loss:.4f}, accuracy {evaluation.accuracy:.4f}"
+        line += f", eval loss {evaluation.loss:.4f}, accuracy {evaluation.accuracy:.4f}{_generation_line(evaluation)}"
     console.print(line + f", {per_client:.1f} KiB up per client, {record.duration_s:.1f} s")
     for c in ledger.failures():
         console.print(f"  [yellow]node {c.node_id} {c.phase} {c.status}[/]: {escape(c.reason or '')}")

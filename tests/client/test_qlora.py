@@ -20,7 +20,8 @@ from tests.support.inprocess import run_in_process
 bnb = pytest.importorskip("bitsandbytes", reason="the QLoRA tests need bitsandbytes (in the [test] extra)")
 
 TINY_LLAMA = {"model.name": "tiny-llama", "model.task": "causal-lm", "model.max-length": 48,
-              "adapter.target-modules": "q_proj,v_proj", "data.dataset": "rotten-tomatoes-instruct"}
+              "adapter.target-modules": "q_proj,v_proj", "data.dataset": "rotten-tomatoes-instruct",
+              "data.label-words": "negative,positive", "train.eval-max-new-tokens": 2}
 
 
 def _quantised_layers(model: torch.nn.Module) -> set[str]:
@@ -36,6 +37,9 @@ def test_an_nf4_run_trains_aggregates_and_exports_an_adapter_that_loads_on_the_u
     rounds = store.rounds(run_id)
     assert [r.status for r in rounds] == ["completed", "completed"]
     assert all(r.train_loss is not None and np.isfinite(r.train_loss) for r in rounds)
+    # generation-based evaluation, summed over the nodes, is stored with every round
+    assert {"gen-exact-match", "gen-accuracy", "gen-macro-f1", "perplexity", "token-accuracy"} <= set(rounds[-1].metrics)
+    assert rounds[-1].eval_accuracy == rounds[-1].metrics["gen-accuracy"]
     final = store.adapter(run_id, 2).tensors()
 
     cfg = RunConfig().replace(**TINY_LLAMA, **{"model.quantization": "nf4", "adapter.r": 4, "adapter.alpha": 8.0})
