@@ -4,14 +4,14 @@ Every node prints these on every load, so a 2-node run drowned its own round lin
 reports, PEFT's "Could not find a config file" (the GGUF directory has no config.json; pollinate never
 resizes the vocabulary, which is all PEFT checks it for), the GGUF loader's 272-line de-quantisation
 progress bar (transformers ignores ``disable_progress_bar`` there) and bitsandbytes' note that an
-optional faster CPU kernel package is not installed. ``quiet_gguf_progress`` prints one line instead.
+optional faster CPU kernel package is not installed (that one in ``pollinate/__init__.py``, which runs first).
+``quiet_gguf_progress`` prints one line instead of the bar.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import logging
 import sys
 import warnings
 from collections.abc import Iterator
@@ -23,7 +23,6 @@ transformers.logging.disable_progress_bar()
 # PEFT still asks transformers 5 the old name of this property; harmless, and printed by every node every round.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 warnings.filterwarnings("ignore", message="Could not find a config file in .* - will assume that the vocabulary")
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)  # "pip install kernels" for speed only
 
 
 @contextlib.contextmanager
