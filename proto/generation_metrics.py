@@ -25,6 +25,25 @@ def all_keys() -> tuple[str, ...]:
     return COUNT_KEYS + tuple(k for i in range(MAX_LABEL_WORDS) for k in class_keys(i))
 
 
+def inconsistency(report: Mapping[str, float]) -> str | None:
+    """Why a node's generation counts cannot all be true (a reply is untrusted input), or None."""
+    if not any(k in report for k in all_keys()):
+        return None
+    missing = [k for k in COUNT_KEYS if k not in report]
+    if missing:
+        return f"generation counts {missing} are missing; a report carries all of {list(COUNT_KEYS)} or none"
+    n, exact, labelled, correct = (report[k] for k in COUNT_KEYS)
+    classes = [tuple(report.get(k, 0) for k in class_keys(i)) for i in range(MAX_LABEL_WORDS)]
+    tp, fp, fn = (sum(c[j] for c in classes) for j in range(3))
+    if n > report.get("num-examples", n) or exact > n or labelled > n or correct > labelled:
+        return (f"generation counts do not nest: {GENERATED} {n:g} <= num-examples, {EXACT} {exact:g} and "
+                f"{LABELLED} {labelled:g} <= {n:g}, {CORRECT} {correct:g} <= {labelled:g}")
+    if tp != correct or tp + fn != labelled or fp > labelled - correct:
+        return (f"per-class counts (tp {tp:g}, fp {fp:g}, fn {fn:g}) do not add up to {CORRECT} {correct:g} "
+                f"of {LABELLED} {labelled:g}")
+    return None
+
+
 def normalise(text: str) -> str:
     """What exact match compares: lower case, single spaces, no surrounding punctuation."""
     return " ".join(text.lower().split()).strip(" .!?,;:\"'")

@@ -54,3 +54,22 @@ def test_generation_is_greedy_within_the_token_budget_and_the_report_passes_the_
 
     report = MetricRecord({"num-examples": 3, "loss": 1.0, "accuracy": 0.0, "token-accuracy": 0.5, **counts})
     assert check_reply(EVALUATE, RecordDict({"report": report}))["gen-count"] == 3
+
+
+def test_generation_counts_that_cannot_all_be_true_are_rejected() -> None:
+    import pytest
+    from flwr.app import MetricRecord, RecordDict
+
+    from pollinate.proto.adapter_record import UpdateRejected
+
+    good = {"num-examples": 4, "loss": 1.0, "accuracy": 0.5, **count(["positive", "no", "negative", "x"],
+                                                                    ["positive", "positive", "negative", "x"],
+                                                                    ("negative", "positive"))}
+    assert check_reply(EVALUATE, RecordDict({"report": MetricRecord(good)}))["gen-correct"] == 2
+    for bad, why in [({"gen-correct": 4}, "do not nest"), ({"gen-tp-0": 3}, "do not add up"),
+                     ({"gen-count": 9}, "do not nest")]:
+        with pytest.raises(UpdateRejected, match=why):
+            check_reply(EVALUATE, RecordDict({"report": MetricRecord({**good, **bad})}))
+    partial = {k: v for k, v in good.items() if k != "gen-exact"}
+    with pytest.raises(UpdateRejected, match="missing"):
+        check_reply(EVALUATE, RecordDict({"report": MetricRecord(partial)}))
