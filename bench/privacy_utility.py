@@ -58,6 +58,13 @@ def utility_rows(db: Path) -> list[dict[str, object]]:
         if run.status != "completed":
             continue
         rounds = [r for r in store.rounds(run.id) if r.eval_accuracy is not None]
+        final = (rounds[-1].eval_loss, rounds[-1].eval_accuracy) if rounds else None
+        if final is None:  # a DP run: nodes release no eval metrics (docs/privacy.md), so the bench evaluates
+            completed = [r for r in store.rounds(run.id) if r.adapter_sha256 is not None]
+            if not completed:
+                continue
+            rounds = completed
+            final = held_out_evaluation(run.config, store.adapter(run.id, completed[-1].number).tensors())
         report = privacy_json(store, run.id)
         dp = report["mode"] != "off"
         z = [e["noise_multiplier"] for e in report["ledger"] if e["status"] == "spent"]
@@ -66,10 +73,37 @@ def utility_rows(db: Path) -> list[dict[str, object]]:
                      "rounds": len(rounds), "steps": run.config["train.local-steps"],
                      "batch": run.config["train.batch-size"],
                      "eval_examples": run.config["train.eval-max-examples"],
-                     "loss": rounds[-1].eval_loss, "accuracy": rounds[-1].eval_accuracy,
+                     "loss": final[0], "accuracy": final[1],
                      "initial": run.initial_metrics.get("eval-accuracy"),
                      "seconds": sum(r.duration_s for r in store.rounds(run.id)) / max(1, len(rounds))})
     return rows
+
+
+def held_out_evaluation(config: dict, adapter: dict) -> tuple[float, float]:
+    """Eval loss and accuracy of ``adapter`` on every simulated node's eval split, example-weighted.
+
+    What the nodes' federated evaluation computed before DP runs stopped releasing it: the bench holds every
+    simulated node's data (a deployment's coordinator does not), so it evaluates the stored adapter itself.
+    """
+    import torch
+
+    from pollinate.client.data import batches, read_examples, split
+    from pollinate.client.train import evaluate
+    from pollinate.models import build_peft_model, load_adapter_state
+    from pollinate.proto.run_config import RunConfig
+
+    cfg = RunConfig.from_flat(config)
+    model, base = build_peft_model(cfg)
+    load_adapter_state(model, adapter)
+    loss = correct = count = 0.0
+    for path in sorted(Path(cfg.data.partition_dir).glob("partition-*.jsonl")):
+        _, eval_set = split(read_examples(path, cfg.data, cfg.model), cfg.data.eval_fraction, cfg.seed)
+        eval_set = eval_set[: cfg.train.eval_max_examples]
+        result = evaluate(model, batches(eval_set, base.tokenizer, cfg.model, 64, seed=None), torch.device("cpu"))
+        loss += result.loss * result.num_examples
+        correct += result.accuracy * result.num_examples
+        count += result.num_examples
+    return loss / max(count, 1), correct / max(count, 1)
 
 
 def overhead_probe(mode: str, steps: int, batch_size: int) -> dict[str, float]:

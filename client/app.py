@@ -9,6 +9,10 @@ The same code runs on a hospital/edge node (Deployment Engine; ``data-path`` and
 in the node config) and in ``pollinate simulate`` (Simulation Engine; the node reads the
 partition file, and the node settings file, the simulation wrote for its ``partition-id``):
 both parsed once into a ``NodeConfig`` (``proto/node_config.py``).
+
+Under DP (any ``privacy.mode``, or a node policy) no per-node number leaves the node unless the mechanism
+covers it (``_withholds``): no example count (query, training), no training loss, no evaluation metrics
+(evaluation is refused), only the DP release's own description for the ledger (docs/privacy.md).
 """
 
 from __future__ import annotations
@@ -33,18 +37,20 @@ from pollinate.proto.adapter_record import (ADAPTER, INSTRUCTIONS, REPORT, from_
                                   to_record)
 from pollinate.proto.instructions import Instructions
 from pollinate.privacy.central import clip_delta, delta_of
-from pollinate.privacy.budget import BudgetFile
+from pollinate.privacy.budget import BudgetExceeded, BudgetFile
 from pollinate.privacy.ledger import REFUSAL_CODE
 from pollinate.proto.node_config import MAX_RANK, NodeConfig
 from pollinate.proto.run_config import RunConfig
 from pollinate.proto.secagg_record import STAGE_ACTIONS
 from pollinate import strategies
+from pollinate.runtime.flower_logs import quiet_routine_flower_logs
 from pollinate.strategies import NamedArrays, NodeState, Strategy
 from pollinate.strategies.merged import split_deltas
 
 NODE_STATE = "strategy-state/"  # context.state ArrayRecords under this prefix: the strategy's node state
 
 app = ClientApp()
+quiet_routine_flower_logs()  # a simulated node (a Ray actor) logs its own routine end as a WARNING otherwise
 
 
 def node_config(context: Context, cfg: RunConfig) -> NodeConfig:
@@ -121,6 +127,20 @@ def _reply(msg: Message, context: Context, cfg: RunConfig, tensors: dict, report
                    reply_to=msg)
 
 
+def _withholds(cfg: RunConfig, node: NodeConfig) -> bool:
+    """Under DP, or with a node policy, the node sends no per-node metric the mechanism does not cover."""
+    return cfg.privacy.mode != "off" or node.policy is not None
+
+
+def _count(cfg: RunConfig, node: NodeConfig, num_examples: int) -> dict[str, int]:
+    """The report's example count, or nothing when the node withholds it (the server then weighs nodes equally)."""
+    return {} if _withholds(cfg, node) else {"num-examples": num_examples}
+
+
+def _refuse(msg: Message, reason: str) -> Message:
+    return Message(Error(code=REFUSAL_CODE, reason=reason), reply_to=msg)
+
+
 def _device(cfg: RunConfig, node: NodeConfig) -> torch.device:
     return resolve_device(node.device or cfg.train.device)
 
@@ -131,7 +151,7 @@ def describe_node(msg: Message, context: Context) -> Message:
     cfg = RunConfig.from_flat(context.run_config)
     node = node_config(context, cfg)
     train_set, _ = _local_split(str(node.data_path), cfg)
-    report = MetricRecord({"num-examples": len(train_set), MAX_RANK: node.max_rank})
+    report = MetricRecord({**_count(cfg, node, len(train_set)), MAX_RANK: node.max_rank})
     return Message(RecordDict({REPORT: report}), reply_to=msg)
 
 
@@ -147,14 +167,14 @@ def train_adapter(msg: Message, context: Context) -> Message:
     if not strategy.trains(instructions):  # an exchange that asks for something computed from what was trained
         tensors = strategy.answer(from_record(msg.content.array_records[ADAPTER]), instructions, node_state)
         keep_node_state(context.state, node_state)
-        return _reply(msg, context, cfg, tensors, MetricRecord({"num-examples": len(train_set)}), allowed)
+        return _reply(msg, context, cfg, tensors, MetricRecord(_count(cfg, node, len(train_set))), allowed)
     budget = BudgetFile(str(node.budget_path))
     plan: PrivateRound | None = None
-    if cfg.privacy.mode in ("sample", "local"):
-        try:
-            plan = plan_round(cfg, instructions, len(train_set), budget)
+    if cfg.privacy.mode in ("sample", "local") or node.policy is not None:
+        try:  # a node policy refuses a run without node-side DP here, before anything is trained
+            plan = plan_round(cfg, instructions, len(train_set), budget, node.policy)
         except BudgetRefused as e:
-            return Message(Error(code=REFUSAL_CODE, reason=str(e)), reply_to=msg)
+            return _refuse(msg, str(e))
     model, base = _prepare(msg, cfg, instructions, node, node_state, training=True)
     received = adapter_state(model)
     if plan is not None and cfg.privacy.mode == "sample":
@@ -165,20 +185,25 @@ def train_adapter(msg: Message, context: Context) -> Message:
         loss = train(model, stream, cfg.train, _device(cfg, node), instructions.train_factors,
                      instructions.proximal_mu)
     trained = adapter_state(model)
-    report = MetricRecord({"num-examples": len(train_set), "train-loss": loss})
+    report = MetricRecord({"num-examples": len(train_set), "train-loss": loss} if not _withholds(cfg, node) else {})
     if instructions.clip_norm > 0:  # central DP under secure aggregation: the server cannot clip, the node does
         clipped, _ = clip_delta(delta_of(trained, received), instructions.clip_norm)
         trained = {k: (received[k] + clipped[k]).astype(np.float32) for k in trained}
     if plan is not None:  # everything below is post-processing of a private adapter
         if cfg.privacy.mode == "local":
             trained = privatise_upload(received, trained, instructions.train_factors, plan)
-        budget.record(plan.run_key, plan.spent)  # before the reply leaves: what was released is counted
-        # The training loss is a function of the private examples that no noise covers: it stays here.
-        report = MetricRecord({"num-examples": len(train_set), **plan.report(cfg.privacy.delta)})
+        try:  # before the reply leaves: what was released is counted (checked again under the file's lock)
+            budget.record(plan.run_key, plan.spent, plan.limits)
+        except BudgetExceeded as e:
+            return _refuse(msg, str(e))
+        # The training loss and the exact count are functions of the private examples that no noise covers:
+        # they stay here. The release's own description is what the ledger records.
+        report = MetricRecord(plan.report(cfg.privacy.delta))
     # The strategy transforms the post-processed adapter: what it computes from a private one is private too.
     upload, metrics = strategy.transform_upload(trained, received, instructions, node_state)
-    for key, value in metrics.items():
-        report[key] = value
+    if plan is not None or not _withholds(cfg, node):  # under central DP the upload itself is not yet private
+        for key, value in metrics.items():
+            report[key] = value
     keep_node_state(context.state, node_state)
     return _reply(msg, context, cfg, upload, report, allowed)
 
@@ -202,6 +227,9 @@ def secagg_unmask(msg: Message, context: Context) -> Message:
 def evaluate_adapter(msg: Message, context: Context) -> Message:
     cfg = RunConfig.from_flat(context.run_config)
     node = node_config(context, cfg)
+    if _withholds(cfg, node):  # a per-node loss and accuracy are not covered by any DP mechanism pollinate runs
+        return _refuse(msg, "this node sends no evaluation metrics under differential privacy (per-node loss and "
+                            "accuracy are not covered by the DP mechanism); see docs/privacy.md")
     model, base = _prepare(msg, cfg, _instructions(msg), node, read_node_state(context.state), training=False)
     _, eval_set = _local_split(str(node.data_path), cfg)
     eval_set = eval_set[: cfg.train.eval_max_examples]

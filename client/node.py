@@ -1,7 +1,8 @@
 """``pollinate client``: a node of a real deployment, a Flower SuperNode running the pollinate ClientApp.
 
 The node's settings reach the ClientApp as Flower node config (``client.app``: ``data-path``,
-``max-rank``, ``device``); its data never leaves it. The SuperNode keeps reconnecting when the
+``max-rank``, ``device``, and its own privacy policy ``max-epsilon`` / ``max-delta`` / ``budget-scope``,
+``privacy/node_policy.py``); its data never leaves it. The SuperNode keeps reconnecting when the
 coordinator restarts (a resumed run finds the same nodes), and runs every ClientApp in a
 subprocess (``--isolation subprocess``) on its own Runtime API port.
 """
@@ -15,7 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pollinate.flags import RENAMED_TLS_CLIENT, add_certs_argument, certs_of, host_port, port_number, refuse_renamed
-from pollinate.proto.node_config import DATA_PATH, DEVICE, MAX_RANK, PRIVACY_STATE
+from pollinate.privacy.node_policy import SCOPES, NodePolicy, PolicyError
+from pollinate.proto.node_config import (BUDGET_SCOPE, DATA_PATH, DEFAULT_MAX_DELTA, DEVICE, MAX_DELTA, MAX_EPSILON,
+                                         MAX_RANK, PRIVACY_STATE)
 from pollinate.proto.run_config import ConfigError
 from pollinate.runtime.processes import (Daemon, executable, flower_env, free_port, require_free_port,
                                          stop_on_sigterm, wait_healthy)
@@ -42,7 +45,8 @@ class NodeSecurity:
         return supernode_flags(self.certs.ca_cert, self.node_key)
 
 
-def node_config(data: Path, max_rank: int, device: str, privacy_state: Path | None = None) -> str:
+def node_config(data: Path, max_rank: int, device: str, privacy_state: Path | None = None,
+                policy: NodePolicy | None = None) -> str:
     """Flower's ``--node-config`` string (TOML values, space separated)."""
     if not data.is_file():
         raise ConfigError(f"--data {data}: no such file on this node; pass the node's CSV or JSONL file "
@@ -56,7 +60,24 @@ def node_config(data: Path, max_rank: int, device: str, privacy_state: Path | No
             raise ConfigError(f"--privacy-state {privacy_state}: give a file path in an existing, writable "
                               f"directory (the node's DP budget is kept there across runs and restarts)")
         config += f" {PRIVACY_STATE}='{_plain_path(privacy_state, '--privacy-state')}'"
+    if policy is not None:  # repr keeps every digit: the ClientApp parses back exactly these floats
+        config += (f" {MAX_EPSILON}={policy.max_epsilon!r} {MAX_DELTA}={policy.delta!r} "
+                   f"{BUDGET_SCOPE}='{policy.scope}'")
     return config
+
+
+def node_policy(args: argparse.Namespace) -> NodePolicy | None:
+    """The node's privacy policy from --max-epsilon / --delta / --budget-scope (None without --max-epsilon)."""
+    if args.max_epsilon is None:
+        if args.delta is not None or args.budget_scope is not None:
+            raise ConfigError("--delta and --budget-scope belong to this node's privacy policy: give its budget "
+                              "too, e.g. --max-epsilon 3 --delta 1e-5")
+        return None
+    try:
+        return NodePolicy(args.max_epsilon, DEFAULT_MAX_DELTA if args.delta is None else args.delta,
+                          args.budget_scope or "node")
+    except PolicyError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _plain_path(path: Path, flag: str) -> str:
@@ -81,6 +102,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--privacy-state", type=Path, metavar="FILE",
                         help="where this node keeps its differential-privacy budget (default: beside --data); "
                              "it must be writable, e.g. when the data is mounted read-only")
+    parser.add_argument("--max-epsilon", type=float, metavar="E",
+                        help="this node's own privacy budget: it trains only under DP it applies itself (--dp "
+                             "sample or local), refuses a run whose target epsilon exceeds what is left of E, and "
+                             "stops before any round that would take its spend over E (docs/privacy.md)")
+    parser.add_argument("--delta", type=float, metavar="D",
+                        help=f"with --max-epsilon: the largest delta this node accepts, and the delta it accounts "
+                             f"at (default {DEFAULT_MAX_DELTA:g})")
+    parser.add_argument("--budget-scope", choices=SCOPES,
+                        help="with --max-epsilon: node (default) = one budget across every run and coordinator; "
+                             "run = one budget per pollinate run (a coordinator that starts a new run resets it)")
     parser.add_argument("--runtime-port", type=port_number, help="local port of the SuperNode's Runtime API "
                         "(default: a free one; nodes on one machine need different ports)")
     parser.add_argument("--wait", type=float, default=120.0,
@@ -95,7 +126,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run_node(args: argparse.Namespace) -> int:
     """Start the SuperNode and serve until stopped (Ctrl-C / SIGTERM) or the SuperNode exits."""
     stop_on_sigterm()
-    config = node_config(args.data, args.max_rank, args.device, args.privacy_state)
+    policy = node_policy(args)
+    config = node_config(args.data, args.max_rank, args.device, args.privacy_state, policy)
     security = NodeSecurity(certs_of(args), args.node_key)
     security.flags()  # fail fast: a key without TLS, missing files
     runtime_port = args.runtime_port or free_port()

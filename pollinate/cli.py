@@ -59,6 +59,12 @@ def _privacy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from pollinate.server.report_cli import report_command
+
+    return report_command(args)
+
+
 def _strategies(args: argparse.Namespace) -> int:
     from pollinate import strategies
     from pollinate.proto.run_config import option_fields
@@ -146,6 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_db_argument(priv)
     priv.add_argument("--json", action="store_true", help="machine-readable output")
     priv.set_defaults(func=_privacy)
+    from pollinate.server.report_cli import add_arguments as add_report_arguments
+
+    report = sub.add_parser("report", help="a run's plots (loss, accuracy, bytes, participation, epsilon) and a "
+                            "Markdown page with its config and summary")
+    add_report_arguments(report)
+    report.set_defaults(func=_report)
     strat = sub.add_parser("strategies", help="list aggregation strategies and their properties")
     strat.add_argument("--json", action="store_true", help="machine-readable output")
     strat.set_defaults(func=_strategies)

@@ -15,10 +15,12 @@ node announces it to the server, and the rank it is assigned travels only in
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from pollinate.privacy.node_policy import NodePolicy, PolicyError
 from pollinate.proto.run_config import ConfigError, Scalar, valid_device
 
 # Node config keys (Flower's ``--node-config`` / ``context.node_config``).
@@ -27,6 +29,12 @@ MAX_RANK = "max-rank"  # the largest LoRA rank this node can train (0: no limit)
 DEVICE = "device"  # overrides the run's train.device on this node
 PRIVACY_STATE = "privacy-state"  # the node's privacy budget file (default: beside its data)
 PARTITION_ID = "partition-id"  # set by the Simulation Engine
+# The node's own privacy policy (privacy/node_policy.py); without max-epsilon the node follows the run's config.
+MAX_EPSILON = "max-epsilon"  # this node's budget E (pollinate client --max-epsilon)
+MAX_DELTA = "max-delta"  # the largest delta it accepts and accounts at (--delta; default 1e-5)
+BUDGET_SCOPE = "budget-scope"  # node (default: one budget across every run) | run (--budget-scope)
+POLICY_KEYS = (MAX_EPSILON, MAX_DELTA, BUDGET_SCOPE)
+DEFAULT_MAX_DELTA = 1e-5
 
 
 def partition_file(partition_dir: str | Path, partition_id: int) -> Path:
@@ -53,6 +61,7 @@ class NodeConfig:
     device: str | None = None  # None: the run's train.device
     privacy_state: Path | None = None  # None: <data file>.privacy.json beside the data
     partition_id: int | None = None  # simulated nodes only
+    policy: NodePolicy | None = None  # the node's own privacy policy; None: it follows the run's config
 
     @property
     def budget_path(self) -> Path:
@@ -83,7 +92,28 @@ class NodeConfig:
                    max_rank=_max_rank(config.get(MAX_RANK, 0), f"node config {MAX_RANK}"),
                    device=str(device) if device is not None else None,
                    privacy_state=Path(str(privacy_state)) if privacy_state else None,
-                   partition_id=partition_id)
+                   partition_id=partition_id, policy=_policy(config))
+
+
+def _policy(config: Mapping[str, Scalar]) -> NodePolicy | None:
+    """The node's privacy policy from its config (``max-epsilon``, ``max-delta``, ``budget-scope``)."""
+    if MAX_EPSILON not in config:
+        extra = [k for k in (MAX_DELTA, BUDGET_SCOPE) if k in config]
+        if extra:
+            raise ConfigError(f"node config {extra} without {MAX_EPSILON}: a node's privacy policy starts with its "
+                              f"budget (pollinate client --max-epsilon E --delta D)")
+        return None
+    values = {}
+    for key in (MAX_EPSILON, MAX_DELTA):
+        raw = config.get(key, DEFAULT_MAX_DELTA)
+        try:
+            values[key] = float(str(raw).strip()) if not isinstance(raw, bool) else math.nan
+        except ValueError:
+            values[key] = math.nan
+    try:
+        return NodePolicy(values[MAX_EPSILON], values[MAX_DELTA], str(config.get(BUDGET_SCOPE, "node")))  # type: ignore[arg-type]
+    except PolicyError as e:
+        raise ConfigError(f"node config: {e}") from None
 
 
 def _settings(path: Path) -> dict[str, Scalar]:
@@ -92,8 +122,9 @@ def _settings(path: Path) -> dict[str, Scalar]:
     except json.JSONDecodeError as e:
         raise ConfigError(f"node settings file {path} is not JSON ({e}); `pollinate simulate` writes it, "
                           f"run the simulation again") from e
-    if not isinstance(settings, dict) or set(settings) - {MAX_RANK}:
-        raise ConfigError(f"node settings file {path} must hold {{\"{MAX_RANK}\": N}}, got {settings!r}")
+    if not isinstance(settings, dict) or set(settings) - {MAX_RANK, *POLICY_KEYS}:
+        raise ConfigError(f"node settings file {path} must hold {{\"{MAX_RANK}\": N}} (and optionally "
+                          f"{list(POLICY_KEYS)}), got {settings!r}")
     return settings
 
 

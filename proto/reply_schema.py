@@ -8,7 +8,9 @@ reason recorded in the round's ledger. Adapter tensors themselves are checked ag
 sent by ``adapter_record.from_record``; SecAgg+ messages by their dataclasses (``secagg_record``).
 
 num-examples: a node declares its training-set size once, at the ``query`` exchange; a training reply may
-not report more than that declaration. Every count fits ``MAX_EXAMPLES`` (the store's 32-bit column).
+not report more than that declaration. Every count fits ``MAX_EXAMPLES`` (the store's 32-bit column). Under
+differential privacy a node sends no count at all (an exact count is not covered by the mechanism,
+docs/privacy.md): the key is optional, and a node without one weighs as ``server.weighting`` says.
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ class ReplySchema:
     all_or_none: tuple[str, ...] = ()  # keys that come together or not at all (a DP release's description)
 
 
-EXAMPLES = Metric(low=1, high=MAX_EXAMPLES, integer=True, required=True)
+EXAMPLES = Metric(low=1, high=MAX_EXAMPLES, integer=True)  # optional: a node under DP withholds it
 # A DP release as the node describes it (privacy.ledger.entry_from_report reads all six).
 _DP_REPORT = {"dp-epsilon": Metric(low=0), "dp-delta": Metric(0, 1), "dp-noise-multiplier": Metric(low=0),
               "dp-clip-norm": Metric(low=0), "dp-sample-rate": Metric(0, 1),

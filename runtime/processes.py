@@ -89,11 +89,13 @@ def process_tree(pid: int) -> list[psutil.Process]:
 class Daemon:
     """One started process (and, when stopped, every process it started)."""
 
-    def __init__(self, name: str, args: Sequence[str], env: dict[str, str], log: IO[str] | None = None) -> None:
+    def __init__(self, name: str, args: Sequence[str], env: dict[str, str], log: IO[str] | int | None = None) -> None:
+        """``log``: where its output goes (stdout and stderr): a file, ``subprocess.PIPE`` (read ``process.stdout``),
+        or None (this process's own)."""
         self.name = name
         # Its own session: a Ctrl-C in the terminal reaches us, and we stop it in order.
-        self.process = subprocess.Popen(list(args), env=env, stdout=log, stderr=subprocess.STDOUT if log else None,
-                                        start_new_session=True)
+        self.process = subprocess.Popen(list(args), env=env, stdout=log,
+                                        stderr=subprocess.STDOUT if log is not None else None, start_new_session=True)
 
     @property
     def pid(self) -> int:

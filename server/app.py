@@ -18,22 +18,21 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from peft import PeftModel
-from rich.console import Console
 from rich.markup import escape
 
 from pollinate import strategies
 from pollinate.models import adapter_state, build_peft_model, export_adapter
 from pollinate.proto.run_config import ConfigError, FederationConfig, RunConfig
-from pollinate.server.privacy_rounds import BudgetSpent, RunPrivacy, check_privacy_config, is_refusal
+from pollinate.server.privacy_rounds import BudgetSpent, RunPrivacy, check_privacy_config, is_refusal, released
 from pollinate.server.rounds import (Declaration, Evaluation, RoundExchange, RoundFailed, RoundLedger, evaluate_global,
                            mean_metric, query_capacities, sample_nodes, wait_for_nodes)
 from pollinate.server.secure import SecureAggregation
 from pollinate.server.resume import round_state, start_or_resume
+from pollinate.server.round_events import RoundEvent, emit, say
 from pollinate.server.store import ClientRecord, RoundRecord, RoundStore, adapter_bytes, sha256
 from pollinate.strategies.base import AggregationError, lora_rank
 
 app = ServerApp()
-console = Console(highlight=False, width=max(120, Console().width))
 
 
 @app.main()
@@ -51,7 +50,7 @@ def run_federation(grid: Grid, cfg: RunConfig, flower_run_id: int = 0) -> int:
     run_id, state = start.run_id, start.state
     capacities: dict[int, Declaration] = {}  # what each node declared when first asked (the query exchange)
     resumed = f" resumed at round {start.first_round}" if start.resumed else ""
-    console.print(f"[bold]pollinate[/] run {run_id}{resumed}: {strategy.name} on {cfg.model.name} + "
+    say(f"[bold]pollinate[/] run {run_id}{resumed}: {strategy.name} on {cfg.model.name} + "
                   f"{cfg.adapter.method} (r={cfg.adapter.r}), {cfg.federation.rounds} rounds, store {store.url}")
     privacy = RunPrivacy.open(cfg.privacy, cfg.federation.rounds, store, run_id)  # rebuilt from the stored ledger on a resume
     try:
@@ -59,28 +58,28 @@ def run_federation(grid: Grid, cfg: RunConfig, flower_run_id: int = 0) -> int:
             nodes = wait_for_nodes(grid, cfg.federation.min_nodes, cfg.federation.wait_for_nodes)
         except RoundFailed:
             nodes = []  # no round 0 evaluation; round 1 waits again and, failing, is stored as a failed round
-        if nodes and not start.resumed:
+        if nodes and not start.resumed and cfg.privacy.mode == "off":  # under DP nodes release no eval metrics
             initial = evaluate_global(grid, cfg.federation, nodes, strategy.evaluation_request(state), 0,
                                       RoundLedger(), len(cfg.data.label_words))
             if initial is not None:
                 store.set_initial_metrics(run_id, {"eval-loss": initial.loss, "eval-accuracy": initial.accuracy,
                                                    **initial.metrics})
-                console.print(f"round 0: eval loss {initial.loss:.4f}, accuracy {initial.accuracy:.4f}"
-                              f"{_generation_line(initial)}")
+                say(f"round 0: eval loss {initial.loss:.4f}, accuracy {initial.accuracy:.4f}{_generation_line(initial)}")
         failures = start.consecutive_failures
         for number in range(start.first_round, cfg.federation.rounds + 1):
+            emit(RoundEvent("round-start", round=number, rounds=cfg.federation.rounds))
             try:
                 state = _run_round(grid, cfg, strategy, store, run_id, number, state, capacities, privacy)
                 failures = 0
             except BudgetSpent as e:
-                console.print(f"[yellow]privacy budget spent: {escape(str(e))}; the run ends with the adapter of "
+                say(f"[yellow]privacy budget spent: {escape(str(e))}; the run ends with the adapter of "
                               f"the last completed round[/]")
                 break
             except RoundFailed:
                 failures += 1
                 if cfg.federation.on_round_failure == "stop" or failures >= cfg.federation.max_consecutive_failures:
                     raise
-                console.print(f"  [yellow]round {number} failed ({failures} in a row, the run stops at "
+                say(f"  [yellow]round {number} failed ({failures} in a row, the run stops at "
                               f"{cfg.federation.max_consecutive_failures}); the next round starts from the last "
                               f"completed round's adapter[/]")
         _finish(cfg, strategy, store, run_id, state, model)
@@ -102,7 +101,7 @@ def _finish(cfg: RunConfig, strategy: strategies.Strategy, store: RoundStore, ru
         model, _ = build_peft_model(cfg.replace(**{"adapter.r": rank}))
     adapter_dir = export_adapter(model, final, Path(cfg.store.output_dir) / f"run-{run_id}" / "adapter")
     store.finish_run(run_id, "completed", adapter_dir=str(adapter_dir.resolve()))
-    console.print(f"run {run_id} completed; adapter exported to {adapter_dir}")
+    say(f"run {run_id} completed; adapter exported to {adapter_dir}")
 
 
 def _assign_ranks(grid: Grid, federation: FederationConfig, strategy: strategies.Strategy, nodes: list[int], number: int,
@@ -166,7 +165,8 @@ def _run_round(grid: Grid, cfg: RunConfig, strategy: strategies.Strategy, store:
         record = RoundRecord(
             number=number, participants=len(progress.sampled), accepted=progress.accepted, train_loss=None,
             eval_loss=None, eval_accuracy=None, bytes_up=ledger.bytes("up"), bytes_down=ledger.bytes("down"),
-            duration_s=time.monotonic() - started, clients=ledger.clients, status="failed", reason=reason,
+            duration_s=time.monotonic() - started, clients=released(cfg.privacy, ledger.clients), status="failed",
+            reason=reason,
             parent_sha256=parent, metrics={"privacy-budget-spent": 1.0} if refused else {},
             privacy=privacy.entries(ledger.clients))
         store.record_round(run_id, record, None)
@@ -174,20 +174,21 @@ def _run_round(grid: Grid, cfg: RunConfig, strategy: strategies.Strategy, store:
         if refused:  # the nodes' budgets, not a fault: the run ends cleanly with the last completed adapter
             raise BudgetSpent(f"in round {number} {reason}") from None
         raise RoundFailed(str(e)) from e
-    evaluation = evaluate_global(grid, cfg.federation, connected, strategy.evaluation_request(new_state), number,
-                                 ledger, len(cfg.data.label_words))
+    evaluation = (evaluate_global(grid, cfg.federation, connected, strategy.evaluation_request(new_state), number,
+                                  ledger, len(cfg.data.label_words))
+                  if cfg.privacy.mode == "off" else None)  # under DP: nothing to release
     record = RoundRecord(
         number=number, participants=len(progress.sampled), accepted=len(exchange.reports),
         train_loss=mean_metric(exchange.reports, "train-loss"),
         eval_loss=evaluation.loss if evaluation else None,
         eval_accuracy=evaluation.accuracy if evaluation else None,
         bytes_up=ledger.bytes("up"), bytes_down=ledger.bytes("down"),
-        duration_s=time.monotonic() - started, clients=ledger.clients, parent_sha256=parent,
+        duration_s=time.monotonic() - started, clients=released(cfg.privacy, ledger.clients), parent_sha256=parent,
         privacy=privacy.entries(ledger.clients), metrics=evaluation.metrics if evaluation else {})
     store.record_round(run_id, record, strategy.export(new_state), round_state(new_state, strategy))
     _print_round(cfg, record, evaluation, ledger)
     if secure is not None and secure.clipped:
-        console.print(f"  [yellow]secure aggregation clipped {secure.clipped} weighted value(s) to "
+        say(f"  [yellow]secure aggregation clipped {secure.clipped} weighted value(s) to "
                       f"+-{cfg.secagg.clip_range}; raise secagg.clip-range[/]")
     return new_state
 
@@ -200,22 +201,23 @@ def _generation_line(evaluation: Evaluation) -> str:
 
 
 def _print_round(cfg: RunConfig, record: RoundRecord, evaluation: Evaluation | None, ledger: RoundLedger) -> None:
+    emit(RoundEvent("round-end", round=record.number, rounds=cfg.federation.rounds, seconds=record.duration_s))
     per_client = record.bytes_up / max(1, record.accepted) / 1024
     if record.status == "failed":
-        console.print(f"[red]round {record.number}/{cfg.federation.rounds} failed[/]: {escape(record.reason or '')}")
+        say(f"[red]round {record.number}/{cfg.federation.rounds} failed[/]: {escape(record.reason or '')}")
         for c in ledger.failures():
-            console.print(f"  [yellow]node {c.node_id} {c.phase} {c.status}[/]: {escape(c.reason or '')}")
+            say(f"  [yellow]node {c.node_id} {c.phase} {c.status}[/]: {escape(c.reason or '')}")
         return
     line = (f"round {record.number}/{cfg.federation.rounds}: {record.accepted}/{record.participants} updates "
             f"accepted, train loss {record.train_loss or float('nan'):.4f}")
     if evaluation is not None:
         line += f", eval loss {evaluation.loss:.4f}, accuracy {evaluation.accuracy:.4f}{_generation_line(evaluation)}"
-    console.print(line + f", {per_client:.1f} KiB up per client, {record.duration_s:.1f} s")
+    say(line + f", {per_client:.1f} KiB up per client, {record.duration_s:.1f} s")
     for c in ledger.failures():
-        console.print(f"  [yellow]node {c.node_id} {c.phase} {c.status}[/]: {escape(c.reason or '')}")
+        say(f"  [yellow]node {c.node_id} {c.phase} {c.status}[/]: {escape(c.reason or '')}")
     spent = [e for e in record.privacy if e.status == "spent"]
     if spent:
         worst = max(spent, key=lambda e: e.epsilon)
-        console.print(f"  privacy: {worst.mechanism}, epsilon {worst.epsilon:.4g} of {cfg.privacy.target_epsilon:g} "
+        say(f"  privacy: {worst.mechanism}, epsilon {worst.epsilon:.4g} of {cfg.privacy.target_epsilon:g} "
                       f"spent (delta {worst.delta:g}" + (", the most of any node)" if worst.node_id is not None
                                                          else ", the run's)"))

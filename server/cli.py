@@ -88,6 +88,7 @@ def run_config(args: argparse.Namespace) -> RunConfig:
 
 def serve(args: argparse.Namespace) -> int:
     from pollinate.server.launch import SuperLinkSecurity, coordinate
+    from pollinate.server.progress_view import ProgressView
     from pollinate.server.report import rounds_table
     from pollinate.server.store import RoundStore
 
@@ -96,25 +97,27 @@ def serve(args: argparse.Namespace) -> int:
     warning = check_exposure(args.host, security.tls, args.insecure, SERVES)
     security.flags()  # fail fast: inconsistent TLS / node-auth flags, missing key files
     if warning:
-        console.print(f"[yellow]{warning}[/]")
+        console.print(f"[yellow]{warning}[/]", soft_wrap=True)
     stop_on_sigterm()  # `docker stop`, systemd: stop the SuperLink and its runs too
     cfg = run_config(args)
     state_dir = Path(args.state_dir or Path(cfg.store.output_dir) / "superlink")
     console.print(f"SuperLink on {args.host}:{args.port} ({'TLS' if security.tls else 'insecure'}); nodes join with "
                   f"`pollinate client --superlink HOST:{args.port} --data PATH"
-                  f"{' --certs DIR' if security.tls else ''}`")
+                  f"{' --certs DIR' if security.tls else ''}`", soft_wrap=True)
     store = RoundStore(cfg.store.db)
     stale = [int(a.flower_run_id) for a in store.attempts(cfg.store.resume_run)] if cfg.store.resume_run else []
     status = None if args.no_status else _start_status(cfg.store.db, args.host, args.status_port, security,
                                                        args.insecure)
     try:
-        result = coordinate(cfg, args.host, args.port, state_dir, security, stale_runs=stale)
+        with ProgressView(console) as view:  # the ServerApp's round events, through `flwr log`
+            result = coordinate(cfg, args.host, args.port, state_dir, security, stale_runs=stale, output=view.line)
     finally:
         if status is not None:
             status.stop()
     run_id = store.run_of_flower_run(result.flower_run_id) if result.flower_run_id is not None else None
     if run_id is None:
-        console.print(f"[red]no run was recorded (Flower run {result.flower_run_id}); see {result.log}[/]")
+        console.print(f"[red]no run was recorded (Flower run {result.flower_run_id}); see {result.log}[/]",
+                      soft_wrap=True)
         return 1
     run = store.run(run_id)
     if run.status == "running":  # the ServerApp was stopped before it could say so
@@ -122,14 +125,15 @@ def serve(args: argparse.Namespace) -> int:
                          f"`pollinate server --resume {run_id}` continues it")
         run = store.run(run_id)
     console.print(rounds_table(store, run_id))
-    console.print(f"round store: {store.url} (run {run_id}, status {run.status})")
+    console.print(f"round store: {store.url} (run {run_id}, status {run.status})", soft_wrap=True)
     if run.status == "completed":
-        console.print(f"PEFT adapter: {run.adapter_dir}")
+        console.print(f"PEFT adapter: {run.adapter_dir}", soft_wrap=True)
         return 0
     if result.superlink_exit is not None:
-        console.print(f"[red]the SuperLink exited with code {result.superlink_exit}; see {result.log}[/]")
+        console.print(f"[red]the SuperLink exited with code {result.superlink_exit}; see {result.log}[/]",
+                      soft_wrap=True)
     console.print(f"[red]run {run_id} {run.status}: {run.error}[/]\nresume it: pollinate server --resume {run_id} "
-                  f"--db {store.url}")
+                  f"--db {store.url}", soft_wrap=True)
     return 130 if result.interrupted else 1
 
 
@@ -140,6 +144,6 @@ def _start_status(store_url: str, host: str, port: int, security: SuperLinkSecur
     require_free_port(host, port, "status service", "--status-port (or --no-status)")
     status = serve_status(store_url, host, port, tls=security if security.tls else None, insecure=insecure)
     console.print(f"status service on {host}:{status.port} ({'mutual TLS' if security.tls else 'insecure'}): "
-                  f"`pollinate status --coordinator HOST:{status.port}`")
+                  f"`pollinate status --coordinator HOST:{status.port}`", soft_wrap=True)
     return status
 

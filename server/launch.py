@@ -18,9 +18,11 @@ from __future__ import annotations
 import json
 import subprocess
 import tempfile
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import tomli_w
 
@@ -29,6 +31,7 @@ from pollinate.runtime.app_dir import write_app_dir
 from pollinate.runtime.processes import Daemon, executable, flower_env, require_free_port, wait_healthy
 from pollinate.security.certs import CertDir
 from pollinate.security.flower_flags import superlink_flags
+from pollinate.server.round_events import EVENTS_ENV
 from pollinate.server.store import PASSWORD_ENV, PASSWORD_FILE_ENV, password_env
 
 CONNECTION = "pollinate"  # the SuperLink connection's name in our private FLWR_HOME
@@ -103,8 +106,11 @@ class Coordinated:
 
 def coordinate(cfg: RunConfig, host: str, port: int, state_dir: Path,
                security: SuperLinkSecurity = SuperLinkSecurity(), startup_timeout_s: float = 120.0,
-               stale_runs: Sequence[int] = ()) -> Coordinated:
+               stale_runs: Sequence[int] = (), output: Callable[[str], None] | None = None) -> Coordinated:
     """Start a SuperLink, run the ServerApp on it with ``cfg`` until the run ends, stop the SuperLink.
+
+    ``output``: gets each line of the coordinator's output, its round events as ``round_events`` lines
+    (``server.progress_view.ProgressView.line`` draws them); None: the output goes to this process's stdout.
 
     ``stale_runs``: Flower runs of earlier coordinators of this pollinate run (a resume). The SuperLink's
     state keeps them, and the messages of the round they were in, after their ServerApp died: they are
@@ -117,8 +123,11 @@ def coordinate(cfg: RunConfig, host: str, port: int, state_dir: Path,
         home = Path(tmp) / "flwr-home"
         write_connection(home, host, port, security)
         env = without_store_credentials(flower_env(home))
+        # The ServerApp (flwr-serverapp, started by the SuperExec with the SuperLink's environment) reaches us only
+        # through `flwr log`'s text: with a reader here, it writes its round events there as event lines.
+        events = {EVENTS_ENV: "lines"} if output is not None else {}
         superlink = Daemon("SuperLink", superlink_command(host, port, state_dir / "state.db", security),
-                           superlink_env(env, cfg.store.db), log)
+                           {**superlink_env(env, cfg.store.db), **events}, log)
         try:
             scheme = "https" if security.tls else "http"
             verify: str | bool = str(security.ca_cert) if security.tls else False
@@ -130,7 +139,7 @@ def coordinate(cfg: RunConfig, host: str, port: int, state_dir: Path,
             for stale in stale_runs:
                 _stop(stale, env)
             result.flower_run_id = _submit(write_app_dir(cfg, Path(tmp) / "app"), env)
-            _follow(result, superlink, env)
+            _follow(result, superlink, env, output)
         except KeyboardInterrupt:
             result.interrupted = True
         finally:
@@ -152,9 +161,13 @@ def superlink_env(env: dict[str, str], store_url: str) -> dict[str, str]:
     return {**without_store_credentials(env), **password_env(store_url)}
 
 
-def _follow(result: Coordinated, superlink: Daemon, env: dict[str, str]) -> None:
-    """Print the run's output until it finishes, or until the SuperLink dies under it."""
-    follower = Daemon("flwr log", [executable("flwr"), "log", str(result.flower_run_id), CONNECTION, "--stream"], env)
+def _follow(result: Coordinated, superlink: Daemon, env: dict[str, str],
+            output: Callable[[str], None] | None) -> None:
+    """Hand the run's output to ``output`` (or print it) until it finishes, or until the SuperLink dies under it."""
+    follower = Daemon("flwr log", [executable("flwr"), "log", str(result.flower_run_id), CONNECTION, "--stream"], env,
+                      subprocess.PIPE if output is not None else None)
+    if output is not None:  # a thread reads, so this loop keeps watching the SuperLink
+        threading.Thread(target=_read_lines, args=(follower.process.stdout, output), daemon=True).start()
     try:
         while follower.running():
             if not superlink.running():
@@ -166,6 +179,11 @@ def _follow(result: Coordinated, superlink: Daemon, env: dict[str, str]) -> None
                 pass
     finally:
         follower.stop()
+
+
+def _read_lines(stream: IO[bytes], output: Callable[[str], None]) -> None:
+    for raw in iter(stream.readline, b""):
+        output(raw.decode("utf-8", errors="replace"))
 
 
 def _flwr(args: list[str], env: dict[str, str], timeout_s: float = 120.0) -> tuple[dict[str, object], str]:

@@ -9,7 +9,7 @@ from the privacy ledger, so a resumed run continues where the stored rounds left
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC
 
 import numpy as np
@@ -17,7 +17,7 @@ import numpy as np
 from pollinate.privacy.accountant import Release, calibrate_noise_multiplier, epsilon
 from pollinate.privacy.central import (add_gaussian_noise, default_count_stddev, delta_of, next_clip_norm, private_mean,
                              update_noise_multiplier)
-from pollinate.privacy.ledger import MECHANISMS, REFUSAL_CODE, PrivacyEntry, entry_from_report, releases
+from pollinate.privacy.ledger import MECHANISMS, REFUSAL_CODE, REPORT_KEYS, PrivacyEntry, entry_from_report, releases
 from pollinate.proto.instructions import trained_names
 from pollinate.proto.run_config import ConfigError, PrivacyConfig, RunConfig
 from pollinate.server.store import ClientRecord, RoundStore, RunSummary
@@ -163,6 +163,23 @@ class NodeLedger:
                                         noise_multiplier=0.0, clip_norm=0.0, sample_rate=0.0, steps=0,
                                         epsilon=self.epsilon.get(c.node_id, 0.0), delta=self.delta, reason=c.reason))
         return out
+
+
+# What a node record may keep under DP: the release's own description (the ledger's), and a refusal's code.
+RELEASED_KEYS = frozenset({*REPORT_KEYS, "error-code"})
+
+
+def released(privacy: PrivacyConfig, clients: Sequence[ClientRecord]) -> list[ClientRecord]:
+    """The node records as the store keeps them: under DP, no per-node number the mechanism does not cover.
+
+    Nodes under DP send no count, loss or accuracy (client/app.py); this is the server's half, for what it
+    computes itself from one node's reply (its update norm, a count a node sent anyway): dropped before it
+    reaches the store and the status service.
+    """
+    if privacy.mode == "off":
+        return list(clients)
+    return [replace(c, num_examples=0, metrics={k: v for k, v in c.metrics.items() if k in RELEASED_KEYS})
+            for c in clients]
 
 
 def is_refusal(record: ClientRecord) -> bool:

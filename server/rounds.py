@@ -28,6 +28,7 @@ from pollinate.proto.generation_metrics import scores, sum_counts
 from pollinate.proto.node_config import MAX_RANK
 from pollinate.proto.reply_schema import TRAIN, check_reply
 from pollinate.proto.run_config import FederationConfig
+from pollinate.server.round_events import RoundEvent, emit
 from pollinate.server.store import ClientRecord
 from pollinate.server.update_bound import norm_limit, update_norm
 from pollinate.server.weighting import round_weights
@@ -127,7 +128,11 @@ def send_and_collect(grid: Grid, contents: Mapping[int, RecordDict], message_typ
                 for node, content in contents.items()}
     down = {node: payload_bytes(c.array_records[ADAPTER]) if ADAPTER in c.array_records else 0
             for node, c in contents.items()}
-    replies = send_and_receive(grid, list(messages.values()), timeout)
+    total = len(messages)
+    emit(RoundEvent("exchange-start", round=round_number, exchange=message_type, total=total))
+    replies = send_and_receive(grid, list(messages.values()), timeout, lambda done: emit(RoundEvent(
+        "reply", round=round_number, exchange=message_type, done=done, total=total)))
+    emit(RoundEvent("exchange-end", round=round_number, exchange=message_type, done=len(replies), total=total))
     sent = {msg.metadata.message_id: node for node, msg in messages.items()}
     out: dict[int, Message] = {}
     answered: set[str] = set()
@@ -161,8 +166,10 @@ def send_and_collect(grid: Grid, contents: Mapping[int, RecordDict], message_typ
 POLL_FIRST_S, POLL_MAX_S = 0.005, 1.0  # reply polling: quick for short exchanges, gentle on the SuperLink for long
 
 
-def send_and_receive(grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
-    """``Grid.send_and_receive`` with polling that backs off from 5 ms to 1 s.
+def send_and_receive(grid: Grid, messages: list[Message], timeout: float,
+                     on_replies: Callable[[int], None] | None = None) -> list[Message]:
+    """``Grid.send_and_receive`` with polling that backs off from 5 ms to 1 s; ``on_replies(n)`` whenever the
+    replies in so far grow to n (the progress of the exchange).
 
     Flower's own sleeps a fixed 0.1 s (Simulation Engine) or 3 s (deployment) between polls: one such wait
     per exchange, which a SecAgg+ round pays four times (docs/secagg-bench.md, "where the time goes").
@@ -174,6 +181,8 @@ def send_and_receive(grid: Grid, messages: list[Message], timeout: float) -> lis
     while pending:
         pulled = list(grid.pull_messages(pending))
         replies += pulled
+        if pulled and on_replies is not None:
+            on_replies(len(replies))
         pending -= {reply.metadata.reply_to_message_id for reply in pulled}
         left = deadline - time.monotonic()
         if not pending or left <= 0:
@@ -259,7 +268,8 @@ class GridExchange:
             if problem:
                 raise UpdateRejected(problem)
         rank = request.instructions.rank
-        return ClientUpdate(node_id=node, tensors=tensors, num_examples=int(report["num-examples"]), rank=rank,
+        # No count (a node under DP withholds it): 0, which server.weighting turns into an equal share.
+        return ClientUpdate(node_id=node, tensors=tensors, num_examples=int(report.get("num-examples", 0)), rank=rank,
                             metrics=report), up
 
     def _as_received(self, request: Request) -> Request:
@@ -293,8 +303,9 @@ class PrivateMean(Protocol):
 class RoundExchange:
     """The ``strategies.Exchange`` of one round: every exchange must keep at least federation.min-nodes.
 
-    ``reports`` keeps each contributing node's last report (num-examples, train-loss, ...) for the round
-    record. With ``secure`` set, ``mean`` goes through secure aggregation and individual replies
+    ``reports`` keeps each contributing node's reports (num-examples, train-loss, ...) for the round
+    record, merged over the round's exchanges: sketch's second exchange does not train, so its report has no
+    train-loss, and the first one's is kept. With ``secure`` set, ``mean`` goes through secure aggregation and individual replies
     (``__call__``) are refused: a strategy that needs them is not linear and was refused before round 1.
     """
 
@@ -311,6 +322,10 @@ class RoundExchange:
                                           declared=self.declared, scaling=scaling)
         self.reports: dict[int, Mapping[str, float]] = {}
 
+    def _keep_reports(self, reports: Mapping[int, Mapping[str, float]]) -> None:
+        for node, report in reports.items():
+            self.reports[node] = {**self.reports.get(node, {}), **report}
+
     def __call__(self, requests: Mapping[int, Request]) -> list[ClientUpdate]:
         """Each node's accepted reply, carrying its weight in this exchange (``server.weighting``)."""
         if self.secure is not None:
@@ -318,7 +333,7 @@ class RoundExchange:
                               "use a linear strategy (`pollinate strategies`) or turn secagg.enabled off")
         updates = self.grid_exchange(self._keyed(requests))
         self._require(len(updates), len(requests))
-        self.reports.update({u.node_id: u.metrics for u in updates})
+        self._keep_reports({u.node_id: u.metrics for u in updates})
         weights = round_weights({u.node_id: u.num_examples for u in updates}, self.federation, self.declared)
         return [replace(u, weight=weights[u.node_id]) for u in updates]
 
@@ -331,7 +346,7 @@ class RoundExchange:
             requests = {n: with_instructions(r, clip_norm=self.private.clip_norm) for n, r in requests.items()}
         mean = self.secure(requests, equal_weights=self.private is not None)
         self._require(len(mean.node_ids), len(requests))
-        self.reports.update(mean.node_metrics)
+        self._keep_reports(mean.node_metrics)
         return self.private.noised_mean(requests, mean) if self.private is not None else mean
 
     def _keyed(self, requests: Mapping[int, Request]) -> dict[int, Request]:

@@ -97,7 +97,7 @@ class SecureAggregation:
         deliveries = session.route_shares()
         in_round = [node for node in nodes if index[node] in deliveries]
         weights = ({node: 1 / len(in_round) for node in in_round} if equal_weights else
-                   round_weights({node: reports[node]["num-examples"] for node in in_round}, self.federation,
+                   round_weights({node: reports[node].get("num-examples", 0) for node in in_round}, self.federation,
                                  self.declared))
         q = session.config.quantization
 
@@ -122,7 +122,7 @@ class SecureAggregation:
         weight = sum(weights[node] for node in survivors)
         flat = dequantize_sum(total, len(survivors), q) / weight
         return MeanUpdate(_unflatten(flat, layout), tuple(survivors),
-                          int(sum(reports[node]["num-examples"] for node in survivors)),
+                          int(sum(reports[node].get("num-examples", 0) for node in survivors)),
                           {node: reports[node] for node in survivors})
 
     def _round_config(self, nodes: list[int], length: int) -> RoundConfig:

@@ -9,6 +9,9 @@
   keep every share at or below s (federation.min-nodes = 1 is a valid federation): then every node gets 1 / m,
   the closest to the cap there is.
 
+A node under differential privacy reports no count (docs/privacy.md): when no node of the round reports one,
+every rule gives 1 / m.
+
 Every mean the server computes goes through ``round_weights``: ``RoundExchange`` puts the weight on each
 ``ClientUpdate`` (``strategies.base.example_weights`` reads it), and secure aggregation sends each node its
 weight from here.

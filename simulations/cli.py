@@ -10,7 +10,7 @@ from pathlib import Path
 from rich.console import Console
 
 from pollinate.flags import (RENAMED_SIMULATE, absolute_locations, add_run_config_arguments, add_scenario_arguments,
-                             overrides_from_args, refuse_renamed, scenario_of)
+                             overrides_from_args, refuse_renamed, scenario_of, store_url)
 from pollinate.proto.run_config import ConfigError, RunConfig
 from pollinate.simulations import engine
 from pollinate.simulations.scenario import DEFAULT_SCENARIO, SimulationSettings, load_scenario
@@ -64,6 +64,8 @@ def simulate(args: argparse.Namespace) -> int:
     from pollinate import strategies
     from pollinate.models import check_model_config
     from pollinate.server.privacy_rounds import check_privacy_config
+    from pollinate.server.progress_view import ProgressView
+    from pollinate.server.round_events import listen
     from pollinate.server.report import rounds_table
     from pollinate.server.store import RoundStore, keep_password, withhold_password
 
@@ -78,9 +80,11 @@ def simulate(args: argparse.Namespace) -> int:
     work = Path(cfg.store.output_dir) / f"simulation-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     cfg, sizes = write_node_data(cfg, sim, work / "partitions")
     console.print(f"simulating {sim.clients} clients ({cfg.data.partitioning} split of {cfg.data.dataset}: "
-                  f"{sizes} examples), {cfg.federation.rounds} rounds of {cfg.federation.strategy}")
-    engine.run(cfg, sim.clients, work / "app", cpus_per_client=sim.cpus_per_client,
-               gpus_per_client=sim.gpus_per_client, client_app=sim.client_app)
+                  f"{sizes} examples), {cfg.federation.rounds} rounds of {cfg.federation.strategy}", soft_wrap=True)
+    # The ServerApp runs in a thread of this process: its round events reach the view directly.
+    with ProgressView(console) as view, listen(view):
+        engine.run(cfg, sim.clients, work / "app", cpus_per_client=sim.cpus_per_client,
+                   gpus_per_client=sim.gpus_per_client, client_app=sim.client_app)
     # Ours is the run that reads our partitions (a directory per invocation): other runs may share this store.
     new = [r for r in store.runs() if r.config.get("data.partition-dir") == cfg.data.partition_dir]
     if not new:
@@ -88,9 +92,11 @@ def simulate(args: argparse.Namespace) -> int:
         return 1
     run = new[-1]
     console.print(rounds_table(store, run.id))
-    console.print(f"round store: {store.url} (run {run.id}, status {run.status})")
+    console.print(f"round store: {store.url} (run {run.id}, status {run.status})", soft_wrap=True)
     if run.status != "completed":
-        console.print(f"[red]run {run.id} failed: {run.error}[/]")
+        console.print(f"[red]run {run.id} failed: {run.error}[/]", soft_wrap=True)
         return 1
     console.print(f"PEFT adapter: {run.adapter_dir}  (PeftModel.from_pretrained(base, that directory))")
+    db = "" if store_url(None) == store.url else f" --db {store.url}"  # the command as short as it can be
+    console.print(f"plots and a report page: pollinate report {run.id}{db}", soft_wrap=True)
     return 0

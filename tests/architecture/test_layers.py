@@ -27,7 +27,7 @@ LAYERS: dict[str, int] = {
     # L3 the commands' shared vocabulary (flags, their defaults)
     "pollinate.flags": 3,
     # L4 the commands: each imports the others' lower modules, never another command
-    "pollinate.server.cli": 4, "pollinate.server.status_cli": 4, "pollinate.simulations.cli": 4,
+    "pollinate.server.cli": 4, "pollinate.server.status_cli": 4, "pollinate.server.report_cli": 4, "pollinate.simulations.cli": 4,
     "pollinate.client.node": 4,
     # L5 the `pollinate` entry point: the table of commands
     "pollinate.cli": 5,

@@ -43,8 +43,9 @@ def _report(**values: float) -> RecordDict:
 def test_a_report_is_held_to_its_exchange_keys_types_and_ranges() -> None:
     assert check_reply(QUERY, _report(**{"num-examples": 12, "max-rank": 8})) == {"num-examples": 12.0,
                                                                                   "max-rank": 8.0}
+    # A node under DP sends no count at all (docs/privacy.md): the key is optional, never malformed.
+    assert check_reply(QUERY, _report(**{"max-rank": 8})) == {"max-rank": 8.0}
     cases = [
-        (QUERY, _report(**{"max-rank": 8}), "lacks the required key(s) ['num-examples']"),
         (QUERY, _report(**{"num-examples": 0}), "num-examples = 0 in the query report; it must be an integer in [1, "),
         (QUERY, _report(**{"num-examples": 2.5}), "must be an integer"),
         (QUERY, _report(**{"num-examples": MAX_EXAMPLES + 1}), f"[1, {MAX_EXAMPLES}]"),
@@ -139,7 +140,8 @@ def test_no_reply_of_one_node_escapes_the_exchange_that_received_it(query, train
     grid, ledger = ScriptedGrid(nodes, hostile, forge_of({"query": query, "train": train, "evaluate": evaluate})), \
         RoundLedger()
     declared = {node: d.num_examples for node, d in query_capacities(grid, federation, nodes, 1, ledger).items()}
-    assert set(nodes) - {hostile} <= set(declared) and all(1 <= n <= MAX_EXAMPLES for n in declared.values())
+    # 0: the node declared no count (as a node under DP does); it then weighs nothing beside nodes that did.
+    assert set(nodes) - {hostile} <= set(declared) and all(0 <= n <= MAX_EXAMPLES for n in declared.values())
     state = {k: (0.1 * rng.standard_normal(s)).astype(np.float32) for k, s in SHAPES.items()}
     exchange = RoundExchange(grid, federation, 1, ledger, declared=declared, scaling=lambda r: 8 / r)
     updates = exchange({node: Request(state) for node in declared})

@@ -97,6 +97,13 @@ def test_progress_and_summary_are_printed(honest) -> None:
     for text in ("round 0: eval loss", "round 1/3: 4/4 updates accepted", "round 3/3", "KiB up/client",
                  f"run {run.id}", str(run.adapter_dir)):
         assert text in out.replace("\n", ""), text
+    # Not a terminal: the round lines only, no progress control codes; no line broken mid-phrase.
+    assert "\x1b" not in out and "\r" not in out
+    assert any(line.startswith("simulating 4 clients (") and line.endswith("3 rounds of fedavg")
+               for line in out.splitlines())
+    assert f"plots and a report page: pollinate report {run.id} --db {store.url}" in out.splitlines()
+    # The Simulation Engine's routine end of each ClientApp actor is not a warning to the user.
+    assert "Manually terminating" not in done.stdout + done.stderr
 
 
 def test_runs_lists_the_run_and_its_rounds(honest) -> None:

@@ -15,9 +15,9 @@ without a change. The laws read the class facts, never a strategy's name:
 - ``heterogeneous_ranks``: every node trains at min(its capacity, R); otherwise every node at R, and a
   smaller capacity is refused.
 
-The global rank R is min(d_out, d_in) = 10 of the test module: the setting in which every ``exact`` claim
-holds. ``sketch`` keeps a rank-R factorisation of the summed update, which is exact only when R covers its
-rank (at most sum_k r_k); at smaller R it is the best rank-R approximation, like flexlora.
+The global rank R is min(d_out, d_in) = 10 of the test module. ``sketch`` is exact at any R too (the part of the
+summed update past rank R is merged into the base): ``tests/strategies/test_strategy_math.py`` draws R below
+sum_k r_k for it; flexlora, at such an R, keeps the best rank-R approximation and is not declared exact.
 """
 
 from __future__ import annotations

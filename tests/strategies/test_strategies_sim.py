@@ -80,6 +80,16 @@ def test_fedex_lora_exports_the_exact_mean_model_as_a_larger_lora(tmp_path: Path
     assert json.loads((Path(run.adapter_dir) / "adapter_config.json").read_text())["r"] > 4
 
 
+def test_sketch_merges_what_the_global_rank_cannot_hold_and_exports_the_whole_mean(tmp_path: Path) -> None:
+    # Nodes of ranks 2, 4 and 8 sum past the global rank 8: the rest of their mean goes into the base deltas,
+    # which travel to the nodes and are folded into the exported LoRA (rank > 8), so nothing is truncated.
+    store, run_id = _run(tmp_path, "sketch", scenario="tiny-hetero.toml")
+    stored = store.adapter(run_id, 1).tensors()  # the round's global model, exported: base deltas folded in
+    assert {v.shape[0] for k, v in stored.items() if ".lora_A." in k} != {8}
+    run = store.run(run_id)
+    assert json.loads((Path(run.adapter_dir) / "adapter_config.json").read_text())["r"] > 8
+
+
 HETEROGENEOUS = ["hetlora", "flexlora", "flora", "sketch", "robust-clip", "trimmed-mean", "median", "multi-krum"]
 
 
@@ -117,6 +127,7 @@ def test_heterogeneous_strategy_trains_each_node_at_its_own_rank(name: str, tmp_
     assert Path(run.adapter_dir, "adapter_model.safetensors").is_file()
     rounds = store.rounds(run_id)
     assert rounds[-1].eval_loss is not None and np.isfinite(rounds[-1].eval_loss)
+    assert all(r.train_loss is not None and np.isfinite(r.train_loss) for r in rounds), "every round has a train loss"
 
 
 def test_every_registered_strategy_is_covered_here() -> None:

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from pollinate.proto.instructions import Instructions
 from pollinate.strategies import ClientUpdate, Request, StrategyContext, build
-from pollinate.strategies.base import MeanUpdate, lora_pairs, mean_of
+from pollinate.strategies.base import MeanUpdate, lora_pairs, lora_rank, mean_of
 from pollinate.strategies.fedex_lora import FedExLora
 from pollinate.strategies.flexlora import FlexLora
 from pollinate.strategies.flora import FLora
@@ -114,10 +114,14 @@ def _trained(request: Request, rng: np.random.Generator) -> dict[str, np.ndarray
 
 
 @SETTINGS
-@given(seed=st.integers(0, 2**31), ranks=st.lists(st.integers(1, 4), min_size=1, max_size=4))
-def test_sketch_recovers_the_flexlora_target_exactly_through_two_summed_exchanges(seed: int, ranks: list[int]) -> None:
+@given(seed=st.integers(0, 2**31), ranks=st.lists(st.integers(1, 4), min_size=1, max_size=4),
+       global_rank=st.integers(1, 10))
+def test_sketch_recovers_the_flexlora_target_exactly_through_two_summed_exchanges(seed: int, ranks: list[int],
+                                                                                 global_rank: int) -> None:
     rng = np.random.default_rng(seed)
-    ctx = StrategyContext(rank=10, alpha=4.0)  # = d_in: the global rank-10 factorisation loses nothing
+    # Any global rank R, also below the rank of the summed update (up to sum r_k): what the adapter cannot hold is
+    # merged into the base deltas, so the exported model is the exact mean.
+    ctx = StrategyContext(rank=global_rank, alpha=4.0)
     counts = {i: int(n) for i, n in enumerate(rng.integers(1, 50, size=len(ranks)))}
     sketch = Sketch(ctx)
     node_state: dict[int, dict] = {i: {} for i in counts}
@@ -137,13 +141,16 @@ def test_sketch_recovers_the_flexlora_target_exactly_through_two_summed_exchange
         return out
 
     state = adapter(rng, ctx.rank)
-    ranks_by_node = {i: r for i, r in enumerate(ranks)}
+    ranks_by_node = {i: min(r, global_rank) for i, r in enumerate(ranks)}
     new = sketch.run_round(state, ranks_by_node, InMemoryExchange(answer), round_number=1)
     total = sum(counts.values())
     target = sum(counts[n] / total * dense(trained[n], ctx.scaling(r)) for n, r in ranks_by_node.items())
-    assert close(dense(new, ctx.scaling(ctx.rank)), target, tol=1e-3)
+    exported = sketch.export(new)
+    assert close(dense(exported, ctx.scaling(lora_rank(exported))), target, tol=1e-3)
+    adapter_part, deltas = split_deltas(new)
+    assert lora_rank(adapter_part) == global_rank and (P in deltas) == (min(sum(ranks_by_node.values()), 10) > global_rank)
     head = sum(counts[n] / total * trained[n][HEAD] for n in counts)
-    assert np.allclose(new[HEAD], head, atol=1e-4)
+    assert np.allclose(exported[HEAD], head, atol=1e-4)
 
 
 @SETTINGS

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from uuid import uuid4
 
@@ -32,6 +32,9 @@ from pollinate.simulations.scenario import load_scenario
 from tests.support.paths import SCENARIOS
 
 
+NodeConfigOf = Callable[[int], Mapping[str, "int | float | str"]]  # partition id -> extra node config
+
+
 def _wire(message: Message) -> Message:
     """The message as the other side receives it: through Flower's protobuf serialisation."""
     return message_from_proto(message_to_proto(message))
@@ -46,11 +49,16 @@ class InProcessGrid:
 
     @classmethod
     def of_scenario(cls, cfg: RunConfig, clients: int, app: ClientApp = pollinate_client,
-                    seed: int = 0) -> InProcessGrid:
-        """``clients`` nodes as the Simulation Engine makes them: a partition id each, the run config."""
+                    seed: int = 0, node_config: NodeConfigOf | None = None) -> InProcessGrid:
+        """``clients`` nodes as the Simulation Engine makes them: a partition id each, the run config.
+
+        ``node_config``: more node config for the node of each partition id (what `pollinate client` flags set).
+        """
         node_ids = random.Random(seed).sample(range(1, 2**62), clients)  # Flower ids are large, unordered
-        return cls({node: Context(run_id=1, node_id=node, node_config={PARTITION_ID: i}, state=RecordDict(),
-                                  run_config=cfg.to_flat()) for i, node in enumerate(node_ids)}, app)
+        return cls({node: Context(run_id=1, node_id=node,
+                                  node_config={PARTITION_ID: i, **(node_config(i) if node_config else {})},
+                                  state=RecordDict(), run_config=cfg.to_flat())
+                    for i, node in enumerate(node_ids)}, app)
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.contexts)
@@ -102,13 +110,28 @@ def _identity(name: str) -> int | None:
         return None
 
 
-def run_in_process(scenario: str, workdir: Path, clients: int | None = None, **overrides: object) -> int:
-    """A scenario of tests/scenarios run end to end in this process, stored in ``workdir/store.db``; the run id."""
+def run_in_process(scenario: str, workdir: Path, clients: int | None = None, node_config: NodeConfigOf | None = None,
+                   client_app: ClientApp | None = None, **overrides: object) -> int:
+    """A scenario of tests/scenarios run end to end in this process, stored in ``workdir/store.db``; the run id.
+
+    ``node_config``: extra node config per partition id (e.g. a node's privacy policy); a new call is a
+    restart of every node (fresh contexts). ``client_app``: instead of the scenario's (e.g. one that records)."""
     cfg, sim = load_scenario(SCENARIOS / scenario, {
         "store.db": f"sqlite:///{workdir / 'store.db'}", "store.output-dir": str(workdir / "out"), **overrides},
         clients)
     cfg, _ = write_node_data(cfg, sim, workdir / "partitions")
     module, _, name = sim.client_app.partition(":")  # e.g. tests.support.apps.faulty_client:app
-    grid = InProcessGrid.of_scenario(cfg, sim.clients, getattr(importlib.import_module(module), name))
+    app = client_app or getattr(importlib.import_module(module), name)
+    grid = InProcessGrid.of_scenario(cfg, sim.clients, app, node_config=node_config)
     with serverapp_identity():
         return run_federation(grid, cfg)  # type: ignore[arg-type]
+
+
+def run_in_process_with_events(scenario: str, workdir: Path, **overrides: object) -> tuple[int, list]:
+    """``run_in_process`` that also keeps every round event the run emitted, in order: (run id, events)."""
+    from pollinate.server.round_events import listen
+
+    events: list = []
+    with listen(events.append):
+        run_id = run_in_process(scenario, workdir, **overrides)
+    return run_id, events
