@@ -132,6 +132,12 @@ def render(rows: list[dict[str, object]]) -> None:
         "libraries) and the float32 activations dominate it, so the weights' saving shows only in part.\n"
         "- **time per step** on CPU: bitsandbytes dequantises each NF4/int8 weight on every forward and backward; "
         "on CUDA its fused kernels make this cheap, on CPU it is the price of fitting the model.\n\n"
+        "- **RSS after load** is higher with a quantised base: transformers reads the float32 checkpoint and "
+        "quantises it while loading, and the freed float32 pages stay with the process's allocator.\n\n"
+        "**Caveat on the recorded run** (2026-12-01): the 2-core machine was shared with other jobs (load average "
+        "near 30), and the variants ran one after the other, so the *times* carry that noise: int8 at 0.5x of "
+        "`none` is not a kernel speed-up but a quieter minute. The weights' footprint is exact; rerun on a quiet "
+        "machine for times.\n\n"
         "Raw rows: `docs/qlora-bench.jsonl`; `python bench/qlora.py --render` re-renders this page from them.\n")
     (DOCS / "qlora-bench.md").write_text(text)
     (DOCS / "qlora-bench.json").write_text(json.dumps({"rows": rows}, indent=1) + "\n")
