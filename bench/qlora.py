@@ -131,7 +131,7 @@ def render(rows: list[dict[str, object]]) -> None:
         "activations), read from `getrusage`; at this size the process's fixed cost (torch, bitsandbytes' "
         "libraries) and the float32 activations dominate it, so the weights' saving shows only in part.\n"
         "- **time per step** on CPU: bitsandbytes dequantises each NF4/int8 weight on every forward and backward; "
-        "on CUDA its fused kernels make this cheap, on CPU it is the price of fitting the model.\n\n"
+        "on CUDA its fused kernels make this cheap, on CPU it is the price of fitting the model.\n"
         "- **RSS after load** is higher with a quantised base: transformers reads the float32 checkpoint and "
         "quantises it while loading, and the freed float32 pages stay with the process's allocator.\n\n"
         "**Caveat on the recorded run** (2026-12-01): the 2-core machine was shared with other jobs (load average "
