@@ -31,6 +31,7 @@ from pollinate.client.data import batches, endless_batches
 from pollinate.client import resident
 from pollinate.client import secure
 from pollinate.client.private_training import BudgetRefused, PrivateRound, plan_round, privatise_upload, train_sample_dp
+from pollinate.client.generation import count, generate
 from pollinate.client.train import evaluate, resolve_device, train
 from pollinate.models import BaseModel, adapter_state, load_adapter_state, set_base_deltas
 from pollinate.proto.adapter_record import (ADAPTER, INSTRUCTIONS, REPORT, from_record, refuse_outside, specs_of,
@@ -249,7 +250,18 @@ def evaluate_adapter(msg: Message, context: Context) -> Message:
     model, base = _prepare(msg, context, cfg, _instructions(msg), node, read_node_state(context.state), training=False)
     _, eval_set = resident.local_split(context.run_id, str(node.data_path), cfg)
     eval_set = eval_set[: cfg.train.eval_max_examples]
-    result = evaluate(model, batches(eval_set, base.tokenizer, cfg.model, 64, seed=None), _device(cfg, node))
+    device = _device(cfg, node)
+    result = evaluate(model, batches(eval_set, base.tokenizer, cfg.model, 64, seed=None), device)
     report = MetricRecord({"num-examples": result.num_examples, "loss": result.loss, "accuracy": result.accuracy,
                            **_loads(cfg, node)})
+    if cfg.model.task == "causal-lm" and cfg.train.eval_max_new_tokens > 0:
+        # "accuracy" of an instruction-tuned model is that of what it generates; the per-token argmax is named so.
+        answers = generate(model, base.tokenizer, eval_set, cfg.train.eval_max_new_tokens, cfg.model.max_length,
+                           device)
+        counts = count(answers, [e.response for e in eval_set], cfg.data.label_words)
+        report["token-accuracy"] = result.accuracy
+        report["accuracy"] = (counts["gen-correct"] / counts["gen-labelled"] if counts["gen-labelled"]
+                              else counts["gen-exact"] / max(1, counts["gen-count"]))
+        for key, value in counts.items():
+            report[key] = value
     return Message(RecordDict({REPORT: report}), reply_to=msg)

@@ -2,8 +2,10 @@
 
 A data file is CSV, JSONL, Parquet, Arrow, or a directory a ``datasets.Dataset.save_to_disk`` wrote (the last
 three read by the ``datasets`` library). Classification examples carry a text column and a label, an integer id
-or one of the run's class names (``data.labels``); causal-LM examples carry an instruction and a response (the
-loss is on the response tokens only). Every column name is a ``data.*-field`` key. Data is read from the node's
+or one of the run's class names (``data.labels``); causal-LM examples carry an instruction (plus an optional
+input) and a response, or a ``messages`` conversation whose last turn is the assistant's. Every column name is a
+``data.*-field`` key. The loss is on the response tokens only; how the prompt is rendered (the model's chat
+template, else a plain one) is ``client/prompts.py``. Data is read from the node's
 disk and never leaves it.
 """
 
@@ -22,9 +24,8 @@ from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from transformers import PreTrainedTokenizerBase
 
 from pollinate.privacy.csprng import poisson_sample
+from pollinate.client.prompts import ROLES, Turns, encode, plain_prompt
 from pollinate.proto.run_config import ConfigError, DataConfig, ModelConfig
-
-PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
 
 
 class DataError(ConfigError):
@@ -33,9 +34,10 @@ class DataError(ConfigError):
 
 @dataclass(frozen=True)
 class Example:
-    text: str  # classification text, or the formatted prompt for causal-LM
+    text: str  # classification text, or the causal-LM prompt in the plain template
     label: int = -1  # classification label
     response: str = ""  # causal-LM target
+    turns: Turns = ()  # causal-LM: the conversation up to the user's last turn, (role, content)
 
 
 FORMATS = "CSV, JSONL, Parquet, Arrow or a `datasets` save_to_disk directory"
@@ -205,11 +207,10 @@ def _collate(chunk: list[Example], tokenizer: PreTrainedTokenizerBase, model: Mo
                         return_tensors="pt")
         enc["labels"] = torch.tensor([e.label for e in chunk], dtype=torch.long)
         return dict(enc)
-    # Causal LM: prompt + response + EOS, loss only on the response (labels -100 elsewhere).
+    # Causal LM: prompt + response through its end token, loss only on the response (labels -100 elsewhere).
     ids, labels = [], []
     for e in chunk:
-        prompt = tokenizer(e.text, add_special_tokens=False)["input_ids"]
-        target = tokenizer(e.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        prompt, target = encode(tokenizer, e.turns or (("user", e.text),), e.response)
         seq = (prompt + target)[: model.max_length]
         ids.append(seq)
         labels.append(([-100] * len(prompt) + target)[: model.max_length])
@@ -225,20 +226,16 @@ def _collate(chunk: list[Example], tokenizer: PreTrainedTokenizerBase, model: Mo
 def _fields(data: DataConfig, model: ModelConfig) -> str:
     if model.task == "classification":
         return f"columns {data.text_field!r} and {data.label_field!r}"
-    return f"columns {data.instruction_field!r} and {data.response_field!r}"
+    return (f"columns {data.instruction_field!r} and {data.response_field!r} (optionally {data.input_field!r}), "
+            f"or {data.messages_field!r}")
 
 
 def _example(row: dict[str, object], i: int, path: Path, data: DataConfig, model: ModelConfig) -> Example:
     where = f"{path} row {i}"
     if model.task == "causal-lm":
-        names = (data.instruction_field, data.response_field)
-        if any(row.get(name) is None for name in names):
-            raise DataError(f"{where} lacks {_fields(data, model)} (causal-lm examples need both); set "
-                            f"data.instruction-field / data.response-field to your column names")
-        for name in names:
-            _require_text(row[name], f"{where}: {name!r}")
-        return Example(text=PROMPT.format(instruction=row[data.instruction_field]),
-                       response=str(row[data.response_field]))
+        turns, response = (_conversation(row[data.messages_field], where, data) if row.get(data.messages_field)
+                           else _instruction(row, where, data))
+        return Example(text=plain_prompt(turns), response=response, turns=turns)
     text, label = row.get(data.text_field), row.get(data.label_field)
     if text is None or label is None:
         raise DataError(f"{where} lacks {_fields(data, model)}; set data.text-field / data.label-field "
@@ -262,6 +259,40 @@ def label_id(label: object, where: str, data: DataConfig, model: ModelConfig) ->
                         f"data.labels (e.g. --set data.labels=a,b) so every node maps names to the same ids")
     raise DataError(f"{where}: label {_shown(label)} is not an integer in [0, {model.classes}); map your labels "
                     f"to 0..{model.classes - 1}, name them in data.labels, or set model.num-labels")
+
+
+def _instruction(row: dict[str, object], where: str, data: DataConfig) -> tuple[Turns, str]:
+    """An instruction/input/response row as one user turn and the response."""
+    names = (data.instruction_field, data.response_field)
+    if not row.get(data.instruction_field) or not row.get(data.response_field):
+        raise DataError(f"{where} lacks {names[0]!r} or {names[1]!r} (causal-lm examples need both, or a "
+                        f"{data.messages_field!r} list); set data.instruction-field / data.response-field / "
+                        f"data.messages-field to your column names")
+    for name in names:
+        _require_text(row[name], f"{where}: {name!r}")
+    extra = row.get(data.input_field)
+    if extra:
+        _require_text(extra, f"{where}: {data.input_field!r}")
+    user = str(row[data.instruction_field]) + (f"\n\n{extra}" if extra else "")
+    return (("user", user),), str(row[data.response_field])
+
+
+def _conversation(messages: object, where: str, data: DataConfig) -> tuple[Turns, str]:
+    """A ``messages`` list [{"role", "content"}, ...] ending with the assistant's turn: the prompt turns and it."""
+    field = f"{where}: {data.messages_field!r}"
+    if not isinstance(messages, list) or len(messages) < 2:
+        raise DataError(f"{field} must be a list of at least two {{\"role\": ..., \"content\": ...}} objects "
+                        f"(the user's turn, then the assistant's); got {_shown(messages)[:80]}")
+    turns = []
+    for n, m in enumerate(messages, start=1):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise DataError(f"{field} message {n} must be {{\"role\": one of {list(ROLES)}, \"content\": text}}; "
+                            f"got {_shown(m)[:80]}")
+        turns.append((str(m["role"]), str(m["content"])))
+    if turns[-1][0] != "assistant" or turns[-2][0] != "user":
+        raise DataError(f"{field} must end with a user turn followed by the assistant's (the response to learn); "
+                        f"it ends with {turns[-2][0]!r}, {turns[-1][0]!r}")
+    return tuple(turns[:-1]), turns[-1][1]
 
 
 def _require_text(value: object, where: str) -> None:

@@ -1,6 +1,9 @@
 """Local training and evaluation of the adapter: a plain PyTorch loop over a fixed number of steps.
 
-CUDA when present (autocast: bf16 where supported, else fp16 with a grad scaler), CPU otherwise.
+CUDA when present (autocast: bf16 where supported, else fp16 with a grad scaler), CPU otherwise; the node
+picks its device (``pollinate client --device cuda:1``, else the run's ``train.device``). Gradient
+checkpointing trades compute for activation memory (``train.gradient-checkpointing``). Running out of GPU
+memory is a ``NodeOutOfMemory`` naming the fixes, which the coordinator records as this node's failure.
 Only adapter parameters have ``requires_grad``; the base stays frozen.
 """
 
@@ -25,19 +28,60 @@ class EvalResult:
     num_examples: int
 
 
-def resolve_device(device: str) -> torch.device:
+class NodeOutOfMemory(RuntimeError):
+    """The node's device ran out of memory while training or evaluating; the message says what to lower."""
+
+
+def resolve_device(device: str, cuda_devices: int | None = None) -> torch.device:
+    """The torch device for a node's ``device`` setting; a refusal naming the fix when this node lacks it.
+
+    ``cuda_devices``: how many CUDA devices the node has (default: ask torch).
+    """
+    count = torch.cuda.device_count() if cuda_devices is None else cuda_devices
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device = {device!r} but this node has no CUDA device; use cpu or auto")
+        return torch.device("cuda" if count else "cpu")
+    if not device.startswith("cuda"):
+        return torch.device(device)
+    if not count:
+        raise RuntimeError(f"device {device!r} was asked for, but this node has no CUDA device; "
+                           f"use --device cpu (or auto), or train.device = 'cpu'")
+    index = torch.device(device).index or 0
+    if index >= count:
+        raise RuntimeError(f"device {device!r} was asked for, but this node has {count} CUDA device(s), "
+                           f"cuda:0..cuda:{count - 1}; pick one of them with --device")
     return torch.device(device)
 
 
-def autocast(device: torch.device) -> contextlib.AbstractContextManager[None]:
+def autocast_dtype(device: torch.device, bf16_supported: bool | None = None) -> torch.dtype | None:
+    """Mixed precision for the forward pass: bf16 on a CUDA device that has it, else fp16; none on a CPU.
+
+    bf16 keeps fp32's range (no loss scaling); fp16 needs the grad scaler ``train`` adds.
+    """
     if device.type != "cuda":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
+        return None
+    supported = torch.cuda.is_bf16_supported() if bf16_supported is None else bf16_supported
+    return torch.bfloat16 if supported else torch.float16
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager[None]:
+    dtype = autocast_dtype(device)
+    return contextlib.nullcontext() if dtype is None else torch.autocast("cuda", dtype=dtype)
+
+
+@contextlib.contextmanager
+def out_of_memory_as_failure(device: torch.device, cfg: TrainConfig) -> Iterator[None]:
+    """A device OOM becomes a ``NodeOutOfMemory`` whose reason (recorded as this node's failure) says the fix."""
+    try:
+        yield
+    except torch.OutOfMemoryError as e:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        first = str(e).splitlines()[0] if str(e) else "out of memory"
+        hints = ["lower train.batch-size (now %d)" % cfg.batch_size]
+        if not cfg.gradient_checkpointing:
+            hints.append("set train.gradient-checkpointing = true")
+        hints.append("load the base quantised with model.quantization = 'nf4'")
+        raise NodeOutOfMemory(f"{device} ran out of memory ({first}); " + ", or ".join(hints)) from None
 
 
 def trainable_parameters(model: PeftModel, train_factors: str) -> list[torch.nn.Parameter]:
@@ -62,6 +106,9 @@ def train(model: PeftModel, batches: Iterator[dict[str, torch.Tensor]], cfg: Tra
     mu/2 ||w - w_received||^2 over the trained tensors (Li et al. 2020, Eq. 2).
     """
     model.to(device).train()
+    if cfg.gradient_checkpointing:  # recompute activations in backward: memory for compute
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()  # the frozen embeddings' output must carry grad for checkpointing
     params = trainable_parameters(model, train_factors)
     anchors = [p.detach().clone() for p in params] if proximal_mu > 0 else []
     optimiser = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -70,18 +117,21 @@ def train(model: PeftModel, batches: Iterator[dict[str, torch.Tensor]], cfg: Tra
     total = 0.0
     for _ in range(cfg.local_steps):
         batch = {k: v.to(device) for k, v in next(batches).items()}
-        with autocast(device):
+        with out_of_memory_as_failure(device, cfg), autocast(device):
             loss = model(**batch).loss
         if anchors:
             loss = loss + proximal_mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(params, anchors, strict=True))
         if not torch.isfinite(loss):
             raise FloatingPointError(f"training loss became {loss.item()}; lower train.lr (now {cfg.lr})")
-        scaler.scale(loss).backward()
+        with out_of_memory_as_failure(device, cfg):
+            scaler.scale(loss).backward()
         scaler.step(optimiser)
         scaler.update()
         optimiser.zero_grad(set_to_none=True)
         total += loss.item()
     model.eval()
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_disable()  # the cached model is also evaluated and generates
     return total / cfg.local_steps
 
 

@@ -8,25 +8,22 @@ weights (the base never travels, so it must be identical by construction).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import transformers
 from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, BertConfig,
                           LlamaConfig, PreTrainedModel, PreTrainedTokenizerBase)
 
+from pollinate.models.console import quiet_gguf_progress
+from pollinate.models.quantization import quantised, quantization_config
 from pollinate.proto.run_config import ConfigError, ModelConfig
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub: weights come from installed packages
-transformers.logging.set_verbosity_error()  # the "classifier MISSING" load report is expected: the head is the adapter's
-transformers.logging.disable_progress_bar()
-# PEFT still asks transformers 5 the old name of this property; harmless, and printed by every node every round.
-warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 @dataclass(frozen=True)
@@ -60,6 +57,8 @@ def _tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
         tok = AutoTokenizer.from_pretrained(str(_minilm_dir()))  # tiny models reuse MiniLM's WordPiece vocabulary
     else:
         tok = AutoTokenizer.from_pretrained(cfg.name)
+    if cfg.task == "causal-lm" and tok.eos_token is None and tok.sep_token is not None:
+        tok.eos_token = tok.sep_token  # a WordPiece vocabulary (the tiny models') ends a sequence with [SEP]
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -69,6 +68,12 @@ def _from_pretrained(cfg: ModelConfig, path: Path | str, **kwargs: object) -> Pr
     if cfg.task == "classification":
         return AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=cfg.classes, **kwargs)
     return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+
+
+def _smollm2(cfg: ModelConfig, **kwargs: object) -> PreTrainedModel:
+    path = _smollm2_file()
+    with quiet_gguf_progress("SmolLM2-135M-Instruct"):
+        return _from_pretrained(cfg, path.parent, gguf_file=path.name, **kwargs)
 
 
 def _tiny(cfg: ModelConfig, config: BertConfig | LlamaConfig) -> PreTrainedModel:
@@ -84,12 +89,21 @@ _TINY_SIZE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, in
 # name -> (loader, default LoRA targets)
 BASE_MODELS: dict[str, tuple[Callable[[ModelConfig, int], PreTrainedModel], str]] = {
     "minilm": (lambda cfg, vocab: _from_pretrained(cfg, _minilm_dir()), "query,value"),
-    "smollm2": (lambda cfg, vocab: _from_pretrained(cfg, _smollm2_file().parent, gguf_file=_smollm2_file().name),
-                "q_proj,v_proj"),
+    "smollm2": (lambda cfg, vocab: _smollm2(cfg), "q_proj,v_proj"),
     "tiny-bert": (lambda cfg, vocab: _tiny(cfg, BertConfig(vocab_size=vocab, **_TINY_SIZE)), "query,value"),
     "tiny-llama": (lambda cfg, vocab: _tiny(cfg, LlamaConfig(vocab_size=vocab, num_key_value_heads=4,
                                                              pad_token_id=0, **_TINY_SIZE)), "q_proj,v_proj"),
 }
+
+
+def _quantised(cfg: ModelConfig, vocab: int) -> PreTrainedModel:
+    """The base through bitsandbytes: from its files where it has them, else built here and then quantised."""
+    if cfg.name == "smollm2":
+        return quantised(cfg, functools.partial(_smollm2, cfg))
+    if cfg.name in BASE_MODELS:
+        return quantised(cfg, functools.partial(_from_pretrained, cfg),
+                         build=lambda: BASE_MODELS[cfg.name][0](cfg, vocab))
+    return quantised(cfg, functools.partial(_from_pretrained, cfg, cfg.name))
 
 
 def check_model_config(cfg: ModelConfig) -> None:
@@ -104,6 +118,7 @@ def check_model_config(cfg: ModelConfig) -> None:
         _smollm2_file()
     elif cfg.name in BASE_MODELS:
         _minilm_dir()
+    quantization_config(cfg)  # bitsandbytes installed, when a quantised base is asked for
 
 
 def load_base_model(cfg: ModelConfig, seed: int, labels: tuple[str, ...] = ()) -> BaseModel:
@@ -118,7 +133,9 @@ def load_base_model(cfg: ModelConfig, seed: int, labels: tuple[str, ...] = ()) -
     # builds the same frozen weights.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        if cfg.name in BASE_MODELS:
+        if cfg.quantization != "none":
+            model = _quantised(cfg, len(tokenizer))
+        elif cfg.name in BASE_MODELS:
             model = BASE_MODELS[cfg.name][0](cfg, len(tokenizer))
         else:
             model = _from_pretrained(cfg, cfg.name)

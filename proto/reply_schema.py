@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from flwr.app import RecordDict
 
 from pollinate.proto.adapter_record import ADAPTER, REPORT, UpdateRejected
+from pollinate.proto.generation_metrics import all_keys as generation_keys
+from pollinate.proto.generation_metrics import inconsistency as generation_inconsistency
 from pollinate.proto.node_config import MAX_RANK
 from pollinate.proto.secagg_record import CLIPPED, MASKED, SECAGG
 from pollinate.privacy.ledger import REPORT_KEYS as DP_KEYS
@@ -79,7 +81,10 @@ SCHEMAS: Mapping[str, ReplySchema] = {
                        report=_TRAIN_REPORT, open_report=True, all_or_none=DP_KEYS),
     EVALUATE: ReplySchema(metrics=frozenset({REPORT}), required=frozenset({REPORT}),
                           report={"num-examples": EXAMPLES, "loss": Metric(low=0, required=True),
-                                  "accuracy": Metric(0, 1, required=True), MODEL_LOADS: LOADS}),
+                                  "accuracy": Metric(0, 1, required=True), MODEL_LOADS: LOADS,
+                                  # causal-lm: per-token argmax accuracy, and the generation counts
+                                  "token-accuracy": Metric(0, 1),
+                                  **{k: Metric(0, MAX_EXAMPLES, integer=True) for k in generation_keys()}}),
     SECAGG_KEYS: ReplySchema(configs=frozenset({SECAGG}), metrics=frozenset({REPORT}),
                              required=frozenset({SECAGG, REPORT}), report=_TRAIN_REPORT, open_report=True,
                              all_or_none=DP_KEYS),
@@ -110,8 +115,12 @@ def check_reply(exchange: str, content: RecordDict, declared_examples: int | Non
     for name in content.config_records:
         _check_config(exchange, name, content.config_records[name])
     numbers = [name for name in schema.metrics if name in content.metric_records]
-    return _check_report(exchange, schema, dict(content.metric_records[numbers[0]]), declared_examples) \
+    values = _check_report(exchange, schema, dict(content.metric_records[numbers[0]]), declared_examples) \
         if numbers else {}
+    why = generation_inconsistency(values) if exchange == EVALUATE else None
+    if why:
+        raise UpdateRejected(f"the {exchange} report's {why}")
+    return values
 
 
 def _check_report(exchange: str, schema: ReplySchema, report: Mapping[str, object],

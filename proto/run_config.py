@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import math
 import tomllib
 from collections.abc import Callable, Mapping
@@ -34,6 +35,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 Scalar = bool | int | float | str
 
 ModelTask = Literal["classification", "causal-lm"]
+Quantization = Literal["none", "nf4", "int8"]  # the frozen base's weights (QLoRA); the adapter stays float32
 Partitioning = Literal["iid", "dirichlet", "natural"]  # simulation only
 WireDtype = Literal["float32", "float16"]  # bfloat16 does not travel in a Flower ArrayRecord
 OnRoundFailure = Literal["stop", "continue"]
@@ -85,6 +87,9 @@ class ModelConfig:
     # classification only; 0: inferred (len(data.labels); in a simulation, from the corpus; else 2)
     num_labels: int = 0
     max_length: int = 64  # tokens per example (longer text is truncated)
+    # Load the frozen base through bitsandbytes (QLoRA): nf4 (4-bit NormalFloat) or int8, on CUDA or CPU.
+    # Needs `pip install "pollinate[qlora]"`. The adapter on the wire and the export are the same as with none.
+    quantization: Quantization = "none"
 
     @property
     def classes(self) -> int:
@@ -95,6 +100,8 @@ class ModelConfig:
         _require(self.num_labels == 0 or self.num_labels >= 2, "model.num-labels", self.num_labels,
                  "use 2 or more (0: inferred from data.labels or the corpus)")
         _require(self.max_length >= 8, "model.max-length", self.max_length, "use at least 8 tokens")
+        _require(self.quantization == "none" or self.task == "causal-lm", "model.quantization", self.quantization,
+                 "QLoRA quantises a causal LM's base: set model.task = 'causal-lm', or model.quantization = 'none'")
 
 
 @dataclass(frozen=True)
@@ -136,14 +143,21 @@ class TrainConfig:
     batch_size: int = 16
     local_steps: int = 40  # optimiser steps per round on each client
     eval_max_examples: int = 256  # cap on each client's evaluation set
+    # causal-lm: tokens each held-out prompt may generate greedily for exact match / accuracy / macro-F1;
+    # 0 evaluates loss and perplexity only
+    eval_max_new_tokens: int = 8
     weight_decay: float = 0.0
-    device: str = "auto"  # auto (CUDA when present), cpu, cuda, cuda:N
+    device: str = "auto"  # auto (CUDA when present), cpu, cuda, cuda:N (a node's --device overrides it)
+    # Recompute activations in the backward pass: less memory (a 7B base on one GPU), about a third more time.
+    gradient_checkpointing: bool = False
 
     def validate(self) -> None:
         _require(self.lr > 0, "train.lr", self.lr, "use a positive learning rate, e.g. 1e-3")
         _require(self.batch_size > 0, "train.batch-size", self.batch_size, "use a positive batch size")
         _require(self.local_steps > 0, "train.local-steps", self.local_steps, "use at least 1 step")
         _require(self.eval_max_examples > 0, "train.eval-max-examples", self.eval_max_examples, "use at least 1")
+        _require(0 <= self.eval_max_new_tokens <= 512, "train.eval-max-new-tokens", self.eval_max_new_tokens,
+                 "use 0 (no generation) to 512 tokens")
         _require(valid_device(self.device), "train.device", self.device, "use auto, cpu, cuda or cuda:N")
 
 
@@ -160,8 +174,15 @@ class DataConfig:
     test_fraction: float = 0.0
     text_field: str = "text"
     label_field: str = "label"
-    instruction_field: str = "instruction"  # causal-lm: the prompt column
-    response_field: str = "response"  # causal-lm: the target column
+    # causal-lm: the instruction, its optional input and the response; or a conversation list of
+    # {"role": system|user|assistant, "content": ...} ending with the assistant's turn (JSONL).
+    instruction_field: str = "instruction"
+    input_field: str = "input"
+    response_field: str = "response"
+    messages_field: str = "messages"
+    # causal-lm: the responses that are class labels (e.g. "negative,positive"): generation-based evaluation
+    # then reports accuracy and macro-F1 over them, besides exact match. At most 8.
+    label_words: tuple[str, ...] = ()
     group_field: str = "group"  # natural partitioning: the column whose values are kept together on one node
     # Class names in id order (id i is labels[i]); empty: labels are integer ids. A simulation fills it with the
     # corpus' sorted names when its labels are names; in a deployment it is the run's, never a node's own.
@@ -175,6 +196,8 @@ class DataConfig:
         _require(0.0 < self.eval_fraction < 1.0, "data.eval-fraction", self.eval_fraction, "use a value in (0, 1)")
         _require(0.0 <= self.test_fraction < 1.0, "data.test-fraction", self.test_fraction,
                  "use a share in [0, 1), e.g. 0.1 (0: no global test set)")
+        _require(len(self.label_words) <= 8, "data.label-words", ",".join(self.label_words),
+                 "name at most 8 label words (macro-F1 is reported over them)")
 
 
 @dataclass(frozen=True)
@@ -482,7 +505,7 @@ def _valid_options(strategy: str, valid: Mapping[str, dataclasses.Field]) -> str
 
 def valid_device(device: str) -> bool:
     """A torch device pollinate can train on: auto (CUDA when present), cpu, cuda or cuda:N."""
-    return device in ("auto", "cpu") or device.startswith("cuda")
+    return device in ("auto", "cpu") or re.fullmatch(r"cuda(:\d+)?", device) is not None
 
 
 def parse_assignments(items: list[str], example: str = "train.lr=5e-4") -> dict[str, Scalar]:

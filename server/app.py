@@ -80,10 +80,11 @@ def _run_rounds(grid: Grid, cfg: RunConfig, strategy: strategies.Strategy, store
             nodes = []  # no round 0 evaluation; round 1 waits again and, failing, is stored as a failed round
         if nodes and not start.resumed and cfg.privacy.mode == "off":  # under DP nodes release no eval metrics
             initial = evaluate_global(grid, cfg.federation, nodes, strategy.evaluation_request(state), 0,
-                                      RoundLedger())
+                                      RoundLedger(), len(cfg.data.label_words))
             if initial is not None:
-                store.set_initial_metrics(run_id, {"eval-loss": initial.loss, "eval-accuracy": initial.accuracy})
-                say(f"round 0: eval loss {initial.loss:.4f}, accuracy {initial.accuracy:.4f}")
+                store.set_initial_metrics(run_id, {"eval-loss": initial.loss, "eval-accuracy": initial.accuracy,
+                                                   **initial.metrics})
+                say(f"round 0: eval loss {initial.loss:.4f}, accuracy {initial.accuracy:.4f}{_generation_line(initial)}")
         failures = start.consecutive_failures
         for number in range(start.first_round, cfg.federation.rounds + 1):
             emit(RoundEvent("round-start", round=number, rounds=cfg.federation.rounds))
@@ -229,10 +230,10 @@ def _run_round(grid: Grid, cfg: RunConfig, strategy: strategies.Strategy, store:
     evaluated, evaluation = RoundLedger(), None
     if cfg.privacy.mode == "off":
         evaluation = evaluate_global(grid, cfg.federation, connected, strategy.evaluation_request(new_state), number,
-                                     evaluated)
+                                     evaluated, len(cfg.data.label_words))
         store.record_evaluation(run_id, number, evaluation.loss if evaluation else None,
                                 evaluation.accuracy if evaluation else None, evaluated.clients, holder=lease.holder,
-                                lease_ttl_s=lease.ttl_s)
+                                lease_ttl_s=lease.ttl_s, metrics=evaluation.metrics if evaluation else None)
     ledger.clients.extend(evaluated.clients)
     _print_round(cfg, replace(record, bytes_up=ledger.bytes("up"), bytes_down=ledger.bytes("down")), evaluation,
                  ledger)
@@ -249,6 +250,13 @@ def _with_first_node_error(reason: str, ledger: RoundLedger) -> str:
     return f"{reason}; node {errors[0].node_id}: {errors[0].reason}" if errors else reason
 
 
+def _generation_line(evaluation: Evaluation) -> str:
+    """A causal LM's generation scores for the console (accuracy above is already the generated one)."""
+    shown = [(k, evaluation.metrics[k]) for k in ("gen-exact-match", "gen-macro-f1", "perplexity")
+             if k in evaluation.metrics]
+    return "".join(f", {k.removeprefix('gen-').replace('-', ' ')} {v:.4f}" for k, v in shown)
+
+
 def _print_round(cfg: RunConfig, record: RoundRecord, evaluation: Evaluation | None, ledger: RoundLedger) -> None:
     emit(RoundEvent("round-end", round=record.number, rounds=cfg.federation.rounds, seconds=record.duration_s))
     per_client = record.bytes_up / max(1, record.accepted) / 1024
@@ -260,7 +268,7 @@ def _print_round(cfg: RunConfig, record: RoundRecord, evaluation: Evaluation | N
     line = (f"round {record.number}/{cfg.federation.rounds}: {record.accepted}/{record.participants} updates "
             f"accepted, train loss {record.train_loss or float('nan'):.4f}")
     if evaluation is not None:
-        line += f", eval loss {evaluation.loss:.4f}, accuracy {evaluation.accuracy:.4f}"
+        line += f", eval loss {evaluation.loss:.4f}, accuracy {evaluation.accuracy:.4f}{_generation_line(evaluation)}"
     say(line + f", {per_client:.1f} KiB up per client, {record.duration_s:.1f} s")
     for c in ledger.failures():
         say(f"  [yellow]node {c.node_id} {c.phase} {c.status}[/]: {escape(c.reason or '')}")

@@ -26,6 +26,7 @@ from flwr.serverapp import Grid
 from pollinate.privacy.csprng import poisson_sample
 from pollinate.proto.adapter_record import (ADAPTER, INSTRUCTIONS, TensorSpec, UpdateRejected, from_record,
                                   payload_bytes, specs_of, to_record)
+from pollinate.proto.generation_metrics import scores, sum_counts
 from pollinate.proto.node_config import MAX_RANK
 from pollinate.proto.reply_schema import TRAIN, check_reply
 from pollinate.proto.run_config import FederationConfig
@@ -395,10 +396,11 @@ class Evaluation:
     loss: float
     accuracy: float
     num_examples: int
+    metrics: dict[str, float] = field(default_factory=dict)  # perplexity; causal-lm generation scores
 
 
 def evaluate_global(grid: Grid, federation: FederationConfig, nodes: Sequence[int], request: Request,
-                    round_number: int, ledger: RoundLedger) -> Evaluation | None:
+                    round_number: int, ledger: RoundLedger, label_words: int = 0) -> Evaluation | None:
     """Federated evaluation of the strategy's evaluation request: the weighted mean of loss and accuracy.
 
     The weights follow federation.weighting (by evaluation examples, capped), so no node's report dominates.
@@ -411,7 +413,16 @@ def evaluate_global(grid: Grid, federation: FederationConfig, nodes: Sequence[in
     weights = round_weights({u.node_id: u.num_examples for u in reports}, federation)
     loss = sum(u.metrics["loss"] * weights[u.node_id] for u in reports)
     accuracy = sum(u.metrics["accuracy"] * weights[u.node_id] for u in reports)
-    return Evaluation(loss=loss, accuracy=accuracy, num_examples=sum(u.num_examples for u in reports))
+    metrics: dict[str, float] = {}
+    if any("token-accuracy" in u.metrics for u in reports):  # a causal LM: loss is per token
+        metrics["perplexity"] = math.exp(min(loss, 700.0))
+        metrics["token-accuracy"] = sum(u.metrics.get("token-accuracy", 0.0) * weights[u.node_id] for u in reports)
+    # Generation counts are sufficient statistics: summed, they score the pooled evaluation set exactly.
+    generated = scores(sum_counts([u.metrics for u in reports]), label_words)
+    metrics.update(generated)
+    accuracy = generated.get("gen-accuracy", generated.get("gen-exact-match", accuracy))
+    return Evaluation(loss=loss, accuracy=accuracy, num_examples=sum(u.num_examples for u in reports),
+                      metrics=metrics)
 
 
 def query_capacities(grid: Grid, federation: FederationConfig, nodes: Sequence[int], round_number: int,

@@ -547,13 +547,16 @@ class RoundStore:
     @retried
     def record_evaluation(self, run_id: int, number: int, eval_loss: float | None, eval_accuracy: float | None,
                           clients: Sequence[ClientRecord], holder: str | None = None,
-                          lease_ttl_s: float = 0.0) -> None:
-        """Add the evaluation of a stored round's adapter (released to the nodes only after it was stored)."""
+                          lease_ttl_s: float = 0.0, metrics: Mapping[str, float] | None = None) -> None:
+        """Add the evaluation of a stored round's adapter (released to the nodes only after it was stored), and
+        its further metrics (a causal LM's generation scores and perplexity) beside the round's own."""
         with Session(self.engine) as s, s.begin():
             if holder is not None:
                 self._renew(s, run_id, holder, lease_ttl_s)
             row = s.scalars(select(_RoundRow).where(_RoundRow.run_id == run_id, _RoundRow.number == number)).one()
             row.eval_loss, row.eval_accuracy = _finite(eval_loss), _finite(eval_accuracy)
+            if metrics:
+                row.metrics = {**(row.metrics or {}), **{k: _finite(v) for k, v in metrics.items()}}
             row.bytes_up += sum(c.bytes_up for c in clients)
             row.bytes_down += sum(c.bytes_down for c in clients)
             for c in clients:
