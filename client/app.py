@@ -81,7 +81,9 @@ def keep_node_state(state: RecordDict, node_state: NodeState) -> None:
         state[NODE_STATE + name] = record
 
 
-@functools.lru_cache(maxsize=4)
+# One entry per node this process serves: a simulation process serves many (8 in the robustness bench), and
+# re-reading and re-tokenising a partition per message was a quarter of an in-process run.
+@functools.lru_cache(maxsize=16)
 def _local_split(path: str, cfg: RunConfig) -> tuple[list[Example], list[Example]]:
     examples = read_examples(path, cfg.data, cfg.model)
     return split(examples, cfg.data.eval_fraction, cfg.seed)

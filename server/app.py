@@ -12,7 +12,8 @@ exported in PEFT's format.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from flwr.app import Context
@@ -33,6 +34,9 @@ from pollinate.server.store import ClientRecord, RoundRecord, RoundStore, adapte
 from pollinate.strategies.base import AggregationError, lora_rank
 
 app = ServerApp()
+# The phase of the round-0 (initial) evaluation's records: that exchange has no round of its own, so its records,
+# rejections with their reasons included, are stored with the first round the run stores.
+INITIAL_EVALUATION = "evaluate-round-0"
 console = Console(highlight=False, width=max(120, Console().width))
 
 
@@ -59,16 +63,19 @@ def run_federation(grid: Grid, cfg: RunConfig, flower_run_id: int = 0) -> int:
             nodes = wait_for_nodes(grid, cfg.federation.min_nodes, cfg.federation.wait_for_nodes)
         except RoundFailed:
             nodes = []  # no round 0 evaluation; round 1 waits again and, failing, is stored as a failed round
+        initial_ledger = RoundLedger()  # round 0 has no round of its own: its records go with the first one stored
         if nodes and not start.resumed:
             initial = evaluate_global(grid, cfg.federation, nodes, strategy.evaluation_request(state), 0,
-                                      RoundLedger())
+                                      initial_ledger)
             if initial is not None:
                 store.set_initial_metrics(run_id, {"eval-loss": initial.loss, "eval-accuracy": initial.accuracy})
                 console.print(f"round 0: eval loss {initial.loss:.4f}, accuracy {initial.accuracy:.4f}")
         failures = start.consecutive_failures
         for number in range(start.first_round, cfg.federation.rounds + 1):
             try:
-                state = _run_round(grid, cfg, strategy, store, run_id, number, state, capacities, privacy)
+                state = _run_round(grid, cfg, strategy, store, run_id, number, state, capacities, privacy,
+                                   carried=[replace(c, phase=INITIAL_EVALUATION) for c in initial_ledger.clients])
+                initial_ledger.clients.clear()
                 failures = 0
             except BudgetSpent as e:
                 console.print(f"[yellow]privacy budget spent: {escape(str(e))}; the run ends with the adapter of "
@@ -136,11 +143,16 @@ class _RoundProgress:
 
 def _run_round(grid: Grid, cfg: RunConfig, strategy: strategies.Strategy, store: RoundStore, run_id: int,
                number: int, state: strategies.NamedArrays, capacities: dict[int, Declaration],
-               privacy: RunPrivacy) -> strategies.NamedArrays:
-    """One round, stored in one transaction: completed (with adapter and state), or failed (with its reason)."""
+               privacy: RunPrivacy, carried: Sequence[ClientRecord] = ()) -> strategies.NamedArrays:
+    """One round, stored in one transaction: completed (with adapter and state), or failed (with its reason).
+
+    ``carried``: records of exchanges before this round that have no round of their own (the round-0 evaluation),
+    stored in this round's ledger so that a node rejected there is recorded with its reason like any other.
+    """
     started = time.monotonic()
     progress = _RoundProgress()
     ledger = progress.ledger
+    ledger.clients.extend(carried)
     parent = sha256(adapter_bytes(strategy.export(state)))
     before = strategy.state_arrays()  # a failed round must leave the strategy as it found it
     try:
