@@ -86,7 +86,8 @@ def run_one(attack: str, adversaries: int, defence: str, seed: int) -> dict[str,
             row["crashed"] = run.status != "completed"
             row["rejected"] = sum(1 for u in store.client_updates(run_id) if u.status == "rejected")
             if rounds:
-                row["accuracy"] = accuracy(cfg, store.adapter(run_id, rounds[-1].number).tensors(), held_out)
+                row["accuracy"], row["loss"] = held_out_score(cfg, store.adapter(run_id, rounds[-1].number).tensors(),
+                                                              held_out)
             store.engine.dispose()
         except Exception as e:  # a crash is a result of the bench, not the end of it
             row.update(status=f"raised {type(e).__name__}: {e}", crashed=True)
@@ -112,10 +113,12 @@ def pooled_eval(cfg: RunConfig) -> list:
     return held_out
 
 
-def accuracy(cfg: RunConfig, tensors: dict, held_out: list) -> float:
+def held_out_score(cfg: RunConfig, tensors: dict, held_out: list) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) of the global adapter ``tensors`` on the honest held-out set."""
     model, base = build_peft_model(cfg)
     load_adapter_state(model, tensors)
-    return evaluate(model, batches(held_out, base.tokenizer, cfg.model, 64, None), torch.device("cpu")).accuracy
+    result = evaluate(model, batches(held_out, base.tokenizer, cfg.model, 64, None), torch.device("cpu"))
+    return result.accuracy, result.loss
 
 
 def done_keys() -> set[tuple]:
@@ -125,10 +128,14 @@ def done_keys() -> set[tuple]:
 
 
 def plan(seeds: list[int], adversary_counts: list[int]) -> list[tuple[str, int, str, int]]:
-    """Clean runs first, then 1 adversary on every seed, then 2: a partial run holds the target's rows first."""
-    runs = [("clean", 0, d, s) for s in seeds for d in DEFENCES] if 0 in adversary_counts else []
-    runs += [(a, n, d, s) for n in adversary_counts if n for s in seeds for a in ATTACKS for d in DEFENCES]
-    return runs
+    """The target's rows first (the default config, clean and attacked), then the other defences; 1 adversary
+    before 2. A partial run (a busy machine) so holds the rows that decide the target."""
+    order = [DEFAULT, "none", *[d for d in DEFENCES if d not in (DEFAULT, "none")]]
+    runs = []
+    for defence in order:
+        runs += [("clean", 0, defence, s) for s in seeds] if 0 in adversary_counts else []
+        runs += [(a, n, defence, s) for n in adversary_counts if n for s in seeds for a in ATTACKS]
+    return sorted(runs, key=lambda r: (r[1] > 1, order.index(r[2])))  # stable: 1 adversary before 2
 
 
 def summarise(raw: list[dict]) -> list[dict]:
@@ -145,10 +152,12 @@ def summarise(raw: list[dict]) -> list[dict]:
     for attack, n, defence in keys:
         group = [r for r in raw if (r["attack"], r["adversaries"], r["defence"]) == (attack, n, defence)]
         mean, std = stats([r["accuracy"] for r in group if "accuracy" in r])
+        loss_mean, loss_std = stats([r["loss"] for r in group if "loss" in r])  # rows before --render 2 had none
         out.append({"attack": attack, "adversaries": n, "nodes": NODES, "defence": defence,
                     "accuracy_mean": mean, "accuracy_std": std, "clean_accuracy_mean": clean[defence][0],
                     "clean_accuracy_std": clean[defence][1], "drop_points": 100 * (clean[defence][0] - mean),
                     "crashed": any(r["crashed"] for r in group), "seeds": sorted(r["seed"] for r in group),
+                    "loss_mean": loss_mean, "loss_std": loss_std,
                     "rejected_updates": sum(r.get("rejected", 0) for r in group), "setting": SETTING})
     return out
 
@@ -173,6 +182,15 @@ def render(command: str) -> None:
              "honestly on them). Defences: none (`federation.weighting = \"examples\"`, fedavg, no bound), capped "
              "(the default config), norm bound (`federation.update-bound = 3`, median mode), trimmed mean "
              "(`federation.strategy = \"trimmed-mean\"`, trim 0.2), multi-Krum (`strategy.multi-krum.f = 2`).\n"]
+    clean_default = [r for r in rows if r["attack"] == "clean" and r["defence"] == DEFAULT]
+    if clean_default and clean_default[0]["accuracy_mean"] < majority + 0.02:
+        lines.append(f"**This setting does not learn**: the clean default run ends at "
+                     f"{clean_default[0]['accuracy_mean']:.3f}, within 2 points of the majority class "
+                     f"({majority:.3f}). The accuracy columns therefore show crashes and gross damage (a model pushed "
+                     "below the majority class), not the subtle drops a learning model would show; the held-out "
+                     "cross-entropy (loss, lower is better) is the finer signal.\n")
+    lines.append("Cells: accuracy mean ± std over the seeds run (change against the same defence's clean run, "
+                 "in points); loss = mean held-out cross-entropy where recorded. A `-` is a run not made.\n")
     crashed = [r for r in raw if r["crashed"]]
     lines.append(f"Runs: {len(raw)}; crashed: {len(crashed)}"
                  + ("" if not crashed else " (" + "; ".join(f"{r['attack']}/{r['defence']}/seed {r['seed']}: "
@@ -192,6 +210,8 @@ def render(command: str) -> None:
                 cell = f"{r['accuracy_mean']:.3f} ± {r['accuracy_std']:.3f}"
                 if n:
                     cell += f" ({-r['drop_points']:+.1f})"
+                if not math.isnan(r["loss_mean"]):
+                    cell += f"; loss {r['loss_mean']:.3f}"
                 cells.append(cell + (" **crashed**" if r["crashed"] else ""))
             lines.append(f"| {attack} | " + " | ".join(cells) + " |")
     lines += ["\n## The target: 1 of 8 adversarial, default config, within 2 points of clean\n"]
