@@ -28,7 +28,8 @@ from pollinate.proto.run_config import RunConfig
 
 __all__ = ["MODEL_LOADS", "local_split", "model", "model_loads"]
 MAX_MODELS = 2  # (rank variants) per run: a node trains one rank, a Ray actor may serve nodes of two ranks
-MAX_SPLITS = 4  # local datasets per run: a simulated Ray actor serves several partitions
+MAX_SPLITS = 16  # local datasets per run: a simulated Ray actor, or the in-process driver (8 nodes in the
+# robustness bench), serves several partitions; re-reading one per message was a quarter of an in-process run
 
 K = TypeVar("K")
 V = TypeVar("V")

@@ -12,6 +12,7 @@ exported in PEFT's format.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -36,6 +37,9 @@ from pollinate.server.store import (ClientRecord, LeaseHeld, RoundRecord, RoundS
 from pollinate.strategies.base import AggregationError, lora_rank
 
 app = ServerApp()
+# The phase of the round-0 (initial) evaluation's records: that exchange has no round of its own, so its records,
+# rejections with their reasons included, are stored with the first round the run stores.
+INITIAL_EVALUATION = "evaluate-round-0"
 
 
 @app.main()
@@ -78,9 +82,10 @@ def _run_rounds(grid: Grid, cfg: RunConfig, strategy: strategies.Strategy, store
             nodes = wait_for_nodes(grid, cfg.federation.min_nodes, cfg.federation.wait_for_nodes)
         except RoundFailed:
             nodes = []  # no round 0 evaluation; round 1 waits again and, failing, is stored as a failed round
+        initial_ledger = RoundLedger()  # round 0 has no round of its own: its records go with the first one stored
         if nodes and not start.resumed and cfg.privacy.mode == "off":  # under DP nodes release no eval metrics
             initial = evaluate_global(grid, cfg.federation, nodes, strategy.evaluation_request(state), 0,
-                                      RoundLedger(), len(cfg.data.label_words))
+                                      initial_ledger, len(cfg.data.label_words))
             if initial is not None:
                 store.set_initial_metrics(run_id, {"eval-loss": initial.loss, "eval-accuracy": initial.accuracy,
                                                    **initial.metrics})
@@ -89,7 +94,9 @@ def _run_rounds(grid: Grid, cfg: RunConfig, strategy: strategies.Strategy, store
         for number in range(start.first_round, cfg.federation.rounds + 1):
             emit(RoundEvent("round-start", round=number, rounds=cfg.federation.rounds))
             try:
-                state = _run_round(grid, cfg, strategy, store, run_id, number, state, capacities, privacy, lease)
+                state = _run_round(grid, cfg, strategy, store, run_id, number, state, capacities, privacy, lease,
+                                   carried=[replace(c, phase=INITIAL_EVALUATION) for c in initial_ledger.clients])
+                initial_ledger.clients.clear()
                 failures = 0
             except BudgetSpent as e:
                 say(f"[yellow]privacy budget spent: {escape(str(e))}; the run ends with the adapter of "
@@ -173,14 +180,19 @@ class _RoundProgress:
 
 def _run_round(grid: Grid, cfg: RunConfig, strategy: strategies.Strategy, store: RoundStore, run_id: int,
                number: int, state: strategies.NamedArrays, capacities: dict[int, Declaration],
-               privacy: RunPrivacy, lease: RunLease) -> strategies.NamedArrays:
+               privacy: RunPrivacy, lease: RunLease, carried: Sequence[ClientRecord] = ()) -> strategies.NamedArrays:
     """One round, stored in one transaction: completed (with adapter, state and privacy ledger), or failed (with
     its reason). Persist, then release: the new adapter reaches the nodes (evaluation, the next round) only
     after its round and ledger are committed, so a coordinator that dies at any point never under-counts
-    the privacy spent on what the nodes saw."""
+    the privacy spent on what the nodes saw.
+
+    ``carried``: records of exchanges before this round that have no round of their own (the round-0 evaluation),
+    stored in this round's ledger so that a node rejected there is recorded with its reason like any other.
+    """
     started = time.monotonic()
     progress = _RoundProgress()
     ledger = progress.ledger
+    ledger.clients.extend(carried)
     parent = sha256(adapter_bytes(strategy.export(state)))
     before = strategy.state_arrays()  # a failed round must leave the strategy as it found it
     try:

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from pollinate.cli import main
 from pollinate.proto.adapter_record import ADAPTER, REPORT
 from pollinate.proto.run_config import RunConfig
-from pollinate.server.app import run_federation
+from pollinate.server.app import INITIAL_EVALUATION, run_federation
 from pollinate.server.store import RoundStore
 from pollinate.simulations.cli import write_node_data
 from pollinate.simulations.scenario import load_scenario
@@ -150,3 +150,23 @@ def test_whatever_one_node_replies_the_run_completes_and_its_rejections_have_rea
         rejected = [(c.phase, c.reason) for c in theirs if c.status != "accepted" and c.round_number > 0]
         assert sorted((c["phase"], c["reason"]) for c in clients
                       if c["node_id"] == str(hostile) and c["status"] != "accepted") == sorted(rejected)
+
+
+def _no_loss_in_evaluation(message_type: str, content: RecordDict) -> RecordDict:
+    """Answers every evaluation, the round-0 one included, without its loss."""
+    if message_type == "evaluate":
+        del content.metric_records[REPORT]["loss"]
+    return content
+
+
+def test_a_rejected_round_0_evaluation_is_stored_with_its_reason(federation: RunConfig, tmp_path: Path) -> None:
+    store, run = _run(federation, _no_loss_in_evaluation, tmp_path)
+    assert store.run(run).status == "completed"
+    hostile = _hostile_node(federation)
+    # Round 0 has no round of its own: its records are stored with round 1, under their own phase.
+    initial = {c.node_id: c for c in store.client_updates(run, 1) if c.phase == INITIAL_EVALUATION}
+    assert sorted(initial) == sorted(InProcessGrid.of_scenario(federation, CLIENTS).contexts)
+    assert initial[hostile].status == "rejected" and "loss" in (initial[hostile].reason or "")
+    assert all(c.status == "accepted" for node, c in initial.items() if node != hostile)
+    later = [c for c in store.client_updates(run, 1) if c.phase == "evaluate" and c.node_id == hostile]
+    assert [c.status for c in later] == ["rejected"]  # round 1's own evaluation is recorded as before

@@ -1,0 +1,266 @@
+"""Attacks against defences: final accuracy of 8-node federations with 1 or 2 adversarial nodes, 3 seeds.
+
+    nice -n 10 python bench/robustness.py [--seeds 0,1,2] [--adversaries 1,2]
+    python bench/robustness.py --render          # re-render docs/ from the raw rows only
+
+Every run is pollinate's real ServerApp loop (``server.app.run_federation``) against its real ClientApp, in this
+process (``simulations/inprocess.py``, no Ray), on tiny-bert and the bundled Rotten Tomatoes corpus. The adversaries
+(bench/robustness_attacks.py) edit their train replies, or, for label flipping, their own data. Each run's final
+global adapter is then evaluated here on the pooled held-out splits of all 8 nodes with their TRUE labels, so no
+node's own (possibly flipped) evaluation enters the score. One raw row per run is appended to
+docs/robustness-bench-rows.jsonl as soon as it finishes (a partial run is kept, and a rerun skips the rows it has);
+docs/robustness-bench.json and .md are rendered from those rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+torch.set_num_threads(1)  # 2 threads on 2 shared cores spin and wait more than they compute
+
+from pollinate.client.data import batches, read_examples, split
+from pollinate.client.train import evaluate
+from pollinate.models import build_peft_model, load_adapter_state
+from pollinate.proto.run_config import RunConfig
+from pollinate.server.app import run_federation
+from pollinate.server.store import RoundStore
+from pollinate.simulations.cli import write_node_data
+from pollinate.simulations.inprocess import InProcessGrid, serverapp_identity
+from pollinate.simulations.scenario import load_scenario
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from robustness_attacks import ATTACKS, attacker_app, flip_labels  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+DOCS = REPO / "docs"
+ROWS = DOCS / "robustness-bench-rows.jsonl"
+SCENARIO = REPO / "tests" / "support" / "scenarios" / "tiny.toml"  # tiny-bert, LoRA r=4 on query/value
+NODES = 8
+# The setting: small enough for hundreds of runs on a shared 2-core machine, long enough to learn.
+SETTING = {"model.name": "tiny-bert", "federation.rounds": 4, "train.local-steps": 10, "train.lr": 3e-2,
+           "train.batch-size": 16, "train.eval-max-examples": 16, "federation.min-nodes": 2}
+DEFENCES: dict[str, dict[str, object]] = {
+    "none": {"federation.weighting": "examples"},  # plain FedAvg: n_k / n, no bound
+    "capped (default)": {},  # the default config: capped weights, fedavg, no update bound
+    "norm bound": {"federation.update-bound": 3.0},  # capped + reject updates above 3x the round's median norm
+    "trimmed mean": {"federation.strategy": "trimmed-mean"},  # trim 0.2: 2 of 8 dropped at each end
+    "multi-krum": {"federation.strategy": "multi-krum", "strategy.multi-krum.f": 2},
+}
+DEFAULT = "capped (default)"
+
+
+def run_one(attack: str, adversaries: int, defence: str, seed: int) -> dict[str, object]:
+    """One federation; its raw row (accuracy on the honest pooled eval set, whether it crashed, rejections)."""
+    row: dict[str, object] = {"attack": attack, "adversaries": adversaries, "defence": defence, "seed": seed}
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix="robustness-") as tmp:
+        work = Path(tmp)
+        overrides = {**SETTING, **DEFENCES[defence], "seed": seed, "store.db": f"sqlite:///{work / 'store.db'}",
+                     "store.output-dir": str(work / "out")}
+        cfg, sim = load_scenario(SCENARIO, overrides, NODES)
+        shutil.copytree(partitions_of(seed), work / "partitions")  # the seed's split, written once
+        cfg = cfg.replace(**{"data.partition-dir": str(work / "partitions")})
+        held_out = pooled_eval(cfg)  # read before any label is flipped
+        hostile = set(range(adversaries))
+        if attack == "label-flip":
+            flip_labels(work / "partitions", hostile)
+        grid = InProcessGrid.of_scenario(cfg, NODES, attacker_app(attack, hostile, seed), seed=seed)
+        try:
+            with serverapp_identity():
+                run_id = run_federation(grid, cfg)  # type: ignore[arg-type]
+            store = RoundStore(cfg.store.db)
+            run, rounds = store.run(run_id), store.rounds(run_id)
+            row["status"] = run.status
+            row["crashed"] = run.status != "completed"
+            row["rejected"] = sum(1 for u in store.client_updates(run_id) if u.status == "rejected")
+            if rounds:
+                row["accuracy"], row["loss"] = held_out_score(cfg, store.adapter(run_id, rounds[-1].number).tensors(),
+                                                              held_out)
+            store.engine.dispose()
+        except Exception as e:  # a crash is a result of the bench, not the end of it
+            row.update(status=f"raised {type(e).__name__}: {e}", crashed=True)
+            traceback.print_exc()
+    row["seconds"] = round(time.time() - started, 1)
+    return row
+
+
+@functools.lru_cache(maxsize=None)
+def partitions_of(seed: int) -> Path:
+    """The 8 nodes' data for ``seed``, written once per bench process by the code ``pollinate simulate`` uses."""
+    cfg, sim = load_scenario(SCENARIO, {**SETTING, "seed": seed}, NODES)
+    directory = Path(tempfile.mkdtemp(prefix=f"robustness-seed{seed}-"))
+    write_node_data(cfg, sim, directory)
+    return directory
+
+
+def pooled_eval(cfg: RunConfig) -> list:
+    """Every node's held-out split (as each node splits it), with the labels the corpus gives."""
+    held_out = []
+    for path in sorted(Path(cfg.data.partition_dir).glob("partition-*.jsonl")):
+        held_out += split(read_examples(path, cfg.data, cfg.model), cfg.data.eval_fraction, cfg.seed)[1]
+    return held_out
+
+
+def held_out_score(cfg: RunConfig, tensors: dict, held_out: list) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) of the global adapter ``tensors`` on the honest held-out set."""
+    model, base = build_peft_model(cfg)
+    load_adapter_state(model, tensors)
+    result = evaluate(model, batches(held_out, base.tokenizer, cfg.model, 64, None), torch.device("cpu"))
+    return result.accuracy, result.loss
+
+
+def done_keys() -> set[tuple]:
+    if not ROWS.exists():
+        return set()
+    return {(r["attack"], r["adversaries"], r["defence"], r["seed"]) for r in map(json.loads, ROWS.read_text().splitlines())}
+
+
+def plan(seeds: list[int], adversary_counts: list[int]) -> list[tuple[str, int, str, int]]:
+    """The target's rows first (the default config, clean and attacked), then the other defences; 1 adversary
+    before 2. A partial run (a busy machine) so holds the rows that decide the target."""
+    order = [DEFAULT, "none", *[d for d in DEFENCES if d not in (DEFAULT, "none")]]
+    runs = []
+    for defence in order:
+        runs += [("clean", 0, defence, s) for s in seeds] if 0 in adversary_counts else []
+        runs += [(a, n, defence, s) for n in adversary_counts if n for s in seeds for a in ATTACKS]
+    return sorted(runs, key=lambda r: (r[1] > 1, order.index(r[2])))  # stable: 1 adversary before 2
+
+
+def summarise(raw: list[dict]) -> list[dict]:
+    """One row per (attack, adversaries, defence): mean and std over seeds, beside the clean run's mean."""
+    def stats(values: list[float]) -> tuple[float, float]:
+        if not values:
+            return math.nan, math.nan
+        return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+    clean = {d: stats([r["accuracy"] for r in raw if r["attack"] == "clean" and r["defence"] == d and "accuracy" in r])
+             for d in DEFENCES}
+    out = []
+    keys = dict.fromkeys((r["attack"], r["adversaries"], r["defence"]) for r in raw)
+    for attack, n, defence in keys:
+        group = [r for r in raw if (r["attack"], r["adversaries"], r["defence"]) == (attack, n, defence)]
+        mean, std = stats([r["accuracy"] for r in group if "accuracy" in r])
+        loss_mean, loss_std = stats([r["loss"] for r in group if "loss" in r])  # rows before --render 2 had none
+        out.append({"attack": attack, "adversaries": n, "nodes": NODES, "defence": defence,
+                    "accuracy_mean": mean, "accuracy_std": std, "clean_accuracy_mean": clean[defence][0],
+                    "clean_accuracy_std": clean[defence][1], "drop_points": 100 * (clean[defence][0] - mean),
+                    "crashed": any(r["crashed"] for r in group), "seeds": sorted(r["seed"] for r in group),
+                    "loss_mean": loss_mean, "loss_std": loss_std,
+                    "rejected_updates": sum(r.get("rejected", 0) for r in group), "setting": SETTING})
+    return out
+
+
+def render(command: str) -> None:
+    raw = [json.loads(line) for line in ROWS.read_text().splitlines() if line.strip()]
+    rows = summarise(raw)
+    (DOCS / "robustness-bench.json").write_text(json.dumps(rows, indent=1, default=str) + "\n")
+    majority = majority_share()
+    lines = [f"# Robustness bench: one or two hostile nodes of {NODES}\n",
+             f"`{command}` (raw rows: `{ROWS.relative_to(REPO)}`; `python bench/robustness.py --render` re-renders). "
+             f"Setting: {NODES} nodes, IID split of the bundled Rotten Tomatoes corpus, tiny-bert (random init, "
+             f"2 layers, hidden 64) with LoRA r=4 on query/value, {SETTING['federation.rounds']} rounds of "
+             f"{SETTING['train.local-steps']} local steps (batch {SETTING['train.batch-size']}, lr "
+             f"{SETTING['train.lr']}). Accuracy is the final global adapter's on the pooled held-out splits of all "
+             f"{NODES} nodes with their true labels (majority class: {majority:.3f}), mean ± std over seeds; "
+             "the drop is in points against the same defence's clean run.\n",
+             "Attacks (bench/robustness_attacks.py): scaled-x100 (the node's factor update ×100), sign-flip (its "
+             "update reversed), gaussian-noise (N(0, 1) added to every uploaded entry), weight-inflation (2^31 - 1 "
+             "examples, the most the reply schema accepts, declared at the query exchange and reported in training, "
+             "and every lora_B entry = 5: the issue's dominating node), nan (every entry NaN), label-flip (the node's own labels inverted; it trains "
+             "honestly on them). Defences: none (`federation.weighting = \"examples\"`, fedavg, no bound), capped "
+             "(the default config), norm bound (`federation.update-bound = 3`, median mode), trimmed mean "
+             "(`federation.strategy = \"trimmed-mean\"`, trim 0.2), multi-Krum (`strategy.multi-krum.f = 2`).\n"]
+    clean_default = [r for r in rows if r["attack"] == "clean" and r["defence"] == DEFAULT]
+    if clean_default and clean_default[0]["accuracy_mean"] < majority + 0.02:
+        lines.append(f"**This setting does not learn**: the clean default run ends at "
+                     f"{clean_default[0]['accuracy_mean']:.3f}, within 2 points of the majority class "
+                     f"({majority:.3f}). The accuracy columns therefore show crashes and gross damage (a model pushed "
+                     "below the majority class), not the subtle drops a learning model would show; the held-out "
+                     "cross-entropy (loss, lower is better) is the finer signal.\n")
+    lines.append("Cells: accuracy mean ± std over the seeds run (change against the same defence's clean run, "
+                 "in points); loss = mean held-out cross-entropy where recorded. A `-` is a run not made.\n")
+    crashed = [r for r in raw if r["crashed"]]
+    lines.append(f"Runs: {len(raw)}; crashed: {len(crashed)}"
+                 + ("" if not crashed else " (" + "; ".join(f"{r['attack']}/{r['defence']}/seed {r['seed']}: "
+                                                           f"{r['status']}" for r in crashed[:5]) + ")") + ".\n")
+    for n in sorted({r["adversaries"] for r in rows}):
+        title = "Clean runs (no adversary)" if n == 0 else f"{n} adversarial node{'s' if n > 1 else ''} of {NODES}"
+        lines += [f"\n## {title}\n", "| attack | " + " | ".join(DEFENCES) + " |",
+                  "|---|" + "---|" * len(DEFENCES)]
+        for attack in dict.fromkeys(r["attack"] for r in rows if r["adversaries"] == n):
+            cells = []
+            for defence in DEFENCES:
+                found = [r for r in rows if (r["attack"], r["adversaries"], r["defence"]) == (attack, n, defence)]
+                if not found:
+                    cells.append("-")
+                    continue
+                r = found[0]
+                cell = f"{r['accuracy_mean']:.3f} ± {r['accuracy_std']:.3f}"
+                if n:
+                    cell += f" ({-r['drop_points']:+.1f})"
+                if not math.isnan(r["loss_mean"]):
+                    cell += f"; loss {r['loss_mean']:.3f}"
+                cells.append(cell + (" **crashed**" if r["crashed"] else ""))
+            lines.append(f"| {attack} | " + " | ".join(cells) + " |")
+    lines += ["\n## The target: 1 of 8 adversarial, default config, within 2 points of clean\n"]
+    for r in rows:
+        if r["adversaries"] == 1 and r["defence"] == DEFAULT:
+            met = r["drop_points"] <= 2 and not r["crashed"]
+            lines.append(f"- {r['attack']}: {r['accuracy_mean']:.3f} vs clean {r['clean_accuracy_mean']:.3f} "
+                         f"({-r['drop_points']:+.1f} points): {'met' if met else '**missed**'}")
+    lines += ["\n## Reading it\n",
+              "- A crash is a run that did not complete (`crashed` in the JSON; the count is above). A rejected update "
+              "(NaN, anything outside the reply schema, an update above the bound) is not a crash: it is in the "
+              "run's ledger with its reason, and the round goes on with the others.",
+              "- The default config has no update bound (`federation.update-bound = 0`): an update scaled ×100 or "
+              "noised is accepted at its capped weight. Where the default misses the target, the norm-bound column "
+              "is the default plus `federation.update-bound = 3`, the candidate for a new default.",
+              "- Why tiny-bert and not MiniLM: one MiniLM run of this shape costs ~50x the CPU, and the grid is "
+              f"{len(ATTACKS)} attacks x 2 adversary counts x {len(DEFENCES)} defences x 3 seeds + clean runs. A run "
+              "made on a busy shared 2-core machine fills the rows in the order of `plan` (the target's first); "
+              "`-` cells were not reached and a rerun of the same command fills them (done rows are skipped)."]
+    (DOCS / "robustness-bench.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def majority_share() -> float:
+    cfg, _ = load_scenario(SCENARIO, {**SETTING}, NODES)
+    labels = [e.label for e in pooled_eval(cfg.replace(**{"data.partition-dir": str(partitions_of(0))}))]
+    return max(labels.count(v) for v in set(labels)) / len(labels)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--adversaries", default="0,1,2", help="0: the clean runs")
+    parser.add_argument("--defences", default=",".join(DEFENCES), help="a comma list of: " + ", ".join(DEFENCES))
+    parser.add_argument("--render", action="store_true", help="only re-render docs/ from the raw rows")
+    args = parser.parse_args()
+    command = "nice -n 10 python bench/robustness.py"
+    if not args.render:
+        done = done_keys()
+        todo = [k for k in plan([int(s) for s in args.seeds.split(",")], [int(n) for n in args.adversaries.split(",")])
+                if k not in done and k[2] in args.defences.split(",")]
+        for i, (attack, n, defence, seed) in enumerate(todo, 1):
+            row = run_one(attack, n, defence, seed)
+            with ROWS.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(f"[{i}/{len(todo)}] {attack} x{n} / {defence} / seed {seed}: {row.get('accuracy', 'n/a')} "
+                  f"({row['status']}, {row['seconds']} s)", flush=True)
+    render(command)
+
+
+if __name__ == "__main__":
+    main()
