@@ -58,7 +58,8 @@ def test_report_defaults_to_the_runs_output_directory(stored_run, capsys) -> Non
 def test_participation_and_outcomes_count_every_node_every_round(stored_run) -> None:
     workdir, run_id = stored_run
     data = RunData.load(RoundStore(_db(workdir)), run_id)
-    assert outcome_counts(data) == {"accepted": [12, 8], "rejected": [0, 0], "failed": [0, 0]}  # query+train+eval
+    # round 1: query + train + eval, and round 0's evaluation (stored with round 1); round 2: train + eval
+    assert outcome_counts(data) == {"accepted": [16, 8], "rejected": [0, 0], "failed": [0, 0]}
     assert {n: set(parts.values()) for n, parts in node_parts(data).items()} == {
         n: {"trained"} for n in data.node_labels}
 
