@@ -218,7 +218,9 @@ class FederationConfig:
         "hint": "'examples' (n_k / n, FedAvg), 'equal' (1 / m) or 'capped' (examples, at most the count the node "
                 "declared when first asked and at most federation.max-weight-share of the round)"})
     max_weight_share: float = 0.5  # capped: no node carries more than this share of a round's weight
-    update_bound: float = 0.0  # a node's update norm ||B'A' - BA||_F above this is rejected (0: off)
+    # A node's update norm ||B'A' - BA||_F above this is rejected (0: off). On by default at 3 x the round's median
+    # (docs/robustness-bench.md: a x100 or weight-inflating node then leaves the model where the clean run ends).
+    update_bound: float = 3.0
     update_bound_mode: UpdateBoundMode = field(default="median", metadata={
         "hint": "'absolute' (the bound is a norm) or 'median' (the bound is a multiple of the round's median "
                 "update norm)"})
