@@ -318,7 +318,8 @@ def test_end_to_end_one_hostile_node_of_five_takes_over_flexlora_but_no_robust_r
                                                                                     tmp_path: Path) -> None:
     # The real coordinator against the real ClientApp in this process; partition 0 uploads lora_B = 5.0 and claims
     # a million examples (tests/support/apps/hostile_b_client.py). Honest training from B = 0 stays far below 5.
-    run_in_process("hostile-b.toml", tmp_path, **{"federation.strategy": name})
+    # The default update bound would reject that node before any rule saw it: off here, to test the rules alone.
+    run_in_process("hostile-b.toml", tmp_path, **{"federation.strategy": name, "federation.update-bound": 0.0})
     store = RoundStore(f"sqlite:///{tmp_path / 'store.db'}")
     [run] = store.runs()
     assert run.status == "completed", run.error
