@@ -26,6 +26,7 @@ from pollinate.client.dp_sgd import train_dp
 from pollinate.privacy.accountant import Release, calibrate_noise_multiplier
 from pollinate.privacy.budget import BudgetFile, Limit, SpentRound
 from pollinate.privacy.central import add_gaussian_noise, clip_delta, delta_of
+from pollinate.privacy.csprng import SecureGaussian
 from pollinate.privacy.ledger import MECHANISMS
 from pollinate.privacy.node_policy import NodePolicy
 from pollinate.proto.instructions import Instructions, trained_names
@@ -126,5 +127,5 @@ def privatise_upload(received: Mapping[str, np.ndarray], trained: Mapping[str, n
     names = trained_names(trained, train_factors)
     clipped, _ = clip_delta(delta_of({k: trained[k] for k in names}, received), plan.spent.clip_norm)
     std = 2 * plan.spent.noise_multiplier * plan.spent.clip_norm
-    noisy = add_gaussian_noise(clipped, std, names, np.random.default_rng())  # fresh OS entropy
+    noisy = add_gaussian_noise(clipped, std, names, SecureGaussian())  # the OS CSPRNG, as central DP's noise
     return {k: (received[k] + noisy[k]).astype(np.float32) if k in noisy else np.array(trained[k]) for k in trained}
