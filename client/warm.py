@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
 import time
 from logging import ERROR, INFO
 
@@ -45,6 +46,37 @@ from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, 
 CRASH_AT_TASK = "POLLINATE_FAULT_CRASH_AT_TASK"
 CRASH_EXIT_CODE = 70
 POLL_S = 0.2  # how often an idle worker asks its SuperNode for a task (flower-superexec asks every 1 s)
+# A task's message objects are already on its SuperNode when the task exists, so pulling them takes moments. A task
+# whose objects never come (seen: the evaluate message of a run whose coordinator died, which the SuperNode then
+# ignored) would hold Flower's pull in its retry loop for up to 2 h; flwr-clientapp spends a process on it, and the
+# one warm worker would stop serving every later message. Past this bound the task fails and the worker goes on.
+PULL_TIMEOUT_S = 30.0
+
+
+class TaskInputUnavailable(RuntimeError):
+    """The task's message could not be pulled from the SuperNode in time."""
+
+
+def _pull_bounded(client: RuntimeHttpClient, timeout_s: float) -> tuple[Message, Context, object, object]:
+    """Flower's ``pull_task_input``, given at most ``timeout_s``; the caller closes ``client`` either way, which
+    ends a pull still retrying in its thread."""
+    box: dict[str, object] = {}
+
+    def pull() -> None:
+        try:
+            box["value"] = pull_task_input(client)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the worker's thread below
+            box["error"] = e
+
+    thread = threading.Thread(target=pull, name="pull-task-input", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise TaskInputUnavailable(f"the task's message could not be pulled from the SuperNode within {timeout_s:g} s "
+                                   f"(a message of a run that has stopped?); the task is skipped")
+    if "error" in box:
+        raise box["error"]  # type: ignore[misc]
+    return box["value"]  # type: ignore[return-value]
 
 
 def _runtime_client(address: str, token: str | None) -> RuntimeHttpClient:
@@ -69,8 +101,8 @@ def _failure_reason(ex: BaseException) -> str:
 class Worker:
     """Serves the tasks of one SuperNode's Runtime API, one at a time, until stopped."""
 
-    def __init__(self, address: str, crash_at_task: int = 0) -> None:
-        self.address = address
+    def __init__(self, address: str, crash_at_task: int = 0, pull_timeout_s: float = PULL_TIMEOUT_S) -> None:
+        self.address, self.pull_timeout_s = address, pull_timeout_s
         self.installed: set[str] = set()  # FAB hashes already installed into FLWR_HOME by this process
         self.tasks = 0
         self.crash_at_task = crash_at_task
@@ -100,7 +132,7 @@ class Worker:
         context: Context | None = None
         status, details = SubStatus.FAILED, "ClientApp task failed due to unknown reason"
         try:
-            message, context, run, fab = pull_task_input(client)
+            message, context, run, fab = _pull_bounded(client, self.pull_timeout_s)
             log(INFO, "task %d (%s) started", self.tasks, message.metadata.message_type)
             if self.tasks == self.crash_at_task:
                 os._exit(CRASH_EXIT_CODE)  # the fault hook: a crash mid-round, nothing cleaned up

@@ -101,3 +101,23 @@ def test_a_crashing_task_is_that_messages_error_reply_and_a_cuda_oom_says_what_t
     assert oom.startswith("CUDA out of memory on this node (CUDA out of memory. Tried to allocate 2.00 GiB)")
     assert "train.batch-size" in oom and "--device cpu" in oom
     assert _failure_reason(ValueError("bad rank")) == "<class 'ValueError'>:<'bad rank'>"
+
+
+def test_a_task_whose_message_never_comes_is_skipped_and_the_worker_goes_on() -> None:
+    # Seen in the resume test: the SuperNode kept a task for a message of the run whose coordinator died, and
+    # Flower's pull retries its objects for up to 2 h. The one warm worker must not wait that long.
+    import threading
+
+    from pollinate.client.warm import TaskInputUnavailable, _pull_bounded
+
+    released = threading.Event()
+
+    class NeverAnswers:  # the Runtime API client: its first call blocks until the worker gives up on it
+        def PullTaskInput(self, request: object) -> object:  # noqa: N802 - Flower's RPC name
+            released.wait(30)
+            raise ConnectionError("closed")
+
+    # Without the bound this would block 30 s and then raise ConnectionError, not the worker's own error.
+    with pytest.raises(TaskInputUnavailable, match="could not be pulled from the SuperNode within 0.5 s"):
+        _pull_bounded(NeverAnswers(), timeout_s=0.5)  # type: ignore[arg-type]
+    released.set()
