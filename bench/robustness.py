@@ -1,15 +1,18 @@
 """Attacks against defences: final accuracy of 8-node federations with 1 or 2 adversarial nodes, 3 seeds.
 
-    nice -n 10 python bench/robustness.py [--seeds 0,1,2] [--adversaries 1,2]
+    nice -n 10 python bench/robustness.py [--seeds 0,1,2] [--adversaries 0,1,2] [--shard 0/2]
     python bench/robustness.py --render          # re-render docs/ from the raw rows only
 
 Every run is pollinate's real ServerApp loop (``server.app.run_federation``) against its real ClientApp, in this
-process (``simulations/inprocess.py``, no Ray), on tiny-bert and the bundled Rotten Tomatoes corpus. The adversaries
+process (``simulations/inprocess.py``, no Ray), on tiny-bert and a synthetic, seeded sentiment-like corpus
+(bench/robustness_corpus.py: tiny-bert learns it, which it does not the real reviews in a few rounds). The adversaries
 (bench/robustness_attacks.py) edit their train replies, or, for label flipping, their own data. Each run's final
 global adapter is then evaluated here on the pooled held-out splits of all 8 nodes with their TRUE labels, so no
 node's own (possibly flipped) evaluation enters the score. One raw row per run is appended to
-docs/robustness-bench-rows.jsonl as soon as it finishes (a partial run is kept, and a rerun skips the rows it has);
-docs/robustness-bench.json and .md are rendered from those rows.
+docs/robustness-bench-rows-synthetic.jsonl as soon as it finishes (a partial run is kept, and a rerun skips the
+rows it has; ``--shard i/n`` runs every n-th row of the plan, so n processes share one rows file);
+docs/robustness-bench.json and .md are rendered from those rows. The first pass's rows (the real corpus, a setting
+that did not learn) stay in docs/robustness-bench-rows.jsonl and are not rendered.
 """
 
 from __future__ import annotations
@@ -42,32 +45,36 @@ from pollinate.simulations.scenario import load_scenario
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from robustness_attacks import ATTACKS, attacker_app, flip_labels  # noqa: E402
+from robustness_corpus import write_corpus  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs"
-ROWS = DOCS / "robustness-bench-rows.jsonl"
+ROWS = DOCS / "robustness-bench-rows-synthetic.jsonl"
+SETTING_TAG = "synthetic-v2"  # in every row: rows of another setting are never averaged with these
 SCENARIO = REPO / "tests" / "support" / "scenarios" / "tiny.toml"  # tiny-bert, LoRA r=4 on query/value
 NODES = 8
-# The setting: small enough for hundreds of runs on a shared 2-core machine, long enough to learn.
-SETTING = {"model.name": "tiny-bert", "federation.rounds": 4, "train.local-steps": 10, "train.lr": 3e-2,
+# The setting: small enough for ~200 runs on a shared 2-core machine in ~35 minutes, long enough to learn.
+SETTING = {"model.name": "tiny-bert", "federation.rounds": 6, "train.local-steps": 20, "train.lr": 1e-2,
            "train.batch-size": 16, "train.eval-max-examples": 16, "federation.min-nodes": 2}
+# Each column is one defence alone; "default" is the shipped config (capped weights + update-bound 3, median mode).
 DEFENCES: dict[str, dict[str, object]] = {
-    "none": {"federation.weighting": "examples"},  # plain FedAvg: n_k / n, no bound
-    "capped (default)": {},  # the default config: capped weights, fedavg, no update bound
-    "norm bound": {"federation.update-bound": 3.0},  # capped + reject updates above 3x the round's median norm
-    "trimmed mean": {"federation.strategy": "trimmed-mean"},  # trim 0.2: 2 of 8 dropped at each end
-    "multi-krum": {"federation.strategy": "multi-krum", "strategy.multi-krum.f": 2},
+    "none": {"federation.weighting": "examples", "federation.update-bound": 0.0},  # plain FedAvg: n_k / n
+    "capped only": {"federation.update-bound": 0.0},  # the old default: capped weights, no update bound
+    "default": {},  # the new default: capped weights and update-bound = 3 x the round's median norm
+    "trimmed mean": {"federation.strategy": "trimmed-mean", "federation.update-bound": 0.0},  # trim 0.2: 2 of 8
+    "multi-krum": {"federation.strategy": "multi-krum", "strategy.multi-krum.f": 2, "federation.update-bound": 0.0},
 }
-DEFAULT = "capped (default)"
+DEFAULT = "default"
 
 
 def run_one(attack: str, adversaries: int, defence: str, seed: int) -> dict[str, object]:
     """One federation; its raw row (accuracy on the honest pooled eval set, whether it crashed, rejections)."""
-    row: dict[str, object] = {"attack": attack, "adversaries": adversaries, "defence": defence, "seed": seed}
+    row: dict[str, object] = {"setting": SETTING_TAG, "attack": attack, "adversaries": adversaries,
+                              "defence": defence, "seed": seed}
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="robustness-") as tmp:
         work = Path(tmp)
-        overrides = {**SETTING, **DEFENCES[defence], "seed": seed, "store.db": f"sqlite:///{work / 'store.db'}",
+        overrides = {**SETTING, "data.dataset": str(corpus()), **DEFENCES[defence], "seed": seed, "store.db": f"sqlite:///{work / 'store.db'}",
                      "store.output-dir": str(work / "out")}
         cfg, sim = load_scenario(SCENARIO, overrides, NODES)
         shutil.copytree(partitions_of(seed), work / "partitions")  # the seed's split, written once
@@ -97,9 +104,15 @@ def run_one(attack: str, adversaries: int, defence: str, seed: int) -> dict[str,
 
 
 @functools.lru_cache(maxsize=None)
+def corpus() -> Path:
+    """The synthetic corpus (the same rows in every process), as a JSONL file ``data.dataset`` can name."""
+    return write_corpus(Path(tempfile.mkdtemp(prefix="robustness-corpus-")) / "synthetic.jsonl")
+
+
+@functools.lru_cache(maxsize=None)
 def partitions_of(seed: int) -> Path:
     """The 8 nodes' data for ``seed``, written once per bench process by the code ``pollinate simulate`` uses."""
-    cfg, sim = load_scenario(SCENARIO, {**SETTING, "seed": seed}, NODES)
+    cfg, sim = load_scenario(SCENARIO, {**SETTING, "data.dataset": str(corpus()), "seed": seed}, NODES)
     directory = Path(tempfile.mkdtemp(prefix=f"robustness-seed{seed}-"))
     write_node_data(cfg, sim, directory)
     return directory
@@ -124,7 +137,8 @@ def held_out_score(cfg: RunConfig, tensors: dict, held_out: list) -> tuple[float
 def done_keys() -> set[tuple]:
     if not ROWS.exists():
         return set()
-    return {(r["attack"], r["adversaries"], r["defence"], r["seed"]) for r in map(json.loads, ROWS.read_text().splitlines())}
+    return {(r["attack"], r["adversaries"], r["defence"], r["seed"]) for r in map(json.loads, ROWS.read_text().splitlines())
+            if r.get("setting") == SETTING_TAG}
 
 
 def plan(seeds: list[int], adversary_counts: list[int]) -> list[tuple[str, int, str, int]]:
@@ -247,19 +261,23 @@ def main() -> None:
     parser.add_argument("--adversaries", default="0,1,2", help="0: the clean runs")
     parser.add_argument("--defences", default=",".join(DEFENCES), help="a comma list of: " + ", ".join(DEFENCES))
     parser.add_argument("--render", action="store_true", help="only re-render docs/ from the raw rows")
+    parser.add_argument("--shard", default="0/1", help="i/n: run every n-th row of the plan from the i-th, render none")
     args = parser.parse_args()
     command = "nice -n 10 python bench/robustness.py"
     if not args.render:
         done = done_keys()
         todo = [k for k in plan([int(s) for s in args.seeds.split(",")], [int(n) for n in args.adversaries.split(",")])
                 if k not in done and k[2] in args.defences.split(",")]
+        shard, shards = (int(x) for x in args.shard.split("/"))
+        todo = todo[shard::shards]
         for i, (attack, n, defence, seed) in enumerate(todo, 1):
             row = run_one(attack, n, defence, seed)
             with ROWS.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             print(f"[{i}/{len(todo)}] {attack} x{n} / {defence} / seed {seed}: {row.get('accuracy', 'n/a')} "
                   f"({row['status']}, {row['seconds']} s)", flush=True)
-    render(command)
+    if args.shard == "0/1":
+        render(command)
 
 
 if __name__ == "__main__":
