@@ -152,8 +152,8 @@ def plan(seeds: list[int], adversary_counts: list[int]) -> list[tuple[str, int, 
     return sorted(runs, key=lambda r: (r[1] > 1, order.index(r[2])))  # stable: 1 adversary before 2
 
 
-def summarise(raw: list[dict]) -> list[dict]:
-    """One row per (attack, adversaries, defence): mean and std over seeds, beside the clean run's mean."""
+def summarise(raw: list[dict], majority: float) -> list[dict]:
+    """One row per (attack, adversaries, defence): mean and std over seeds, beside the same defence's clean mean."""
     def stats(values: list[float]) -> tuple[float, float]:
         if not values:
             return math.nan, math.nan
@@ -161,59 +161,75 @@ def summarise(raw: list[dict]) -> list[dict]:
 
     clean = {d: stats([r["accuracy"] for r in raw if r["attack"] == "clean" and r["defence"] == d and "accuracy" in r])
              for d in DEFENCES}
+    setting = {"tag": SETTING_TAG, "data.dataset": "synthetic (bench/robustness_corpus.py)", **SETTING}
     out = []
     keys = dict.fromkeys((r["attack"], r["adversaries"], r["defence"]) for r in raw)
     for attack, n, defence in keys:
         group = [r for r in raw if (r["attack"], r["adversaries"], r["defence"]) == (attack, n, defence)]
         mean, std = stats([r["accuracy"] for r in group if "accuracy" in r])
-        loss_mean, loss_std = stats([r["loss"] for r in group if "loss" in r])  # rows before --render 2 had none
+        loss_mean, loss_std = stats([r["loss"] for r in group if "loss" in r])
         out.append({"attack": attack, "adversaries": n, "nodes": NODES, "defence": defence,
                     "accuracy_mean": mean, "accuracy_std": std, "clean_accuracy_mean": clean[defence][0],
                     "clean_accuracy_std": clean[defence][1], "drop_points": 100 * (clean[defence][0] - mean),
-                    "crashed": any(r["crashed"] for r in group), "seeds": sorted(r["seed"] for r in group),
+                    "majority_accuracy": majority, "crashed": any(r["crashed"] for r in group),
+                    "seeds": sorted(r["seed"] for r in group), "accuracies": [r.get("accuracy") for r in
+                                                                              sorted(group, key=lambda r: r["seed"])],
                     "loss_mean": loss_mean, "loss_std": loss_std,
-                    "rejected_updates": sum(r.get("rejected", 0) for r in group), "setting": SETTING})
+                    "rejected_updates": sum(r.get("rejected", 0) for r in group), "setting": setting})
     return out
 
 
 def render(command: str) -> None:
-    raw = [json.loads(line) for line in ROWS.read_text().splitlines() if line.strip()]
-    rows = summarise(raw)
-    (DOCS / "robustness-bench.json").write_text(json.dumps(rows, indent=1, default=str) + "\n")
+    raw = [r for r in map(json.loads, ROWS.read_text().splitlines()) if r.get("setting") == SETTING_TAG]
     majority = majority_share()
+    rows = summarise(raw, majority)
+    (DOCS / "robustness-bench.json").write_text(json.dumps(rows, indent=1, default=str) + "\n")
+    clean_default = next((r for r in rows if r["attack"] == "clean" and r["defence"] == DEFAULT), None)
     lines = [f"# Robustness bench: one or two hostile nodes of {NODES}\n",
-             f"`{command}` (raw rows: `{ROWS.relative_to(REPO)}`; `python bench/robustness.py --render` re-renders). "
-             f"Setting: {NODES} nodes, IID split of the bundled Rotten Tomatoes corpus, tiny-bert (random init, "
-             f"2 layers, hidden 64) with LoRA r=4 on query/value, {SETTING['federation.rounds']} rounds of "
-             f"{SETTING['train.local-steps']} local steps (batch {SETTING['train.batch-size']}, lr "
-             f"{SETTING['train.lr']}). Accuracy is the final global adapter's on the pooled held-out splits of all "
-             f"{NODES} nodes with their true labels (majority class: {majority:.3f}), mean ± std over seeds; "
-             "the drop is in points against the same defence's clean run.\n",
-             "Attacks (bench/robustness_attacks.py): scaled-x100 (the node's factor update ×100), sign-flip (its "
+             f"`{command}` (about 35 minutes on 2 cores; one process without `--shard` runs every row and renders; "
+             f"raw rows: `{ROWS.relative_to(REPO)}`, `--render` re-renders from them; a rerun skips the rows it has)."
+             "\n",
+             "## Setting (synthetic data, on purpose)\n",
+             f"{NODES} nodes, each an IID share of a **synthetic** sentiment-like corpus generated, seeded, inside the "
+             "bench (`bench/robustness_corpus.py`): 3200 texts of 8-12 words, each with 3-5 words of its class' "
+             "vocabulary (20 positive words, 20 negative), with probability 0.3 one word of the other class, the rest "
+             "neutral filler words, shuffled; then 10% of the labels flipped (label noise, so ~0.9 is the ceiling). "
+             "Why synthetic: this bench measures the aggregation rule, not the model. The first pass used the real "
+             "Rotten Tomatoes reviews, on which tiny-bert (random init, 2 layers, hidden 64) with LoRA does not learn "
+             "in a few rounds (clean 0.577 against a majority class of 0.571), so no attack could lower the accuracy "
+             "and \"within 2 points of clean\" meant nothing. Those rows are kept, not rendered, in "
+             "`docs/robustness-bench-rows.jsonl`.\n",
+             f"Model: tiny-bert with LoRA r=4 (alpha 8) on query/value and the classifier head; "
+             f"{SETTING['federation.rounds']} rounds of {SETTING['train.local-steps']} local steps (batch "
+             f"{SETTING['train.batch-size']}, lr {SETTING['train.lr']}). Every run is pollinate's real ServerApp loop "
+             "against its real ClientApp in one process (`simulations/inprocess.py`). Accuracy is the final global "
+             f"adapter's on the pooled held-out splits of all {NODES} nodes with their true labels (a label-flipping "
+             f"node's own evaluation never enters it); **majority class: {majority:.3f}**"
+             + (f"; **clean (default config): {clean_default['accuracy_mean']:.3f}**" if clean_default else "")
+             + ". Cells: mean ± std over seeds (change against the same defence's clean run, in points).\n",
+             "Attacks (`bench/robustness_attacks.py`): scaled-x100 (the node's factor update ×100), sign-flip (its "
              "update reversed), gaussian-noise (N(0, 1) added to every uploaded entry), weight-inflation (2^31 - 1 "
              "examples, the most the reply schema accepts, declared at the query exchange and reported in training, "
-             "and every lora_B entry = 5: the issue's dominating node), nan (every entry NaN), label-flip (the node's own labels inverted; it trains "
-             "honestly on them). Defences: none (`federation.weighting = \"examples\"`, fedavg, no bound), capped "
-             "(the default config), norm bound (`federation.update-bound = 3`, median mode), trimmed mean "
-             "(`federation.strategy = \"trimmed-mean\"`, trim 0.2), multi-Krum (`strategy.multi-krum.f = 2`).\n"]
-    clean_default = [r for r in rows if r["attack"] == "clean" and r["defence"] == DEFAULT]
-    if clean_default and clean_default[0]["accuracy_mean"] < majority + 0.02:
-        lines.append(f"**This setting does not learn**: the clean default run ends at "
-                     f"{clean_default[0]['accuracy_mean']:.3f}, within 2 points of the majority class "
-                     f"({majority:.3f}). The accuracy columns therefore show crashes and gross damage (a model pushed "
-                     "below the majority class), not the subtle drops a learning model would show; the held-out "
-                     "cross-entropy (loss, lower is better) is the finer signal.\n")
-    lines.append("Cells: accuracy mean ± std over the seeds run (change against the same defence's clean run, "
-                 "in points); loss = mean held-out cross-entropy where recorded. A `-` is a run not made.\n")
+             "and every lora_B entry = 5: the issue's dominating node), nan (every entry NaN), label-flip (the node's "
+             "own labels inverted; it trains honestly on them).\n",
+             "Defences, each column one defence alone: **none** (`federation.weighting = \"examples\"`, "
+             "`federation.update-bound = 0`, fedavg), **capped only** (`weighting = \"capped\"`, `update-bound = 0`: "
+             "the old default), **default** (the shipped config: capped weights + `update-bound = 3`, median mode), "
+             "**trimmed mean** (`federation.strategy = \"trimmed-mean\"`, trim 0.2, no update bound), **multi-krum** "
+             "(`strategy.multi-krum.f = 2`, no update bound).\n"]
     crashed = [r for r in raw if r["crashed"]]
     lines.append(f"Runs: {len(raw)}; crashed: {len(crashed)}"
                  + ("" if not crashed else " (" + "; ".join(f"{r['attack']}/{r['defence']}/seed {r['seed']}: "
                                                            f"{r['status']}" for r in crashed[:5]) + ")") + ".\n")
+    missing = [f"{a} x{n} / {d}" for a, n, d in dict.fromkeys(k[:3] for k in plan([0, 1, 2], [0, 1, 2]))
+               if len(next((r["seeds"] for r in rows if (r["attack"], r["adversaries"], r["defence"]) == (a, n, d)),
+                           [])) < 3]
+    if missing:
+        lines.append(f"**Cells with fewer than 3 seeds** (not reached in the time given): {', '.join(missing)}.\n")
     for n in sorted({r["adversaries"] for r in rows}):
         title = "Clean runs (no adversary)" if n == 0 else f"{n} adversarial node{'s' if n > 1 else ''} of {NODES}"
-        lines += [f"\n## {title}\n", "| attack | " + " | ".join(DEFENCES) + " |",
-                  "|---|" + "---|" * len(DEFENCES)]
-        for attack in dict.fromkeys(r["attack"] for r in rows if r["adversaries"] == n):
+        lines += [f"\n## {title}\n", "| attack | " + " | ".join(DEFENCES) + " |", "|---|" + "---|" * len(DEFENCES)]
+        for attack in [a for a in ("clean", *ATTACKS) if any(r["attack"] == a for r in rows if r["adversaries"] == n)]:
             cells = []
             for defence in DEFENCES:
                 found = [r for r in rows if (r["attack"], r["adversaries"], r["defence"]) == (attack, n, defence)]
@@ -224,35 +240,41 @@ def render(command: str) -> None:
                 cell = f"{r['accuracy_mean']:.3f} ± {r['accuracy_std']:.3f}"
                 if n:
                     cell += f" ({-r['drop_points']:+.1f})"
-                if not math.isnan(r["loss_mean"]):
-                    cell += f"; loss {r['loss_mean']:.3f}"
+                if len(r["seeds"]) < 3:
+                    cell += f" [{len(r['seeds'])} seed{'s' if len(r['seeds']) > 1 else ''}]"
                 cells.append(cell + (" **crashed**" if r["crashed"] else ""))
             lines.append(f"| {attack} | " + " | ".join(cells) + " |")
-    lines += ["\n## The target: 1 of 8 adversarial, default config, within 2 points of clean\n"]
-    for r in rows:
+    lines += [f"\n## The target: 1 of {NODES} adversarial, default config, within 2 points of clean, no crash\n"]
+    for r in sorted(rows, key=lambda r: ATTACKS.index(r["attack"]) if r["attack"] in ATTACKS else -1):
         if r["adversaries"] == 1 and r["defence"] == DEFAULT:
             met = r["drop_points"] <= 2 and not r["crashed"]
+            per_seed = ", ".join(f"{a:.3f}" for a in r["accuracies"] if a is not None)
             lines.append(f"- {r['attack']}: {r['accuracy_mean']:.3f} vs clean {r['clean_accuracy_mean']:.3f} "
-                         f"({-r['drop_points']:+.1f} points): {'met' if met else '**missed**'}")
-    lines += ["\n## Reading it\n",
-              "- A crash is a run that did not complete (`crashed` in the JSON; the count is above). A rejected update "
-              "(NaN, anything outside the reply schema, an update above the bound) is not a crash: it is in the "
-              "run's ledger with its reason, and the round goes on with the others.",
-              "- The default config has no update bound (`federation.update-bound = 0`): an update scaled ×100 or "
-              "noised is accepted at its capped weight. Where the default misses the target, the norm-bound column "
-              "is the default plus `federation.update-bound = 3`, the candidate for a new default.",
-              "- Why tiny-bert and not MiniLM: one MiniLM run of this shape costs ~50x the CPU, and the grid is "
-              f"{len(ATTACKS)} attacks x 2 adversary counts x {len(DEFENCES)} defences x 3 seeds + clean runs. A run "
-              "made on a busy shared 2-core machine fills the rows in the order of `plan` (the target's first); "
-              "`-` cells were not reached and a rerun of the same command fills them (done rows are skipped)."]
+                         f"({-r['drop_points']:+.1f} points; seeds {per_seed}; {r['rejected_updates']} updates "
+                         f"rejected over the seeds): {'met' if met else '**missed**'}")
+    lines += ["", *NOTES]
     (DOCS / "robustness-bench.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
+# Read after the numbers: what they show and why (written by hand from the rows, kept beside the code that renders).
+NOTES = ["## Reading it\n",
+         "- A crash is a run that did not complete (`crashed` in the JSON; the count is above). A rejected update "
+         "(NaN, anything outside the reply schema, an update above the bound) is not a crash: it is in the run's "
+         "ledger with its reason, and the round goes on with the others. `rejected` counts those over all rounds "
+         "and seeds of a cell.",
+         "- Std over 3 seeds of the clean run is a few points, so a 1-2 point difference between two cells is "
+         "within noise; the target is read on the means as the issue states it."]
+
+
 def majority_share() -> float:
-    cfg, _ = load_scenario(SCENARIO, {**SETTING}, NODES)
-    labels = [e.label for e in pooled_eval(cfg.replace(**{"data.partition-dir": str(partitions_of(0))}))]
-    return max(labels.count(v) for v in set(labels)) / len(labels)
+    """The majority class' share of the pooled held-out set, averaged over seeds 0-2 (every seed splits anew)."""
+    shares = []
+    for seed in (0, 1, 2):
+        cfg, _ = load_scenario(SCENARIO, {**SETTING, "data.dataset": str(corpus()), "seed": seed}, NODES)
+        labels = [e.label for e in pooled_eval(cfg.replace(**{"data.partition-dir": str(partitions_of(seed))}))]
+        shares.append(max(labels.count(v) for v in set(labels)) / len(labels))
+    return statistics.fmean(shares)
 
 
 def main() -> None:
@@ -263,7 +285,8 @@ def main() -> None:
     parser.add_argument("--render", action="store_true", help="only re-render docs/ from the raw rows")
     parser.add_argument("--shard", default="0/1", help="i/n: run every n-th row of the plan from the i-th, render none")
     args = parser.parse_args()
-    command = "nice -n 10 python bench/robustness.py"
+    command = ("OMP_NUM_THREADS=1 nice -n 10 python bench/robustness.py --shard 0/2 & "
+               "OMP_NUM_THREADS=1 nice -n 10 python bench/robustness.py --shard 1/2; python bench/robustness.py --render")
     if not args.render:
         done = done_keys()
         todo = [k for k in plan([int(s) for s in args.seeds.split(",")], [int(n) for n in args.adversaries.split(",")])
