@@ -271,8 +271,9 @@ NOTES = ["## Reading it\n",
          "- Sign-flip is the closest to the target (-1.9 points on the means; per seed against the same seed's "
          "clean run: -1.7, -2.2, -1.7). It is invisible to any norm bound: a reversed update has exactly the honest "
          "norm, so the default accepts it (0 rejected) at weight ~1/8, and the mean moves by 6/8 - 1/8 = 5/8 of an "
-         "honest step instead of 7/8 in that node's direction. With 2 of 8 it costs the default ~6 points. "
-         "Trimmed mean (+0.7) and multi-Krum (-0.8) take it out at 1 of 8; a user who fears it should use one.",
+         "honest step instead of 7/8 in that node's direction. With 2 of 8 it costs the default 6.4 points. "
+         "Trimmed mean (+0.7 at 1 of 8, -0.8 at 2) and multi-Krum (-0.8, -1.2) hold against it; a federation that "
+         "fears coordinated sign flips should use one of them.",
          "- Label flipping is also accepted by every norm-based defence (its norm is honest) and costs ~1 point "
          "at 1 of 8, ~3-4 at 2 of 8: a flipped node trains honestly on wrong data, which is data poisoning, not "
          "an aggregation attack.",
