@@ -25,7 +25,6 @@ from pathlib import Path
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 OUT = DOCS / "simulation-speed-breakdown.json"
-SPEED_ROWS = DOCS / "simulation-speed.jsonl"
 
 
 def ray_actor_threads() -> dict[str, object]:
@@ -85,9 +84,20 @@ def one_node(threads: int) -> dict[str, float]:
     t = time.perf_counter()
     evaluate(model, eval_batches, cpu)
     eval_s = time.perf_counter() - t
-    return {"read_and_split_s": read_s, "model_build_s": build_s, "tokenise_train_s": tokenise_s,
+    return {**padding(train_set, base.tokenizer, cfg), "read_and_split_s": read_s, "model_build_s": build_s, "tokenise_train_s": tokenise_s,
             "forward_backward_s": train_s, "tokenise_eval_s": eval_tokenise_s, "eval_forward_s": eval_s,
             "eval_examples": len(evaluated), "train_examples": len(train_set)}
+
+
+def padding(train_set, tokenizer, cfg) -> dict[str, float]:
+    """Real tokens per example against the width a batch is padded to (its longest example): padding's share
+    of the forward/backward, what length bucketing would cut."""
+    from pollinate.client.data import endless_batches
+
+    lengths = [min(len(tokenizer(e.text)["input_ids"]), cfg.model.max_length) for e in train_set]
+    stream = endless_batches(train_set, tokenizer, cfg.model, cfg.train.batch_size, 1)
+    widths = [next(stream)["input_ids"].shape[1] for _ in range(cfg.train.local_steps)]
+    return {"mean_tokens_per_example": statistics.fmean(lengths), "mean_padded_width": statistics.fmean(widths)}
 
 
 def _steps(train_cfg, steps: int):
@@ -107,19 +117,17 @@ def main() -> None:
     for n, parts in timed.items():
         print(f"{n} thread(s): " + ", ".join(f"{k} {v:.2f}" for k, v in parts.items()), flush=True)
     one = timed[min(timed)]
-    current = [json.loads(x) for x in SPEED_ROWS.read_text().splitlines() if x.strip()] if SPEED_ROWS.exists() else []
-    current = [r for r in current if r["variant"] == "current"]
-    measured = statistics.fmean(r["s_per_round"] for r in current) if current else None
     parts = {"tokenisation (train + eval batches)": 2 * (one["tokenise_train_s"] + one["tokenise_eval_s"]),
              "forward/backward (40 steps)": 2 * one["forward_backward_s"],
              "evaluation forward (256 examples)": 2 * one["eval_forward_s"]}
-    if measured is not None:
-        parts["the rest: Flower/Ray messaging and scheduling, aggregation, store"] = max(
-            0.0, measured - sum(parts.values()))
     notes = [f"one node, {min(timed)} torch thread: " + ", ".join(f"{k} {v:.2f}" for k, v in one.items()),
              *[f"one node's train + eval compute at {n} torch threads: "
                f"{p['tokenise_train_s'] + p['forward_backward_s'] + p['tokenise_eval_s'] + p['eval_forward_s']:.2f} s"
                for n, p in timed.items()],
+             f"padding: a training example has {one['mean_tokens_per_example']:.1f} tokens on average, but a batch "
+             f"of {16} is padded to its longest, {one['mean_padded_width']:.1f} tokens on average: "
+             f"{1 - one['mean_tokens_per_example'] / one['mean_padded_width']:.0%} of the positions the "
+             "forward/backward computes are padding",
              "once per run per actor (resident, not per round): model build "
              f"{one['model_build_s']:.2f} s, read + split of the node's examples {one['read_and_split_s']:.2f} s"]
     if ray is not None:
@@ -127,9 +135,7 @@ def main() -> None:
                      f"(OMP_NUM_THREADS={ray['OMP_NUM_THREADS']}, set by Ray): no oversubscription to cut")
     method = ("`nice -n 10 python bench/round_breakdown.py --check-ray`: one node's train and evaluate work replayed "
               "in one process with the ClientApp's own functions, timed part by part; a round is 4 nodes on 2 "
-              "cores, two at a time, so the node parts count twice. "
-              + (f"The remainder is the measured current round ({measured:.1f} s, mean of the current rows above) "
-                 "minus those parts." if measured is not None else ""))
+              "cores, two at a time, so the node parts count twice.")
     OUT.write_text(json.dumps({"method": method, "parts_s": parts, "notes": notes, "per_threads": timed,
                                "ray_actor": ray}, indent=1) + "\n")
     print(json.dumps(parts, indent=1))

@@ -159,7 +159,8 @@ def render(rows: list[dict[str, object]]) -> None:
         "whole command (interpreter, partitioning, Ray start, the rounds, the summary).\n"
         "- **final accuracy** is the last round's node-side evaluation accuracy from the store (the weighted mean "
         "over the 4 nodes' held-out 10%); both commits split the same corpus with the same seed.\n\n"
-        + (breakdown_text(json.loads(breakdown)) if breakdown else "")
+        + (breakdown_text(json.loads(breakdown), s["variants"].get("current", {}).get("s_per_round"))
+           if breakdown else "")
         + "Raw rows: `docs/simulation-speed.jsonl`; `python bench/simulation_speed.py --render` re-renders this "
         "page and `docs/simulation-speed.json` from them.\n")
     (DOCS / "simulation-speed.md").write_text(text)
@@ -167,15 +168,32 @@ def render(rows: list[dict[str, object]]) -> None:
     print(text)
 
 
-def breakdown_text(b: dict[str, object]) -> str:
-    """The section on where one round's time goes, from ``docs/simulation-speed-breakdown.json``."""
+WHAT_WOULD_CUT = (
+    "**What would cut it.** The node's compute is the forward/backward of 40 steps; what the resident state "
+    "removed (building the model, re-reading and splitting the data, once per message before) was already small "
+    "for MiniLM (well under a second), so the default scenario gains little from it, unlike a causal LM whose "
+    "build dominated. Tokenising once per node would save the tokenisation row, under 1% of a round. Threads "
+    "are not oversubscribed: Ray gives each 1-CPU actor one torch thread, and 2 threads per node were slower on "
+    "this shared machine. The cut that would pay is the padding: bucketing batches by length (shuffle, then "
+    "group examples of similar length within a window, as transformers' `group_by_length` does) would compute "
+    "about the mean length instead of the batch's longest; it changes which examples share a batch, so it needs "
+    "its own accuracy check before it becomes the default. Evaluating fewer than 256 examples per node would "
+    "trim the evaluation row at the cost of a noisier per-round accuracy.\n")
+
+
+def breakdown_text(b: dict[str, object], measured: float | None) -> str:
+    """The section on where one round's time goes, from ``docs/simulation-speed-breakdown.json``; what the node
+    parts leave of the measured current round (``measured`` s) is Flower/Ray's and the server's."""
     lines = ["## Where a round's time goes (current code)\n", str(b.get("method", "")), "",
              "| part | seconds | share |", "|---|---|---|"]
-    parts = b["parts_s"]
+    parts = dict(b["parts_s"])
+    if measured is not None:
+        parts["the rest of the measured current round: Flower/Ray messaging and scheduling, aggregation, "
+              "store (the measured s per round minus the parts above)"] = max(0.0, measured - sum(parts.values()))
     total = sum(parts.values())
     for name, sec in parts.items():
         lines.append(f"| {name} | {sec:.2f} | {sec / total:.0%} |")
-    lines += ["", *[f"- {n}" for n in b.get("notes", [])], ""]
+    lines += ["", *[f"- {n}" for n in b.get("notes", [])], "", WHAT_WOULD_CUT, ""]
     return "\n".join(lines) + "\n"
 
 
