@@ -107,8 +107,10 @@ def measure(pairs: int, before_venv: Path | None, rounds: int | None) -> None:
 
 
 def summary(rows: list[dict[str, object]]) -> dict[str, object]:
-    """Per-variant means, and the speed-up and accuracy difference of each complete pair and overall."""
-    by = {v: [r for r in rows if r["variant"] == v] for v in ("before", "current")}
+    """Per-variant means, and the speed-up and accuracy difference of each complete pair and overall; a pair
+    cut short (only its before row) is listed in the table but left out of the means, which stay paired."""
+    complete = {p for p in {r["pair"] for r in rows} if {r["variant"] for r in rows if r["pair"] == p} >= {"before", "current"}}
+    by = {v: [r for r in rows if r["variant"] == v and r["pair"] in complete] for v in ("before", "current")}
     mean = {v: {k: statistics.fmean(r[k] for r in rs) for k in ("s_per_round", "total_s", "final_accuracy")}
             for v, rs in by.items() if rs}
     pairs = []
