@@ -163,7 +163,13 @@ def render(rows: list[dict[str, object]]) -> None:
         "minus the rounds: start-up, the round-0 evaluation (each actor's first message, which builds its model), "
         "the end.\n"
         "- **final accuracy** is the last round's node-side evaluation accuracy from the store (the weighted mean "
-        "over the 4 nodes' held-out 10%); both commits split the same corpus with the same seed.\n\n"
+        "over the 4 nodes' held-out 10%); both commits split the same corpus with the same seed.\n"
+        "- **Noise.** The machine's load (8-11 on 2 cores, from other jobs) moves a round's time by tens of "
+        "percent: a pair's ratio is only as good as the load was equal across it (compare the load column). "
+        "The same commit does not repeat its accuracy to ±0.01 either: a node's batch order is seeded by "
+        "crc32(seed/node-id/round), and Flower draws the simulated node ids afresh per run, so two runs of one "
+        "commit differ like two seeds (the recorded before runs: 0.7939 and 0.8047). An accuracy difference within "
+        "that spread is not a difference between the commits.\n\n"
         + (breakdown_text(json.loads(breakdown), s["variants"].get("current", {}).get("s_per_round"))
            if breakdown else "")
         + "Raw rows: `docs/simulation-speed.jsonl`; `python bench/simulation_speed.py --render` re-renders this "
