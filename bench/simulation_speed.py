@@ -182,7 +182,7 @@ def render(rows: list[dict[str, object]]) -> None:
 WHAT_WOULD_CUT = (
     "**What would cut it.** The node's compute is the forward/backward of 40 steps; what the resident state "
     "removed (building the model, re-reading and splitting the data, once per message before) was already small "
-    "for MiniLM (well under a second), so the default scenario gains little from it, unlike a causal LM whose "
+    "for MiniLM (well under a second), so the default scenario gains far less from it (the pairs above), unlike a causal LM whose "
     "build dominated. Tokenising once per node would save the tokenisation row, under 1% of a round. Threads "
     "are not oversubscribed: Ray gives each 1-CPU actor one torch thread, and 2 threads per node were slower on "
     "this shared machine. The cut that would pay is the padding: bucketing batches by length (shuffle, then "
