@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import pollinate.client.opacus_logging  # noqa: F401 - before Opacus: undoes its logging.basicConfig()
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from transformers import PreTrainedTokenizerBase
 

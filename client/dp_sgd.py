@@ -17,6 +17,7 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
+import pollinate.client.opacus_logging  # noqa: F401 - before Opacus: undoes its logging.basicConfig()
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
