@@ -205,7 +205,7 @@ def train_adapter(msg: Message, context: Context) -> Message:
         trained = {k: (received[k] + clipped[k]).astype(np.float32) for k in trained}
     if plan is not None:  # everything below is post-processing of a private adapter
         if cfg.privacy.mode == "local":
-            trained = privatise_upload(received, trained, instructions.train_factors, plan)
+            trained = privatise_upload(received, trained, instructions.train_factors, plan, cfg.train.freeze_head)
         try:  # before the reply leaves: what was released is counted (checked again under the file's lock)
             budget.record(plan.run_key, plan.spent, plan.limits)
         except BudgetExceeded as e:

@@ -75,7 +75,7 @@ def train_dp(model: PeftModel, batches: Iterator[Batch | None], cfg: TrainConfig
     ``secure`` (privacy.secure-mode): the noise from the OS CSPRNG (``SecureNoiseDPOptimizer``).
     """
     model.to(device).train()
-    params = trainable_parameters(model, train_factors)
+    params = trainable_parameters(model, train_factors, cfg.freeze_head)
     optimiser = (SecureNoiseDPOptimizer if secure else DPOptimizer)(torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay),
                             noise_multiplier=noise_multiplier, max_grad_norm=clip_norm,
                             expected_batch_size=expected_batch_size, generator=generator)

@@ -117,14 +117,14 @@ def train_sample_dp(model: PeftModel, train_set: list[Example], tokenizer: PreTr
 
 
 def privatise_upload(received: Mapping[str, np.ndarray], trained: Mapping[str, np.ndarray], train_factors: str,
-                     plan: PrivateRound) -> dict[str, np.ndarray]:
+                     plan: PrivateRound, freeze_head: bool = False) -> dict[str, np.ndarray]:
     """Local DP: received + clip(trained - received, C) + N(0, (2 z C)^2) on the trained tensors only.
 
     A node's whole update is the unit: two clipped deltas differ by at most 2C in L2, so the Gaussian
     mechanism with multiplier z needs std 2 z C (Dwork & Roth 2014, Thm. A.1 with sensitivity 2C).
     A frozen factor comes back exactly as received.
     """
-    names = trained_names(trained, train_factors)
+    names = trained_names(trained, train_factors, freeze_head)
     clipped, _ = clip_delta(delta_of({k: trained[k] for k in names}, received), plan.spent.clip_norm)
     std = 2 * plan.spent.noise_multiplier * plan.spent.clip_norm
     noisy = add_gaussian_noise(clipped, std, names, SecureGaussian())  # the OS CSPRNG, as central DP's noise

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from peft import PeftModel
 
-from pollinate.proto.instructions import frozen_factor_tag
+from pollinate.proto.instructions import frozen_factor_tag, is_head
 from pollinate.proto.run_config import TrainConfig
 
 
@@ -84,15 +84,16 @@ def out_of_memory_as_failure(device: torch.device, cfg: TrainConfig) -> Iterator
         raise NodeOutOfMemory(f"{device} ran out of memory ({first}); " + ", or ".join(hints)) from None
 
 
-def trainable_parameters(model: PeftModel, train_factors: str) -> list[torch.nn.Parameter]:
-    """The adapter parameters to train: all, or with LoRA's A or B held frozen (others stay as received)."""
+def trainable_parameters(model: PeftModel, train_factors: str, freeze_head: bool = False) -> list[torch.nn.Parameter]:
+    """The adapter parameters to train: all, or with LoRA's A or B held frozen, or the classifier head held frozen
+    (train.freeze-head); the others stay as received."""
     tag = f".{model.active_adapter}"  # PEFT keeps every adapter parameter under its adapter name
     frozen = frozen_factor_tag(train_factors)
     params = []
     for name, p in model.named_parameters():
         if f"{tag}." not in name and not name.endswith(tag):
             continue  # the frozen base model
-        p.requires_grad_(frozen is None or frozen not in name)
+        p.requires_grad_((frozen is None or frozen not in name) and not (freeze_head and is_head(name)))
         if p.requires_grad:
             params.append(p)
     return params
@@ -109,7 +110,7 @@ def train(model: PeftModel, batches: Iterator[dict[str, torch.Tensor]], cfg: Tra
     if cfg.gradient_checkpointing:  # recompute activations in backward: memory for compute
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()  # the frozen embeddings' output must carry grad for checkpointing
-    params = trainable_parameters(model, train_factors)
+    params = trainable_parameters(model, train_factors, cfg.freeze_head)
     anchors = [p.detach().clone() for p in params] if proximal_mu > 0 else []
     optimiser = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     use_scaler = device.type == "cuda" and not torch.cuda.is_bf16_supported()

@@ -21,10 +21,20 @@ def frozen_factor_tag(train_factors: str) -> str | None:
     return {"all": None, "A": ".lora_B.", "B": ".lora_A."}[train_factors]
 
 
-def trained_names(names: Iterable[str], train_factors: str) -> list[str]:
-    """The adapter tensors a node trains under ``train_factors``: noise goes on these only."""
+# The classifier head: the modules PEFT trains in full beside the adapter for sequence classification
+# (its modules_to_save for SEQ_CLS), named "classifier" (BERT family) or "score" (decoder models).
+HEAD_MODULES = ("classifier", "score")
+
+
+def is_head(name: str) -> bool:
+    """Whether the parameter or state-dict name ``name`` belongs to the classifier head."""
+    return any(part in HEAD_MODULES for part in name.split("."))
+
+
+def trained_names(names: Iterable[str], train_factors: str, freeze_head: bool = False) -> list[str]:
+    """The adapter tensors a node trains under ``train_factors`` (and train.freeze-head): noise goes on these only."""
     frozen = frozen_factor_tag(train_factors)
-    return [k for k in names if frozen is None or frozen not in k]
+    return [k for k in names if (frozen is None or frozen not in k) and not (freeze_head and is_head(k))]
 
 
 @dataclass(frozen=True)

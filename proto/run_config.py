@@ -150,6 +150,11 @@ class TrainConfig:
     device: str = "auto"  # auto (CUDA when present), cpu, cuda, cuda:N (a node's --device overrides it)
     # Recompute activations in the backward pass: less memory (a 7B base on one GPU), about a third more time.
     gradient_checkpointing: bool = False
+    # Classification: keep the classifier head at the global adapter's initial (random) head and train only the
+    # adapter layers (FedBABU, Oh et al. 2022). Under label skew each node's head drifts to its own classes and the
+    # averaged head flips between them (docs/strategies-bench.md); a fixed head removes that drift. Under central DP
+    # the head then carries no noise either.
+    freeze_head: bool = False
 
     def validate(self) -> None:
         _require(self.lr > 0, "train.lr", self.lr, "use a positive learning rate, e.g. 1e-3")

@@ -57,10 +57,11 @@ class CentralPrivacy:
     """DP-FedAvg on the server (McMahan et al. 2018) with optional adaptive clipping (Andrew et al. 2021)."""
 
     def __init__(self, privacy: PrivacyConfig, rounds: int, ledger: Sequence[PrivacyEntry] = (),
-                 rng: Gaussian | None = None, sample_rate: float = 1.0) -> None:
+                 rng: Gaussian | None = None, sample_rate: float = 1.0, freeze_head: bool = False) -> None:
         """``rounds``: the run's planned rounds (federation.rounds), over which a calibrated z spends the budget;
-        ``sample_rate``: q, each connected node's chance to be sampled in a round (federation.fraction-train)."""
-        self.p, self.rounds, self.sample_rate = privacy, rounds, sample_rate
+        ``sample_rate``: q, each connected node's chance to be sampled in a round (federation.fraction-train);
+        ``freeze_head``: train.freeze-head, the nodes do not train the classifier head, so it gets no noise."""
+        self.p, self.rounds, self.sample_rate, self.freeze_head = privacy, rounds, sample_rate, freeze_head
         self.expected_clients = 0.0  # q N of the planned round: the mean's fixed denominator
         self.history = releases(ledger, node_id=None)
         own = [e for e in ledger if e.node_id is None and e.status == "spent"]
@@ -105,7 +106,7 @@ class CentralPrivacy:
         if any(not np.array_equal(requests[n].tensors[k], sent.tensors[k]) for n in mean.node_ids for k in sent.tensors):
             raise ConfigError("central DP needs every node sent the same tensors; this strategy sends others")
         m, z, w = len(mean.node_ids), release.noise_multiplier, self.expected_clients
-        noised = trained_names(mean.tensors, sent.instructions.train_factors)
+        noised = trained_names(mean.tensors, sent.instructions.train_factors, self.freeze_head)
         rescaled = {k: (sent.tensors[k] + (v - sent.tensors[k]) * np.float32(m / w)).astype(np.float32)
                     for k, v in mean.tensors.items()}  # the sum of clipped deltas over W, not over m
         tensors = add_gaussian_noise(rescaled, z * self.clip_norm / w, noised, self.rng)
@@ -132,7 +133,7 @@ class CentralPrivacy:
         z = release.noise_multiplier
         count_std = (self.p.clipped_count_stddev or default_count_stddev(w, z)) if self.p.adaptive_clipping else 0.0
         update_z = update_noise_multiplier(z, count_std) if self.p.adaptive_clipping else z
-        noised = trained_names(updates[0].tensors, sent.instructions.train_factors)
+        noised = trained_names(updates[0].tensors, sent.instructions.train_factors, self.freeze_head)
         private = private_mean([delta_of(u.tensors, sent.tensors) for u in updates], self.clip_norm, update_z,
                                noised, self.rng, denominator=w)
         metrics = {"clients": float(m), "expected-clients": w, "update-noise-multiplier": update_z,
@@ -208,15 +209,16 @@ class RunPrivacy:
 
     @classmethod
     def open(cls, privacy: PrivacyConfig, rounds: int, store: RoundStore, run_id: int,
-             sample_rate: float = 1.0) -> RunPrivacy:
+             sample_rate: float = 1.0, freeze_head: bool = False) -> RunPrivacy:
         """The run's privacy state, rebuilt from its stored ledger (empty for a new run); ``rounds`` as planned,
-        ``sample_rate`` the nodes' Poisson sampling rate q under central DP."""
+        ``sample_rate`` the nodes' Poisson sampling rate q under central DP, ``freeze_head`` train.freeze-head."""
         if privacy.mode == "off":
             return cls()
         ledger = [entry for _, entry in store.privacy_ledger(run_id)]
         key = privacy_run_key(store.run(run_id))
         if privacy.mode == "central":
-            return cls(key, central=CentralPrivacy(privacy, rounds, ledger, sample_rate=sample_rate))
+            return cls(key, central=CentralPrivacy(privacy, rounds, ledger, sample_rate=sample_rate,
+                                                            freeze_head=freeze_head))
         return cls(key, nodes=NodeLedger(privacy, ledger))
 
     def entries(self, clients: Sequence[ClientRecord]) -> list[PrivacyEntry]:

@@ -8,7 +8,7 @@ import torch
 from pollinate.client.data import endless_batches
 from pollinate.client.train import train
 from pollinate.models import adapter_state, build_peft_model, load_adapter_state
-from pollinate.proto.instructions import Instructions
+from pollinate.proto.instructions import Instructions, is_head
 from pollinate.strategies import Request, StrategyContext
 from pollinate.strategies.base import lora_pairs
 from pollinate.strategies.frozen_factor import FfaLora
@@ -40,6 +40,17 @@ def test_training_only_a_leaves_b_bit_identical(tiny_cfg) -> None:
     for a, b in lora_pairs(before).values():
         assert not np.array_equal(before[a], after[a])
         assert np.array_equal(before[b], after[b])
+
+
+def test_a_frozen_head_stays_bit_identical_while_the_adapter_layers_train(tiny_cfg) -> None:
+    cfg = tiny_cfg.replace(**{"train.freeze-head": True})
+    before, after = _trained(cfg)
+    heads = [k for k in before if is_head(k)]
+    assert heads, "the tiny classifier has a head in its adapter state"
+    assert all(np.array_equal(before[k], after[k]) for k in heads)
+    assert all(not np.array_equal(before[k], after[k]) for k in before if ".lora_B." in k)
+    _, trained_head = _trained(tiny_cfg)  # the default trains the head
+    assert any(not np.array_equal(before[k], trained_head[k]) for k in heads)
 
 
 def test_a_strong_proximal_term_keeps_the_adapter_near_what_was_received(tiny_cfg) -> None:

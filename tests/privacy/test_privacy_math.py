@@ -53,6 +53,20 @@ def test_the_server_path_adds_the_configured_noise_to_what_it_sent(tiny_cfg) -> 
     assert central.entry is not None and central.entry.epsilon == pytest.approx(epsilon([Release(2.0, 1.0, 1)], 1e-5))
 
 
+def test_central_dp_puts_no_noise_on_a_frozen_classifier_head(tiny_cfg) -> None:
+    cfg = tiny_cfg.replace(**{"privacy.mode": "central", "privacy.noise-multiplier": 2.0, "privacy.clip-norm": 0.5})
+    head = "base_model.model.classifier.weight"
+    sent = {A: np.ones((4, 256), np.float32), B: np.zeros((256, 4), np.float32), head: np.ones((2, 64), np.float32)}
+    updates = [ClientUpdate(node_id=n, tensors={**sent, B: np.full((256, 4), 1.0, np.float32)}, num_examples=10)
+               for n in (1, 2, 3, 4)]
+    for freeze, noised in ((True, False), (False, True)):
+        central = CentralPrivacy(cfg.privacy, cfg.federation.rounds, rng=np.random.default_rng(1), freeze_head=freeze)
+        central.start_round(1, connected=4)
+        mean = central.mean({n: Request(sent, Instructions()) for n in (1, 2, 3, 4)}, updates)
+        assert np.array_equal(mean.tensors[head], sent[head]) is not noised
+        assert not np.array_equal(mean.tensors[B], sent[B])
+
+
 def test_clipping_scales_a_delta_to_the_norm_and_leaves_a_small_one_alone() -> None:
     delta = {A: np.full((3, 4), 2.0, np.float32), B: np.full((4, 3), -2.0, np.float32)}
     clipped, norm = clip_delta(delta, 1.0)
