@@ -200,3 +200,28 @@ def shard(todo: list, spec: str) -> list:
     """``i/n``: every n-th item from the i-th, so n processes share one plan (and one rows file)."""
     index, count = (int(x) for x in spec.split("/"))
     return todo[index::count]
+
+
+def best_rate(rows: Sequence[dict], strategy: str, default: float) -> float:
+    """The learning rate with the best final accuracy among ``strategy``'s sweep rows (``default`` before any)."""
+    tried = [r for r in rows if r["phase"] == "sweep" and r["strategy"] == strategy and "accuracy" in r]
+    return max(tried, key=lambda r: r["accuracy"])["lr"] if tried else default
+
+
+def grid_summary(rows: Sequence[dict], group_by: Sequence[str]) -> list[dict]:
+    """One row per ``group_by`` values among the grid rows: accuracy mean and std over seeds, the per-seed values,
+    and the mean accuracy curve (rounds where every seed's curve has a value)."""
+    out = []
+    grid = [r for r in rows if r["phase"] == "grid"]
+    for values in dict.fromkeys(tuple(r[k] for k in group_by) for r in grid):
+        group = sorted((r for r in grid if tuple(r[k] for k in group_by) == values), key=lambda r: r["seed"])
+        accuracies = [r["accuracy"] for r in group if "accuracy" in r]
+        mean, std = mean_std(accuracies)
+        curves = [r["curve"] for r in group if r.get("curve")]
+        rounds = sorted({int(n) for c in curves for n in c}, key=int)
+        curve = {n: mean_std([c[str(n)] for c in curves if str(n) in c])[0] for n in rounds}
+        out.append({**dict(zip(group_by, values, strict=True)), "accuracy_mean": mean, "accuracy_std": std,
+                    "seeds": [r["seed"] for r in group], "accuracies": accuracies,
+                    "crashed": any(r.get("crashed") for r in group), "curve": curve,
+                    "seconds_mean": mean_std([r["seconds"] for r in group])[0]})
+    return out

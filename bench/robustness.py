@@ -5,7 +5,7 @@
 
 Every run is pollinate's real ServerApp loop (``server.app.run_federation``) against its real ClientApp, in this
 process (``simulations/inprocess.py``, no Ray), on tiny-bert and a synthetic, seeded sentiment-like corpus
-(bench/robustness_corpus.py: tiny-bert learns it, which it does not the real reviews in a few rounds). The adversaries
+(bench/synthetic_corpus.py: tiny-bert learns it, which it does not the real reviews in a few rounds). The adversaries
 (bench/robustness_attacks.py) edit their train replies, or, for label flipping, their own data. Each run's final
 global adapter is then evaluated here on the pooled held-out splits of all 8 nodes with their TRUE labels, so no
 node's own (possibly flipped) evaluation enters the score. One raw row per run is appended to
@@ -18,40 +18,20 @@ that did not learn) stay in docs/robustness-bench-rows.jsonl and are not rendere
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
-import shutil
 import statistics
 import sys
-import tempfile
-import time
-import traceback
 from pathlib import Path
 
-import torch
-
-torch.set_num_threads(1)  # 2 threads on 2 shared cores spin and wait more than they compute
-
-from pollinate.client.data import batches, read_examples, split
-from pollinate.client.train import evaluate
-from pollinate.models import build_peft_model, load_adapter_state
-from pollinate.proto.run_config import RunConfig
-from pollinate.server.app import run_federation
-from pollinate.server.store import RoundStore
-from pollinate.simulations.cli import write_node_data
-from pollinate.simulations.inprocess import InProcessGrid, serverapp_identity
-from pollinate.simulations.scenario import load_scenario
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from federation_runs import TINY, Setting, majority_share as pooled_majority, run, shard  # noqa: E402
 from robustness_attacks import ATTACKS, attacker_app, flip_labels  # noqa: E402
-from robustness_corpus import write_corpus  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs"
 ROWS = DOCS / "robustness-bench-rows-synthetic.jsonl"
 SETTING_TAG = "synthetic-v2"  # in every row: rows of another setting are never averaged with these
-SCENARIO = REPO / "tests" / "support" / "scenarios" / "tiny.toml"  # tiny-bert, LoRA r=4 on query/value
 NODES = 8
 # The setting: small enough for ~200 runs on a shared 2-core machine in ~35 minutes, long enough to learn.
 SETTING = {"model.name": "tiny-bert", "federation.rounds": 6, "train.local-steps": 20, "train.lr": 1e-2,
@@ -65,73 +45,15 @@ DEFENCES: dict[str, dict[str, object]] = {
     "multi-krum": {"federation.strategy": "multi-krum", "strategy.multi-krum.f": 2, "federation.update-bound": 0.0},
 }
 DEFAULT = "default"
+SETTING_RUNS = Setting.of(NODES, SETTING, scenario=TINY)  # tiny-bert, LoRA r=4 on query/value
 
 
 def run_one(attack: str, adversaries: int, defence: str, seed: int) -> dict[str, object]:
     """One federation; its raw row (accuracy on the honest pooled eval set, whether it crashed, rejections)."""
-    row: dict[str, object] = {"setting": SETTING_TAG, "attack": attack, "adversaries": adversaries,
-                              "defence": defence, "seed": seed}
-    started = time.time()
-    with tempfile.TemporaryDirectory(prefix="robustness-") as tmp:
-        work = Path(tmp)
-        overrides = {**SETTING, "data.dataset": str(corpus()), **DEFENCES[defence], "seed": seed, "store.db": f"sqlite:///{work / 'store.db'}",
-                     "store.output-dir": str(work / "out")}
-        cfg, sim = load_scenario(SCENARIO, overrides, NODES)
-        shutil.copytree(partitions_of(seed), work / "partitions")  # the seed's split, written once
-        cfg = cfg.replace(**{"data.partition-dir": str(work / "partitions")})
-        held_out = pooled_eval(cfg)  # read before any label is flipped
-        hostile = set(range(adversaries))
-        if attack == "label-flip":
-            flip_labels(work / "partitions", hostile)
-        grid = InProcessGrid.of_scenario(cfg, NODES, attacker_app(attack, hostile, seed), seed=seed)
-        try:
-            with serverapp_identity():
-                run_id = run_federation(grid, cfg)  # type: ignore[arg-type]
-            store = RoundStore(cfg.store.db)
-            run, rounds = store.run(run_id), store.rounds(run_id)
-            row["status"] = run.status
-            row["crashed"] = run.status != "completed"
-            row["rejected"] = sum(1 for u in store.client_updates(run_id) if u.status == "rejected")
-            if rounds:
-                row["accuracy"], row["loss"] = held_out_score(cfg, store.adapter(run_id, rounds[-1].number).tensors(),
-                                                              held_out)
-            store.engine.dispose()
-        except Exception as e:  # a crash is a result of the bench, not the end of it
-            row.update(status=f"raised {type(e).__name__}: {e}", crashed=True)
-            traceback.print_exc()
-    row["seconds"] = round(time.time() - started, 1)
-    return row
-
-
-@functools.lru_cache(maxsize=None)
-def corpus() -> Path:
-    """The synthetic corpus (the same rows in every process), as a JSONL file ``data.dataset`` can name."""
-    return write_corpus(Path(tempfile.mkdtemp(prefix="robustness-corpus-")) / "synthetic.jsonl")
-
-
-@functools.lru_cache(maxsize=None)
-def partitions_of(seed: int) -> Path:
-    """The 8 nodes' data for ``seed``, written once per bench process by the code ``pollinate simulate`` uses."""
-    cfg, sim = load_scenario(SCENARIO, {**SETTING, "data.dataset": str(corpus()), "seed": seed}, NODES)
-    directory = Path(tempfile.mkdtemp(prefix=f"robustness-seed{seed}-"))
-    write_node_data(cfg, sim, directory)
-    return directory
-
-
-def pooled_eval(cfg: RunConfig) -> list:
-    """Every node's held-out split (as each node splits it), with the labels the corpus gives."""
-    held_out = []
-    for path in sorted(Path(cfg.data.partition_dir).glob("partition-*.jsonl")):
-        held_out += split(read_examples(path, cfg.data, cfg.model), cfg.data.eval_fraction, cfg.seed)[1]
-    return held_out
-
-
-def held_out_score(cfg: RunConfig, tensors: dict, held_out: list) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) of the global adapter ``tensors`` on the honest held-out set."""
-    model, base = build_peft_model(cfg)
-    load_adapter_state(model, tensors)
-    result = evaluate(model, batches(held_out, base.tokenizer, cfg.model, 64, None), torch.device("cpu"))
-    return result.accuracy, result.loss
+    hostile = set(range(adversaries))
+    flip = (lambda partitions: flip_labels(partitions, hostile)) if attack == "label-flip" else None
+    row = run(SETTING_RUNS, seed, DEFENCES[defence], app=attacker_app(attack, hostile, seed), prepare=flip)
+    return {"setting": SETTING_TAG, "attack": attack, "adversaries": adversaries, "defence": defence, **row}
 
 
 def done_keys() -> set[tuple]:
@@ -161,7 +83,7 @@ def summarise(raw: list[dict], majority: float) -> list[dict]:
 
     clean = {d: stats([r["accuracy"] for r in raw if r["attack"] == "clean" and r["defence"] == d and "accuracy" in r])
              for d in DEFENCES}
-    setting = {"tag": SETTING_TAG, "data.dataset": "synthetic (bench/robustness_corpus.py)", **SETTING}
+    setting = {"tag": SETTING_TAG, "data.dataset": "synthetic (bench/synthetic_corpus.py)", **SETTING}
     out = []
     keys = dict.fromkeys((r["attack"], r["adversaries"], r["defence"]) for r in raw)
     for attack, n, defence in keys:
@@ -191,7 +113,7 @@ def render(command: str) -> None:
              "\n",
              "## Setting (synthetic data, on purpose)\n",
              f"{NODES} nodes, each an IID share of a **synthetic** sentiment-like corpus generated, seeded, inside the "
-             "bench (`bench/robustness_corpus.py`): 3200 texts of 8-12 words, each with 3-5 words of its class' "
+             "bench (`bench/synthetic_corpus.py`): 3200 texts of 8-12 words, each with 3-5 words of its class' "
              "vocabulary (20 positive words, 20 negative), with probability 0.3 one word of the other class, the rest "
              "neutral filler words, shuffled; then 10% of the labels flipped (label noise, so ~0.9 is the ceiling). "
              "Why synthetic: this bench measures the aggregation rule, not the model. The first pass used the real "
@@ -284,12 +206,7 @@ NOTES = ["## Reading it\n",
 
 def majority_share() -> float:
     """The majority class' share of the pooled held-out set, averaged over seeds 0-2 (every seed splits anew)."""
-    shares = []
-    for seed in (0, 1, 2):
-        cfg, _ = load_scenario(SCENARIO, {**SETTING, "data.dataset": str(corpus()), "seed": seed}, NODES)
-        labels = [e.label for e in pooled_eval(cfg.replace(**{"data.partition-dir": str(partitions_of(seed))}))]
-        shares.append(max(labels.count(v) for v in set(labels)) / len(labels))
-    return statistics.fmean(shares)
+    return pooled_majority(SETTING_RUNS, (0, 1, 2))
 
 
 def main() -> None:
@@ -306,8 +223,7 @@ def main() -> None:
         done = done_keys()
         todo = [k for k in plan([int(s) for s in args.seeds.split(",")], [int(n) for n in args.adversaries.split(",")])
                 if k not in done and k[2] in args.defences.split(",")]
-        shard, shards = (int(x) for x in args.shard.split("/"))
-        todo = todo[shard::shards]
+        todo = shard(todo, args.shard)
         for i, (attack, n, defence, seed) in enumerate(todo, 1):
             row = run_one(attack, n, defence, seed)
             with ROWS.open("a") as f:
