@@ -40,6 +40,7 @@ from pollinate.models import build_peft_model, load_adapter_state  # noqa: E402
 from pollinate.proto.run_config import RunConfig  # noqa: E402
 from pollinate.server.app import run_federation  # noqa: E402
 from pollinate.server.store import RoundStore  # noqa: E402
+from pollinate.strategies.base import lora_rank  # noqa: E402
 from pollinate.simulations.cli import write_node_data  # noqa: E402
 from pollinate.simulations.inprocess import InProcessGrid, NodeConfigOf, serverapp_identity  # noqa: E402
 from pollinate.simulations.scenario import load_scenario  # noqa: E402
@@ -104,8 +105,9 @@ def pooled_split(cfg: RunConfig) -> tuple[list[Example], list[Example]]:
 
 
 def score(cfg: RunConfig, tensors: Mapping[str, object], held_out: Sequence[Example]) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) of the adapter ``tensors`` on ``held_out``."""
-    model, base = build_peft_model(cfg)
+    """(accuracy, mean cross-entropy) of the adapter ``tensors`` on ``held_out``, built at their LoRA rank: flora
+    and sketch store a larger rank that carries what they merged into the base (as the global test set does)."""
+    model, base = build_peft_model(cfg.replace(**{"adapter.r": lora_rank(tensors) or cfg.adapter.r}))
     load_adapter_state(model, dict(tensors))
     result = evaluate(model, batches(list(held_out), base.tokenizer, cfg.model, 64, None), torch.device("cpu"))
     return result.accuracy, result.loss
