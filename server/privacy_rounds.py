@@ -55,10 +55,6 @@ def check_privacy_config(cfg: RunConfig, strategy: Strategy) -> None:
     if cfg.secagg.enabled and cfg.privacy.adaptive_clipping:
         raise ConfigError("privacy.adaptive-clipping needs each node's clipped-or-not bit, which secure aggregation "
                           "hides; use fixed clipping (privacy.adaptive-clipping = false) with secagg.enabled")
-    if strategy.uploads_own_deltas and cfg.secagg.enabled:
-        raise ConfigError(f"privacy.mode = 'central' with {strategy.name!r} clips each node's sketch on the server, "
-                          f"which secure aggregation hides (the nodes do not clip their sketches themselves); turn "
-                          f"secagg.enabled off, or use fedavg or ffa-lora for central DP under secure aggregation")
     if strategy.private_means > 1 and cfg.privacy.adaptive_clipping:
         raise ConfigError(f"privacy.adaptive-clipping adapts one clip norm from one noisy count per round, but "
                           f"{strategy.name!r} releases {strategy.private_means} means per round; use fixed clipping "
@@ -148,22 +144,25 @@ class CentralPrivacy:
     def noised_mean(self, requests: Mapping[int, Request], mean: MeanUpdate) -> MeanUpdate:
         """Under secure aggregation: nodes clipped their own deltas to C (``Instructions.clip_norm``) and the
         server holds only their equal-weight mean over the m that took part. The result is
-        sent + (m / W) (mean - sent) + N(0, (z C / W)^2) on the trained tensors, W = q N fixed.
+        sent + (m / W) (mean - sent) + N(0, (z C / W)^2) on the trained tensors, W = q N fixed; for a tensor the
+        nodes were not sent (sketch's Y, Z: deltas already, which the nodes clip in ``Sketch.transform_upload`` and
+        ``answer``), (m / W) mean + the same noise.
 
         The guarantee assumes nodes clip honestly (as with Flower's client-side clipping): a node that
         does not is bounded only by secagg.clip-range.
         """
         if self._pending is None:
             raise RuntimeError("central DP: one private mean per round (start_round first)")
-        if self.means_per_round > 1:
-            raise ConfigError("central DP under secure aggregation takes one mean per round (check_privacy_config)")
         sent = requests[mean.node_ids[0]]
-        if any(not np.array_equal(requests[n].tensors[k], sent.tensors[k]) for n in mean.node_ids for k in sent.tensors):
+        if any(not np.array_equal(requests[n].tensors[k], sent.tensors[k])
+               for n in mean.node_ids for k in mean.tensors if k in sent.tensors):
             raise ConfigError("central DP needs every node sent the same tensors; this strategy sends others")
         m, z, w = len(mean.node_ids), self.noise_multiplier, self.expected_clients
         noised = trained_names(mean.tensors, sent.instructions.train_factors, self.freeze_head)
-        rescaled = {k: (sent.tensors[k] + (v - sent.tensors[k]) * np.float32(m / w)).astype(np.float32)
-                    for k, v in mean.tensors.items()}  # the sum of clipped deltas over W, not over m
+        # The sum of clipped deltas over W, not over m; a tensor not sent (sketch's Y, Z) is a mean delta itself.
+        rescaled = {k: (sent.tensors[k] + (v - sent.tensors[k]) * np.float32(m / w) if k in sent.tensors
+                        else v * np.float32(m / w)).astype(np.float32)
+                    for k, v in mean.tensors.items()}
         tensors = add_gaussian_noise(rescaled, z * self.clip_norm / w, noised, self.rng)
         metrics = {"clients": float(m), "expected-clients": w, "update-noise-multiplier": z,
                    "noise-std": z * self.clip_norm / w,

@@ -39,7 +39,8 @@ global keeps: the delta form keeps the part of the global a low-rank node was no
 averages it out. Under DP the delta form is the only one whose clip bounds a node's own work. The sketch size under
 DP is fixed (``dp_size``) and Q keeps all its columns: a size from the sampled nodes' ranks, or Q's numerical rank,
 would put who was sampled into the shapes of the released state. A smaller size also carries less noise
-(Q Z's noise has size x d_in entries).
+(Q Z's noise has size x d_in entries). Under secure aggregation the server cannot clip: each node clips its own
+change in each upload to ``Instructions.clip_norm`` (``_clipped``), and the server noises the unmasked means.
 
 No published federated LoRA system ships this for heterogeneous ranks (Bai et al. 2024 use a
 dense SVD of the materialised Delta W and need every client's factors).
@@ -52,6 +53,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pollinate.privacy.central import clip_delta
 from pollinate.proto.instructions import Instructions
 from pollinate.proto.run_config import option
 from pollinate.strategies.base import (AggregationError, ClientUpdate, Exchange, NamedArrays, NodeState, Request,
@@ -176,7 +178,18 @@ class Sketch(HeterogeneousRanks):
             node_state[SENT] = {k: np.asarray(received[k], dtype=np.float32) for k in factor_keys}
         else:
             node_state.pop(SENT, None)
+        if instructions.sketch_delta and instructions.clip_norm > 0:
+            out = self._clipped(out, received, instructions.clip_norm)
         return {k: np.asarray(v, dtype=np.float32) for k, v in out.items()}, {}
+
+    @staticmethod
+    def _clipped(upload: NamedArrays, received: NamedArrays, clip_norm: float) -> NamedArrays:
+        """Central DP under secure aggregation, where the server cannot clip: the node's change in this upload
+        (its Y_k or Z_k, and what it changed of the tensors it was sent) scaled to norm at most C, as the server
+        would (``CentralPrivacy.mean``)."""
+        change = {k: np.subtract(v, received[k], dtype=np.float32) if k in received else v for k, v in upload.items()}
+        clipped, _ = clip_delta(change, clip_norm)
+        return {k: received[k] + v if k in received else v for k, v in clipped.items()}
 
     def trains(self, instructions: Instructions) -> bool:
         return instructions.upload != "sketch-z"  # exchange 2 projects what exchange 1 trained
@@ -198,6 +211,8 @@ class Sketch(HeterogeneousRanks):
             out[prefix + SKETCH_Z] = project_upload(q, trained[a_key], trained[b_key], scaling)
             if instructions.sketch_delta and sent is not None:
                 out[prefix + SKETCH_Z] -= project_upload(q, sent[a_key], sent[b_key], scaling)
+        if instructions.sketch_delta and instructions.clip_norm > 0:
+            out = self._clipped(out, {}, instructions.clip_norm)
         return {k: np.asarray(v, dtype=np.float32) for k, v in out.items()}
 
     def upload_names(self, sent: Iterable[str], instructions: Instructions) -> set[str]:

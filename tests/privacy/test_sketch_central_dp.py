@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from pollinate.privacy.accountant import Release, calibrate_noise_multiplier, epsilon
+from pollinate.privacy.central import global_norm
+from pollinate.proto.instructions import Instructions
 from pollinate.proto.run_config import ConfigError, RunConfig
 from pollinate.server.privacy_rounds import CentralPrivacy, check_privacy_config
 from pollinate.server.store import RoundStore
@@ -21,7 +24,7 @@ from pollinate.strategies import ClientUpdate, MeanUpdate, Request, StrategyCont
 from pollinate.strategies.base import lora_rank, mean_of
 from pollinate.strategies.heterogeneous import at_rank
 from pollinate.strategies.merged import DELTA_A, DELTA_B
-from pollinate.strategies.sketch import SKETCH_Y, SKETCH_Z, Sketch
+from pollinate.strategies.sketch import SKETCH_Q, SKETCH_Y, SKETCH_Z, Sketch
 from tests.support.adapters import B, HEAD, P, adapter, close, dense
 from tests.support.inprocess import run_in_process
 
@@ -153,6 +156,30 @@ def test_each_upload_is_clipped_to_c_as_a_delta_of_the_nodes_own_work() -> None:
     assert all(n > 1.0 for n in free.norms)
 
 
+def test_under_secure_aggregation_each_node_clips_its_own_sketch_and_projection_to_c() -> None:
+    # The server sees only the masked sum, so the node clips: (Y_k, head change) and Z_k, each to norm C, the same
+    # uploads the server would clip (same direction), the head sent back as received + clipped change.
+    c = 1e-3
+    state = adapter(np.random.default_rng(8), RANK, D_OUT, D_IN)
+    sketch = Sketch(StrategyContext(rank=RANK, alpha=4.0, central_dp=True))
+    plain, clipped = ({}, {}), ({}, {})
+    request = Request(at_rank(state, 2, sketch.ctx), Instructions(round=1, rank=2, upload="sketch-y", sketch_seed=5,
+                                                                 sketch_size=16, sketch_delta=True))
+    trained = {k: v + 0.5 * np.random.default_rng(9).standard_normal(v.shape).astype(np.float32)
+               for k, v in request.tensors.items()}
+    for clip, (uploads, node_state) in ((0.0, plain), (c, clipped)):
+        ins = replace(request.instructions, clip_norm=clip)
+        uploads["y"], _ = sketch.transform_upload(trained, request.tensors, ins, node_state)
+        q = {P + SKETCH_Q: np.linalg.qr(np.random.default_rng(10).standard_normal((D_OUT, 16)))[0]}
+        uploads["z"] = sketch.answer(q, replace(ins, upload="sketch-z"), node_state)
+    y_change = {k: v - state[k] if k == HEAD else v for k, v in plain[0]["y"].items()}
+    assert global_norm(y_change) > 100 * c and global_norm(plain[0]["z"]) > 100 * c
+    scale = c / global_norm(y_change)
+    assert np.allclose(clipped[0]["y"][P + SKETCH_Y], scale * y_change[P + SKETCH_Y], rtol=1e-4, atol=1e-9)
+    assert np.allclose(clipped[0]["y"][HEAD] - state[HEAD], scale * y_change[HEAD], rtol=1e-3, atol=1e-7)
+    assert global_norm(clipped[0]["z"]) == pytest.approx(c, rel=1e-5)
+
+
 def test_the_noise_on_both_exchanges_and_on_the_product_has_std_z_c_over_w() -> None:
     # Nodes that do not move: each exchange's mean is pure noise, std z C / W per entry (W = q N = 4).
     z, c = 1.7, 0.3
@@ -204,13 +231,12 @@ def test_the_calibrated_noise_spends_the_target_epsilon_over_the_planned_rounds(
     assert target * 0.99 <= central.spent() <= target
 
 
-def test_check_privacy_config_takes_sketch_under_central_dp_with_fixed_clipping_and_no_secagg() -> None:
+def test_check_privacy_config_takes_sketch_under_central_dp_with_fixed_clipping() -> None:
     cfg = RunConfig().replace(**{"privacy.mode": "central", "privacy.clip-norm": 1.0, "federation.strategy": "sketch"})
     check_privacy_config(cfg, build(cfg))
     assert build(cfg).ctx.central_dp
-    with pytest.raises(ConfigError, match="turn secagg.enabled off"):
-        secure = cfg.replace(**{"secagg.enabled": True})
-        check_privacy_config(secure, build(secure))
+    secure = cfg.replace(**{"secagg.enabled": True})
+    check_privacy_config(secure, build(secure))
     with pytest.raises(ConfigError, match=r"releases 2 means per round; use fixed clipping"):
         adaptive = cfg.replace(**{"privacy.adaptive-clipping": True})
         check_privacy_config(adaptive, build(adaptive))
@@ -236,3 +262,21 @@ def test_sketch_runs_end_to_end_under_central_dp_with_one_ledger_entry_per_round
     assert all(np.isfinite(v).all() for v in stored.values())
     updates = store.client_updates(run.id)
     assert all(u.num_examples == 0 for u in updates)  # nodes under DP send no count
+
+
+def test_sketch_runs_end_to_end_under_central_dp_and_secure_aggregation(tmp_path: Path) -> None:
+    # The nodes clip their own sketches and projections; the server sees only the masked sums and noises them.
+    run_in_process("tiny.toml", tmp_path, **{"federation.strategy": "sketch", "privacy.mode": "central",
+                                             "secagg.enabled": True, "privacy.noise-multiplier": 1.0,
+                                             "privacy.clip-norm": 0.5, "privacy.target-epsilon": 100,
+                                             "federation.rounds": 2})
+    store = RoundStore(f"sqlite:///{tmp_path / 'store.db'}")
+    [run] = store.runs()
+    assert run.status == "completed" and run.strategy == "sketch", run.error
+    ledger = store.privacy_ledger(run.id)
+    assert [(n, e.node_id, e.steps) for n, e in ledger] == [(1, None, 1), (2, None, 1)]
+    for _, entry in ledger:
+        assert entry.noise_multiplier == pytest.approx(1.0 / math.sqrt(2))
+        assert entry.metrics["secure-aggregation"] == entry.metrics["exchange-2-secure-aggregation"] == 1.0
+        assert entry.metrics["noise-std"] == entry.metrics["exchange-2-noise-std"] == pytest.approx(1.0 * 0.5 / 4)
+    assert all(np.isfinite(v).all() for v in store.adapter(run.id, 2).tensors().values())
