@@ -30,9 +30,11 @@ so the clip bounds one node's contribution and the mean is DP-FedAvg's. The full
 (a node's Y_k carries the global adapter it was sent), so the nodes are told ``sketch_delta``: they upload
 Y_k = D_k Omega' and Z_k = Q^T D_k of D_k = s_k (B_k A_k - B_sent A_sent), their trained product minus the
 product they received at their rank, with Omega' = Omega / sqrt(size) so that E ||Y_k||_F^2 = ||D_k||_F^2 and
-||Z_k||_F <= ||D_k||_F (Q orthonormal): one clip norm C means the same in both exchanges as fedavg's C on a delta.
-The server then adds Q (noisy mean Z) to the global product s_R B A it holds (DP-FedAvg's W + mean delta), keeps the
-best rank R of the sum as the adapter and merges the rest into the base deltas, as without DP.
+||Z_k||_F <= ||D_k||_F (Q orthonormal): one clip norm C means the same in both exchanges as fedavg's C on a delta
+(exchange 1 clips Y_k together with the node's change of the head). The server then adds Q (noisy mean Z) to the
+global product s_R B A it holds (DP-FedAvg's global + mean change), keeps the best rank R of the sum as the adapter
+and merges the rest into the base deltas, as without DP. D_k has rank up to 2 r_k, their mean up to
+sum_k r_k + R, so without noise the result is exact while that is at most the sketch size.
 The non-DP path keeps full products, so its results are unchanged; the two agree when no node's received
 product was truncated (ranks >= the adapter's rank, or a zero adapter), and otherwise differ in what the
 global keeps: the delta form keeps the part of the global a low-rank node was not sent, the product form
