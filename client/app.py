@@ -200,7 +200,8 @@ def train_adapter(msg: Message, context: Context) -> Message:
                      instructions.proximal_mu)
     trained = adapter_state(model)
     report = MetricRecord({"num-examples": len(train_set), "train-loss": loss} if not _withholds(cfg, node) else {})
-    if instructions.clip_norm > 0:  # central DP under secure aggregation: the server cannot clip, the node does
+    # Central DP under secure aggregation: the server cannot clip, the node does (sketch clips its own uploads).
+    if instructions.clip_norm > 0 and not strategy.uploads_own_deltas:
         clipped, _ = clip_delta(delta_of(trained, received), instructions.clip_norm)
         trained = {k: (received[k] + clipped[k]).astype(np.float32) for k in trained}
     if plan is not None:  # everything below is post-processing of a private adapter

@@ -53,6 +53,8 @@ class Instructions:
     privacy_run_key: str = ""
     upload_rank: int = 0  # linear hetlora: zero-pad the uploaded LoRA factors to this rank, B in its scaling
     clip_norm: float = 0.0  # central DP under secure aggregation: clip ||upload - received|| to this (0: off)
+    # sketch under central DP: sketch and project the node's delta s_k (B_k A_k - B_sent A_sent), not its product
+    sketch_delta: bool = False
 
     def __post_init__(self) -> None:
         if self.train_factors not in TRAIN_FACTORS:

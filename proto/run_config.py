@@ -261,7 +261,9 @@ class PrivacyConfig:
     mode: PrivacyMode = "off"
     target_epsilon: float = 8.0  # the budget: per client (sample, local) or for the run (central)
     delta: float = 1e-5  # must stay below 1/n: n = a client's examples (sample) or the number of clients
-    noise_multiplier: float = 0.0  # z; 0: calibrated so that federation.rounds rounds spend target-epsilon
+    # z per noised mean; 0: calibrated so that federation.rounds rounds spend target-epsilon. sketch's two means per
+    # round (one sample) are one release at z / sqrt(2), which is what its ledger records.
+    noise_multiplier: float = 0.0
     clip_norm: float = 0.0  # C, required: per-example gradient bound (sample) or adapter-delta bound (central, local)
     adaptive_clipping: bool = False  # central: C tracks the target-unclipped-quantile (Andrew et al. 2021)
     target_unclipped_quantile: float = 0.5  # gamma: share of clients whose delta should fit under C

@@ -76,7 +76,8 @@ def _run_rounds(grid: Grid, cfg: RunConfig, strategy: strategies.Strategy, store
     say(f"[bold]pollinate[/] run {run_id}{resumed}: {strategy.name} on {cfg.model.name} + "
                   f"{cfg.adapter.method} (r={cfg.adapter.r}), {cfg.federation.rounds} rounds, store {store.url}")
     privacy = RunPrivacy.open(cfg.privacy, cfg.federation.rounds, store, run_id,  # rebuilt from the stored ledger
-                              sample_rate=cfg.federation.fraction_train, freeze_head=cfg.train.freeze_head)
+                              sample_rate=cfg.federation.fraction_train, freeze_head=cfg.train.freeze_head,
+                              means_per_round=strategy.private_means)
     try:
         try:
             nodes = wait_for_nodes(grid, cfg.federation.min_nodes, cfg.federation.wait_for_nodes)

@@ -63,7 +63,7 @@ def context(cfg: RunConfig) -> StrategyContext:
     # PEFT's scaling rule is part of the adapter config: read it once, here, for every strategy and the node.
     use_rslora = bool(cfg.adapter.option_dict.get("use_rslora", False))
     return StrategyContext(rank=cfg.adapter.r, alpha=cfg.adapter.alpha, seed=cfg.seed, options=cfg.strategy,
-                           use_rslora=use_rslora)
+                           use_rslora=use_rslora, central_dp=cfg.privacy.mode == "central")
 
 
 def build(cfg: RunConfig) -> Strategy:

@@ -93,6 +93,7 @@ class StrategyContext:
     seed: int = 0
     options: Any = None  # an instance of the strategy's ``Options`` (None: its defaults)
     use_rslora: bool = False  # adapter.options use_rslora: PEFT scales by alpha / sqrt(r) instead of alpha / r
+    central_dp: bool = False  # privacy.mode = 'central': every mean the strategy asks for is clipped and noised
 
     def scaling(self, rank: int) -> float:
         """LoRA's s at ``rank`` (the update is s * B @ A), by PEFT's rule for this run (``lowrank.lora_scaling``)."""
@@ -119,6 +120,11 @@ class Strategy(ABC):
     heterogeneous_ranks: ClassVar[bool]  # clients may train different LoRA ranks
     linear: ClassVar[bool]  # the server needs only a weighted sum of uploads (secure aggregation works)
     lora_factors: ClassVar[bool] = False  # works on LoRA's A and B (adapter.method lora or dora only)
+    # Central DP (privacy.mode = 'central') clips and noises each ``exchange.mean`` as a mean of deltas of what the
+    # nodes were sent. A rank-heterogeneous strategy is sent different tensors per node, so it qualifies only when
+    # its nodes upload deltas of their own work themselves under ``ctx.central_dp`` (sketch).
+    uploads_own_deltas: ClassVar[bool] = False
+    private_means: ClassVar[int] = 1  # exchange.mean calls per round: each one is a release of the same sample
 
     @dataclass(frozen=True)
     class Options:

@@ -21,9 +21,17 @@ def sketch_upload(a: np.ndarray, b: np.ndarray, weight_times_scaling: float, ome
     return (np.float64(weight_times_scaling) * b.astype(np.float64)) @ (a.astype(np.float64) @ omega)
 
 
-def orthonormal_basis(y_sum: np.ndarray, rel_tol: float = 1e-10) -> np.ndarray:
-    """Q (d_out, q): an orthonormal basis of range(Y), q = its numerical rank (at least 1)."""
+def delta_sketch_matrix(seed: int, d_in: int, size: int) -> np.ndarray:
+    """Omega / sqrt(size): E ||D Omega||_F^2 = ||D||_F^2, so one clip norm C means the same for Y_k and for D_k."""
+    return sketch_matrix(seed, d_in, size) / np.sqrt(size)
+
+
+def orthonormal_basis(y_sum: np.ndarray, rel_tol: float | None = 1e-10) -> np.ndarray:
+    """Q (d_out, q): an orthonormal basis of range(Y), q = its numerical rank (at least 1); with ``rel_tol``
+    None, q = min(d_out, size) whatever Y's rank (an orthonormal basis of a space holding range(Y))."""
     u, s, _ = np.linalg.svd(y_sum.astype(np.float64), full_matrices=False)
+    if rel_tol is None:
+        return u
     keep = max(1, int(np.sum(s > rel_tol * s[0]))) if s.size and s[0] > 0 else 1
     return u[:, :keep]
 
