@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 import traceback
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -199,9 +200,23 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def shard(todo: list, spec: str) -> list:
-    """``i/n``: every n-th item from the i-th, so n processes share one plan (and one rows file)."""
+    """``i/n``: this process' share of a plan that n processes share (and one rows file): an item belongs to one
+    shard by a stable hash of itself, so a plan recomputed as rows come in still splits the same way."""
     index, count = (int(x) for x in spec.split("/"))
-    return todo[index::count]
+    return [k for k in todo if zlib.crc32(repr(k).encode()) % count == index]
+
+
+def run_plan(plan: Callable[[list[dict]], list[tuple]], one: Callable[..., dict], rows_path: Path, tag: str,
+             spec: str) -> None:
+    """Run this shard's items of ``plan(rows)`` one at a time, appending each row, re-planning after each: a plan
+    can grow as rows come in (a grid at the learning rate its sweep chose)."""
+    count = 0
+    while todo := shard(plan(read_rows(rows_path, tag)), spec):
+        row = one(*todo[0])
+        append_row(rows_path, row)
+        count += 1
+        print(f"[{count}, {len(todo) - 1} left] {todo[0]}: {row.get('accuracy', 'n/a')} ({row['status']}, "
+              f"{row['seconds']} s)", flush=True)
 
 
 def best_rate(rows: Sequence[dict], strategy: str, default: float) -> float:

@@ -20,8 +20,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from federation_runs import (DOCS, Setting, append_row, best_rate, grid_summary, majority_share, read_rows,  # noqa: E402
-                             run, shard)
+from federation_runs import (DOCS, Setting, best_rate, grid_summary, majority_share, read_rows,  # noqa: E402
+                             run, run_plan)
 
 ROWS = DOCS / "many-clients-bench-rows.jsonl"
 TAG = "fifty-v1"
@@ -44,11 +44,16 @@ def one(phase: str, method: str, lr: float, seed: int) -> dict:
 
 
 def plan(rows: list[dict]) -> list[tuple]:
+    """The sweep; a method's grid (at its best rate) once its sweep's rows are in. What is not done yet."""
     done = {(r["phase"], r["strategy"], r["lr"], r["seed"]) for r in rows}
-    sweep = [("sweep", m, lr, TUNING_SEED) for m in METHODS for lr in LRS]
-    if any(k not in done for k in sweep):
-        return [k for k in sweep if k not in done]
-    return [k for k in (("grid", m, best_rate(rows, m, LRS[1]), s) for m in METHODS for s in SEEDS) if k not in done]
+    todo = []
+    for m in METHODS:
+        sweep = [("sweep", m, lr, TUNING_SEED) for lr in LRS]
+        if any(k not in done for k in sweep):
+            todo += [k for k in sweep if k not in done]
+        else:
+            todo += [("grid", m, best_rate(rows, m, LRS[1]), s) for s in SEEDS]
+    return [k for k in todo if k not in done]
 
 
 def render(command: str) -> None:
@@ -107,13 +112,7 @@ def main() -> None:
     args = parser.parse_args()
     command = "OMP_NUM_THREADS=1 nice -n 10 python bench/many_clients.py"
     if not args.render:
-        for phase in ("sweep", "grid"):
-            todo = [k for k in shard(plan(read_rows(ROWS, TAG)), args.shard) if k[0] == phase]
-            for i, k in enumerate(todo, 1):
-                row = one(*k)
-                append_row(ROWS, row)
-                print(f"[{phase} {i}/{len(todo)}] {k[1:]}: {row.get('accuracy', 'n/a')} ({row['status']}, "
-                      f"{row['seconds']} s)", flush=True)
+        run_plan(plan, one, ROWS, TAG, args.shard)
     if args.shard == "0/1":
         render(command)
 

@@ -27,8 +27,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from federation_runs import (DOCS, Setting, append_row, best_rate, centralised, grid_summary, majority_share,  # noqa: E402
-                             read_rows, run, shard)
+from federation_runs import (DOCS, Setting, best_rate, centralised, grid_summary, majority_share,  # noqa: E402
+                             read_rows, run, run_plan)
 
 ROWS = DOCS / "strategies-bench-rows.jsonl"
 TAG = "hetero-v1"  # in every row: rows of another setting are never averaged with these
@@ -74,14 +74,18 @@ def best_lr(rows: list[dict], method: str) -> float:
 
 
 def plan(rows: list[dict]) -> list[tuple]:
-    """The sweep first; the grid (at each method's best rate) once the sweep's rows are in."""
-    sweep = [("sweep", m, 0.5, lr, "frozen", TUNING_SEED) for m in (*METHODS, CENTRAL) for lr in LRS]
-    done = {key(r)[:6] for r in rows}
-    if any(k not in done for k in sweep):
-        return [k for k in sweep if k not in done]
-    grid = [("grid", m, a, best_lr(rows, m), "frozen", s) for a in ALPHAS for m in (*METHODS, CENTRAL) for s in SEEDS]
-    grid += [("grid", m, 0.5, best_lr(rows, m), "trained", s) for m in ABLATION for s in SEEDS]
-    return [k for k in grid if k not in done]
+    """The sweep; a method's grid (at its best rate) once its sweep's rows are in. What is not done yet."""
+    done = {key(r) for r in rows}
+    todo = []
+    for m in (*METHODS, CENTRAL):
+        sweep = [("sweep", m, 0.5, lr, "frozen", TUNING_SEED) for lr in LRS]
+        if any(k not in done for k in sweep):
+            todo += [k for k in sweep if k not in done]
+            continue
+        todo += [("grid", m, a, best_lr(rows, m), "frozen", s) for a in ALPHAS for s in SEEDS]
+        if m in ABLATION:
+            todo += [("grid", m, 0.5, best_lr(rows, m), "trained", s) for s in SEEDS]
+    return [k for k in todo if k not in done]
 
 
 def render(command: str) -> None:
@@ -183,15 +187,7 @@ def main() -> None:
     args = parser.parse_args()
     command = "OMP_NUM_THREADS=1 nice -n 10 python bench/strategy_comparison.py"
     if not args.render:
-        for phase in ("sweep", "grid"):
-            todo = shard(plan(read_rows(ROWS, TAG)), args.shard)
-            for i, k in enumerate(todo, 1):
-                if k[0] != phase:
-                    continue
-                row = one(*k)
-                append_row(ROWS, row)
-                print(f"[{phase} {i}/{len(todo)}] {k[1:]}: {row.get('accuracy', 'n/a')} ({row['status']}, "
-                      f"{row['seconds']} s)", flush=True)
+        run_plan(plan, one, ROWS, TAG, args.shard)
     if args.shard == "0/1":
         render(command)
 
