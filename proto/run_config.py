@@ -637,5 +637,6 @@ def _coerce(key: str, value: Scalar, typ: Any) -> Any:
         except ValueError:
             pass
     if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
-        raise ConfigError(f"{key} must be {typ.__name__}, got {type(value).__name__} {value!r}")
+        how = {bool: "; use true or false", int: "; use a whole number", float: "; use a number"}.get(typ, "")
+        raise ConfigError(f"{key} must be {typ.__name__}, got {type(value).__name__} {value!r}{how}")
     return value
