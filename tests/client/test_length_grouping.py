@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pollinate.client.data import batch_order, batches, token_lengths
+from pollinate.client.data import Example, batch_order, batches, token_lengths
 from pollinate.client.train import evaluate
-from pollinate.models import build_peft_model
+from pollinate.models import build_peft_model, load_base_model
+from pollinate.proto.run_config import RunConfig
 from pollinate.server.store import RoundStore
 from tests.support.adapters import examples
 from tests.support.inprocess import run_in_process
@@ -79,3 +80,13 @@ def test_a_simulated_run_repeats_its_metrics_whatever_node_ids_flower_draws(tmp_
                                 **{"federation.rounds": 1})
         runs.append(_round_metrics(workdir, run_id))
     assert runs[0] == runs[1] and all(a is not None for _, a in runs[0])
+
+
+def test_causal_lm_lengths_are_the_width_of_prompt_plus_response_as_collated() -> None:
+    cfg = RunConfig().replace(**{"model.name": "tiny-llama", "model.task": "causal-lm", "model.max-length": 24,
+                                 "adapter.target-modules": "q_proj,v_proj"})
+    tokenizer = load_base_model(cfg.model, 0).tokenizer
+    chat = [Example(text=e.text, response="good " * (1 + i % 4), turns=(("user", e.text[: 8 * (1 + i % 5)]),))
+            for i, e in enumerate(examples(2, n=10))]
+    for e, n in zip(chat, token_lengths(chat, tokenizer, cfg.model), strict=True):  # truncated at max-length too
+        assert next(batches([e], tokenizer, cfg.model, 1, None))["input_ids"].shape[1] == n
