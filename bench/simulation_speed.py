@@ -288,8 +288,11 @@ WHAT_WOULD_CUT = (
     "allowed here: the same final accuracy is the condition), a compiled model (`torch.compile`, a start-up cost "
     "per actor against a per-step gain on CPU, unmeasured), or bf16 autocast on a CPU with AVX-512 BF16 (changes "
     "the numerics). On this shared machine the largest remaining term is not pollinate's: the load of other jobs "
-    "(load average 11-18 on 2 cores during these runs) stretches every run, and the time outside the rounds "
-    "(Ray start-up, actors importing torch, the round-0 evaluation) grows with it.\n")
+    "(mean load average 13-21 on 2 cores during these runs) stretches every run, and the time outside the rounds "
+    "(Ray start-up, actors importing torch, the round-0 evaluation) grows with it. The 2x target needs another "
+    "~1.11x on top of the measured 1.80x: the candidates above are unmeasured, and a pair on a quiet machine "
+    "(equal load on both sides) would show whether the load, which was higher on the `current` side of both "
+    "pairs, hid part of it.\n")
 
 
 def breakdown_text(b: dict[str, object], measured: float | None) -> str:
