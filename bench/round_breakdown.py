@@ -6,9 +6,10 @@ A simulated node is a Ray actor with ``cpus-per-client`` = 1 CPU, and Ray sets `
 actor's CPUs before it imports torch, so each actor runs torch on 1 thread (``--check-ray`` asks a real Ray
 actor). This script replays, in one process, what one node does in a round of the default scenario with the
 same functions the ClientApp calls: the partition it would hold (written as ``pollinate simulate`` writes it),
-its examples read and split (``client/resident.py`` keeps them), the base model built (once per run when
-resident), 40 training steps split into tokenisation (``client/data.py`` batches) and forward/backward
-(``client/train.py``) and the evaluation of 256 examples. ``bench/simulation_speed.py --render`` puts the
+its examples read and split and their token lengths (``client/resident.py`` keeps them), the base model built
+(once per run when resident), 40 training steps in batches grouped by length (``train.group-by-length``) split into
+tokenisation (``client/data.py`` batches) and forward/backward
+(``client/train.py``) and the evaluation of 256 examples in length order. ``bench/simulation_speed.py --render`` puts the
 result into ``docs/simulation-speed.md``, beside the measured round time, whose remainder is Flower/Ray's
 messaging, scheduling and the server's aggregation and store writes.
 """
@@ -49,7 +50,7 @@ def one_node(threads: int) -> dict[str, float]:
     """The parts of one node's round (train + evaluate messages) on ``threads`` torch threads, in seconds."""
     import torch
 
-    from pollinate.client.data import batches, endless_batches, read_examples, split
+    from pollinate.client.data import batches, endless_batches, read_examples, split, token_lengths
     from pollinate.client.train import evaluate, train
     from pollinate.models import build_peft_model
     from pollinate.proto.node_config import partition_file
@@ -68,8 +69,12 @@ def one_node(threads: int) -> dict[str, float]:
     t = time.perf_counter()
     model, base = build_peft_model(cfg)
     build_s = time.perf_counter() - t
-    # Tokenisation alone: the batches one round's 40 steps draw.
-    stream = endless_batches(train_set, base.tokenizer, cfg.model, cfg.train.batch_size, 1)
+    # Tokenisation alone: the node's lengths (once per run, resident) and the batches one round's 40 steps draw,
+    # grouped by length as train.group-by-length (default true) has the ClientApp draw them.
+    t = time.perf_counter()
+    lengths = token_lengths(train_set, base.tokenizer, cfg.model) if cfg.train.group_by_length else None
+    lengths_s = time.perf_counter() - t
+    stream = endless_batches(train_set, base.tokenizer, cfg.model, cfg.train.batch_size, 1, lengths)
     t = time.perf_counter()
     ready = [next(stream) for _ in range(cfg.train.local_steps)]
     tokenise_s = time.perf_counter() - t
@@ -79,25 +84,29 @@ def one_node(threads: int) -> dict[str, float]:
     train_s = time.perf_counter() - t
     evaluated = eval_set[: cfg.train.eval_max_examples]
     t = time.perf_counter()
-    eval_batches = list(batches(evaluated, base.tokenizer, cfg.model, 64, seed=None))
+    eval_lengths = token_lengths(evaluated, base.tokenizer, cfg.model)  # in length order, as the ClientApp does
+    eval_batches = list(batches(evaluated, base.tokenizer, cfg.model, 64, seed=None, lengths=eval_lengths))
     eval_tokenise_s = time.perf_counter() - t
     t = time.perf_counter()
     evaluate(model, eval_batches, cpu)
     eval_s = time.perf_counter() - t
-    return {**padding(train_set, base.tokenizer, cfg), "read_and_split_s": read_s, "model_build_s": build_s, "tokenise_train_s": tokenise_s,
+    return {**padding(train_set, base.tokenizer, cfg), "read_and_split_s": read_s, "model_build_s": build_s, "lengths_once_s": lengths_s,
+            "tokenise_train_s": tokenise_s,
             "forward_backward_s": train_s, "tokenise_eval_s": eval_tokenise_s, "eval_forward_s": eval_s,
             "eval_examples": len(evaluated), "train_examples": len(train_set)}
 
 
 def padding(train_set, tokenizer, cfg) -> dict[str, float]:
-    """Real tokens per example against the width a batch is padded to (its longest example): padding's share
-    of the forward/backward, what length bucketing would cut."""
-    from pollinate.client.data import endless_batches
+    """Real tokens per example against the width a batch is padded to (its longest example), with plain shuffled
+    batches and with batches grouped by length: padding's share of the forward/backward, and what grouping cuts."""
+    from pollinate.client.data import endless_batches, token_lengths
 
-    lengths = [min(len(tokenizer(e.text)["input_ids"]), cfg.model.max_length) for e in train_set]
-    stream = endless_batches(train_set, tokenizer, cfg.model, cfg.train.batch_size, 1)
-    widths = [next(stream)["input_ids"].shape[1] for _ in range(cfg.train.local_steps)]
-    return {"mean_tokens_per_example": statistics.fmean(lengths), "mean_padded_width": statistics.fmean(widths)}
+    lengths = token_lengths(train_set, tokenizer, cfg.model)
+    widths = {}
+    for name, by_length in (("mean_padded_width", None), ("mean_grouped_width", lengths)):
+        stream = endless_batches(train_set, tokenizer, cfg.model, cfg.train.batch_size, 1, by_length)
+        widths[name] = statistics.fmean(next(stream)["input_ids"].shape[1] for _ in range(3 * cfg.train.local_steps))
+    return {"mean_tokens_per_example": statistics.fmean(lengths), **widths}
 
 
 def _steps(train_cfg, steps: int):
@@ -127,7 +136,9 @@ def main() -> None:
              f"padding: a training example has {one['mean_tokens_per_example']:.1f} tokens on average, but a batch "
              f"of {16} is padded to its longest, {one['mean_padded_width']:.1f} tokens on average: "
              f"{1 - one['mean_tokens_per_example'] / one['mean_padded_width']:.0%} of the positions the "
-             "forward/backward computes are padding",
+             "forward/backward computes are padding with plain shuffled batches; grouped by length "
+             f"(train.group-by-length, the default) a batch is {one['mean_grouped_width']:.1f} tokens wide: "
+             f"{1 - one['mean_tokens_per_example'] / one['mean_grouped_width']:.0%} padding",
              "once per run per actor (resident, not per round): model build "
              f"{one['model_build_s']:.2f} s, read + split of the node's examples {one['read_and_split_s']:.2f} s"]
     if ray is not None:

@@ -153,6 +153,12 @@ def _refuse(msg: Message, reason: str) -> Message:
     return Message(Error(code=REFUSAL_CODE, reason=reason), reply_to=msg)
 
 
+def _node_key(context: Context, node: NodeConfig) -> str:
+    """What seeds this node's batch order: its partition when simulated (Flower draws simulated node ids afresh per
+    run, so a seed from them would not repeat a run), else its node id."""
+    return f"partition-{node.partition_id}" if node.partition_id is not None else str(context.node_id)
+
+
 def _device(cfg: RunConfig, node: NodeConfig) -> torch.device:
     return resolve_device(node.device or cfg.train.device)
 
@@ -194,8 +200,11 @@ def train_adapter(msg: Message, context: Context) -> Message:
     if plan is not None and cfg.privacy.mode == "sample":
         loss = train_sample_dp(model, train_set, base.tokenizer, cfg, _device(cfg, node), instructions, plan)
     else:
-        round_seed = zlib.crc32(f"{cfg.seed}/{context.node_id}/{instructions.round}".encode())
-        stream = endless_batches(train_set, base.tokenizer, cfg.model, cfg.train.batch_size, round_seed)
+        round_seed = zlib.crc32(f"{cfg.seed}/{_node_key(context, node)}/{instructions.round}".encode())
+        torch.manual_seed(round_seed)  # adapter dropout draws from torch's global generator
+        lengths = (resident.local_lengths(context.run_id, str(node.data_path), cfg, base.tokenizer)[0]
+                   if cfg.train.group_by_length else None)
+        stream = endless_batches(train_set, base.tokenizer, cfg.model, cfg.train.batch_size, round_seed, lengths)
         loss = train(model, stream, cfg.train, _device(cfg, node), instructions.train_factors,
                      instructions.proximal_mu)
     trained = adapter_state(model)
@@ -251,8 +260,11 @@ def evaluate_adapter(msg: Message, context: Context) -> Message:
     model, base = _prepare(msg, context, cfg, _instructions(msg), node, read_node_state(context.state), training=False)
     _, eval_set = resident.local_split(context.run_id, str(node.data_path), cfg)
     eval_set = eval_set[: cfg.train.eval_max_examples]
+    # In length order: evaluation sums over examples, so the order changes no metric, only the padding computed.
+    _, eval_lengths = resident.local_lengths(context.run_id, str(node.data_path), cfg, base.tokenizer)
     device = _device(cfg, node)
-    result = evaluate(model, batches(eval_set, base.tokenizer, cfg.model, 64, seed=None), device)
+    result = evaluate(model, batches(eval_set, base.tokenizer, cfg.model, 64, seed=None,
+                                     lengths=eval_lengths[: len(eval_set)]), device)
     report = MetricRecord({"num-examples": result.num_examples, "loss": result.loss, "accuracy": result.accuracy,
                            **_loads(cfg, node)})
     if cfg.model.task == "causal-lm" and cfg.train.eval_max_new_tokens > 0:

@@ -158,23 +158,61 @@ def train_size(n: int, eval_fraction: float) -> int:
     return n - min(n - 1, max(1, round(eval_fraction * n)))
 
 
-def batches(examples: list[Example], tokenizer: PreTrainedTokenizerBase, model: ModelConfig, batch_size: int,
-            seed: int | None) -> Iterator[dict[str, torch.Tensor]]:
-    """Tokenised batches padded to the longest example; shuffled when ``seed`` is given, one pass."""
-    order = list(range(len(examples)))
+WINDOW_BATCHES = 50  # length grouping sorts within windows of this many batches: batches stay a mix of the data
+
+
+def token_lengths(examples: list[Example], tokenizer: PreTrainedTokenizerBase, model: ModelConfig) -> list[int]:
+    """Each example's token count as ``_collate`` builds it (truncated to ``model.max_length``): what its batch
+    is padded against. Tokenises every example once; a node keeps the result (``client/resident.py``)."""
+    if model.task == "classification":
+        enc = tokenizer([e.text for e in examples], truncation=True, max_length=model.max_length)
+        return [len(ids) for ids in enc["input_ids"]]
+    return [min(model.max_length, sum(map(len, encode(tokenizer, e.turns or (("user", e.text),), e.response))))
+            for e in examples]
+
+
+def batch_order(n: int, batch_size: int, seed: int | None, lengths: list[int] | None = None) -> list[list[int]]:
+    """The example indices of each batch of one pass over ``n`` examples.
+
+    ``seed`` shuffles, None keeps the file's order. With ``lengths`` examples of similar length share a batch, so a
+    batch padded to its longest computes little padding: shuffled, then sorted by length within windows of
+    ``WINDOW_BATCHES`` batches, cut into batches, the batches shuffled (the idea of transformers'
+    ``group_by_length``, written out here because it is a few lines over our own batches). Without a seed (evaluation)
+    the whole pass is sorted by length; evaluation sums its loss and counts over examples, so order is free.
+    """
+    rng = random.Random(seed)
+    order = list(range(n))
     if seed is not None:
-        random.Random(seed).shuffle(order)
-    for start in range(0, len(order), batch_size):
-        chunk = [examples[i] for i in order[start:start + batch_size]]
-        yield _collate(chunk, tokenizer, model)
+        rng.shuffle(order)
+    if lengths is None:
+        return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    if len(lengths) != n:
+        raise ValueError(f"{len(lengths)} lengths for {n} examples: token_lengths must come from the same list")
+    window = n if seed is None else WINDOW_BATCHES * batch_size
+    grouped: list[list[int]] = []
+    for start in range(0, n, window):
+        part = sorted(order[start:start + window], key=lengths.__getitem__)  # stable: ties keep the shuffle
+        grouped += [part[i:i + batch_size] for i in range(0, len(part), batch_size)]
+    if seed is not None:
+        rng.shuffle(grouped)  # else every pass would run its short batches first
+    return grouped
+
+
+def batches(examples: list[Example], tokenizer: PreTrainedTokenizerBase, model: ModelConfig, batch_size: int,
+            seed: int | None, lengths: list[int] | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    """Tokenised batches padded to the longest example, one pass; shuffled when ``seed`` is given, grouped by
+    length when the examples' ``lengths`` (``token_lengths``) are (``batch_order``)."""
+    for indices in batch_order(len(examples), batch_size, seed, lengths):
+        yield _collate([examples[i] for i in indices], tokenizer, model)
 
 
 def endless_batches(examples: list[Example], tokenizer: PreTrainedTokenizerBase, model: ModelConfig,
-                    batch_size: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
-    """Reshuffled passes over the data, forever (training takes a fixed number of steps)."""
+                    batch_size: int, seed: int, lengths: list[int] | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    """Reshuffled passes over the data, forever (training takes a fixed number of steps); grouped by length when
+    ``lengths`` are given."""
     epoch = 0
     while True:
-        yield from batches(examples, tokenizer, model, batch_size, seed * 1_000_003 + epoch)
+        yield from batches(examples, tokenizer, model, batch_size, seed * 1_000_003 + epoch, lengths)
         epoch += 1
 
 
@@ -186,6 +224,8 @@ def poisson_batches(examples: list[Example], tokenizer: PreTrainedTokenizerBase,
     Poisson sampling is what DP-SGD's privacy amplification by subsampling assumes (Abadi et al.
     2016; Opacus' sampler); batch sizes vary and an empty batch is ``None``. ``seed`` None: fresh entropy.
     ``secure`` (privacy.secure-mode): every draw from the OS CSPRNG (``privacy.csprng.poisson_sample``).
+    Never grouped by length (``train.group-by-length`` does not apply): the accountant assumes each example is drawn
+    independently of every other, and sorting a window by length would couple the draws.
     """
     if secure:
         while True:

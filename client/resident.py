@@ -6,6 +6,7 @@ message and round of a run. Entries are keyed by (Flower run id, the run config,
 changed model/adapter config loads again, and a new run drops the previous run's entries first, so two runs'
 models are never resident together. Nothing of one message's adapter survives into the next: the ClientApp
 overwrites the whole adapter state and the merged base deltas from the received arrays on every message.
+The examples' token lengths (for batches grouped by length) are kept beside the examples.
 
 ``model_loads()`` counts base-model builds in this process; the node reports it (``model-loads``) so the
 coordinator stores it and a test or bench reads "one load per node per run" instead of inferring it.
@@ -20,13 +21,14 @@ from typing import TypeVar
 
 import torch
 from peft import PeftModel
+from transformers import PreTrainedTokenizerBase
 
-from pollinate.client.data import Example, read_examples, split
+from pollinate.client.data import Example, read_examples, split, token_lengths
 from pollinate.models import BaseModel, build_peft_model
 from pollinate.proto.reply_schema import MODEL_LOADS
 from pollinate.proto.run_config import RunConfig
 
-__all__ = ["MODEL_LOADS", "local_split", "model", "model_loads"]
+__all__ = ["MODEL_LOADS", "local_lengths", "local_split", "model", "model_loads"]
 MAX_MODELS = 2  # (rank variants) per run: a node trains one rank, a Ray actor may serve nodes of two ranks
 MAX_SPLITS = 16  # local datasets per run: a simulated Ray actor, or the in-process driver (8 nodes in the
 # robustness bench), serves several partitions; re-reading one per message was a quarter of an in-process run
@@ -56,6 +58,7 @@ class _Slots(OrderedDict[K, V]):
 _run: int | None = None
 _models: _Slots[RunConfig, tuple[PeftModel, BaseModel]] = _Slots(MAX_MODELS)
 _splits: _Slots[tuple[str, RunConfig], tuple[list[Example], list[Example]]] = _Slots(MAX_SPLITS)
+_lengths: _Slots[tuple[str, RunConfig], tuple[list[int], list[int]]] = _Slots(MAX_SPLITS)
 _loads = 0
 
 
@@ -67,6 +70,7 @@ def _enter_run(run_id: int) -> None:
     had = bool(_models or _splits)
     _models.clear()
     _splits.clear()
+    _lengths.clear()
     _run = run_id
     if had:
         gc.collect()
@@ -93,6 +97,16 @@ def local_split(run_id: int, path: str, cfg: RunConfig) -> tuple[list[Example], 
     return _splits.get_or_make((path, cfg),
                                lambda: split(read_examples(path, cfg.data, cfg.model), cfg.data.eval_fraction,
                                              cfg.seed))
+
+
+def local_lengths(run_id: int, path: str, cfg: RunConfig, tokenizer: PreTrainedTokenizerBase) \
+        -> tuple[list[int], list[int]]:
+    """The token lengths of ``local_split``'s (train, eval) examples, tokenised once per (run, path, config)."""
+    def tokenise() -> tuple[list[int], list[int]]:
+        train, held_out = local_split(run_id, path, cfg)
+        return token_lengths(train, tokenizer, cfg.model), token_lengths(held_out, tokenizer, cfg.model)
+
+    return _lengths.get_or_make((path, cfg), tokenise)
 
 
 def model_loads() -> int:

@@ -22,19 +22,21 @@ __all__ = ["InProcessGrid", "run_in_process", "serverapp_identity"]
 
 
 def run_in_process(scenario: str, workdir: Path, clients: int | None = None, node_config: NodeConfigOf | None = None,
-                   client_app: ClientApp | None = None, lease_ttl_s: float | None = None, **overrides: object) -> int:
+                   client_app: ClientApp | None = None, lease_ttl_s: float | None = None, node_id_seed: int = 0,
+                   **overrides: object) -> int:
     """A scenario of tests/scenarios run end to end in this process, stored in ``workdir/store.db``; the run id.
 
     ``node_config``: extra node config per partition id (e.g. a node's privacy policy); a new call is a
     restart of every node (fresh contexts). ``client_app``: instead of the scenario's (e.g. one that records).
-    ``lease_ttl_s``: the coordinator's run lease (default store.lease-ttl)."""
+    ``lease_ttl_s``: the coordinator's run lease (default store.lease-ttl). ``node_id_seed``: draws the nodes' Flower
+    ids, as the Simulation Engine draws them afresh per run."""
     cfg, sim = load_scenario(SCENARIOS / scenario, {
         "store.db": f"sqlite:///{workdir / 'store.db'}", "store.output-dir": str(workdir / "out"), **overrides},
         clients)
     cfg, _ = write_node_data(cfg, sim, workdir / "partitions")
     module, _, name = sim.client_app.partition(":")  # e.g. tests.support.apps.faulty_client:app
     app = client_app or getattr(importlib.import_module(module), name)
-    grid = InProcessGrid.of_scenario(cfg, sim.clients, app, node_config=node_config)
+    grid = InProcessGrid.of_scenario(cfg, sim.clients, app, seed=node_id_seed, node_config=node_config)
     with serverapp_identity():
         return run_federation(grid, cfg, lease_ttl_s=lease_ttl_s)  # type: ignore[arg-type]
 

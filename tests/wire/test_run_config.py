@@ -127,6 +127,7 @@ def test_a_strategy_is_refused_options_of_another_strategys_class() -> None:
                                                                      "a value in [0, 1)"),
     ({"federation.strategy": "hetlora", "strategy.hetlora.norm-weighting": "maybe"},
      "strategy.hetlora.norm-weighting must be bool, got str 'maybe'"),
+    ({"train.group-by-length": "maybe"}, "train.group-by-length must be bool, got str 'maybe'; use true or false"),
 ])
 def test_bad_values_fail_with_a_message_that_names_the_key(flat: dict, says: str) -> None:
     with pytest.raises(ConfigError) as e:
