@@ -264,7 +264,7 @@ def evaluate_adapter(msg: Message, context: Context) -> Message:
     _, eval_lengths = resident.local_lengths(context.run_id, str(node.data_path), cfg, base.tokenizer)
     device = _device(cfg, node)
     result = evaluate(model, batches(eval_set, base.tokenizer, cfg.model, 64, seed=None,
-                                     lengths=eval_lengths[: len(eval_set)]), device)
+                                     lengths=eval_lengths[: len(eval_set)]), device, cfg.train.precision)
     report = MetricRecord({"num-examples": result.num_examples, "loss": result.loss, "accuracy": result.accuracy,
                            **_loads(cfg, node)})
     if cfg.model.task == "causal-lm" and cfg.train.eval_max_new_tokens > 0:

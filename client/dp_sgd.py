@@ -88,7 +88,8 @@ def train_dp(model: PeftModel, batches: Iterator[Batch | None], cfg: TrainConfig
                 for p in params:  # zero per-example gradients: the step adds noise only
                     p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
             else:
-                with autocast(device):
+                # fp32 on a CPU: per-example norms in bf16 could let a clipped gradient exceed C; CUDA as before.
+                with autocast(device, cfg.precision if device.type == "cuda" else "fp32"):
                     loss = per_example_mean_loss(private, {k: v.to(device) for k, v in batch.items()})
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"training loss became {loss.item()}; lower train.lr (now {cfg.lr})")

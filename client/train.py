@@ -10,9 +10,11 @@ Only adapter parameters have ``requires_grad``; the base stays frozen.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from peft import PeftModel
@@ -52,20 +54,35 @@ def resolve_device(device: str, cuda_devices: int | None = None) -> torch.device
     return torch.device(device)
 
 
-def autocast_dtype(device: torch.device, bf16_supported: bool | None = None) -> torch.dtype | None:
-    """Mixed precision for the forward pass: bf16 on a CUDA device that has it, else fp16; none on a CPU.
+def autocast_dtype(device: torch.device, precision: str = "auto", bf16_supported: bool | None = None) -> torch.dtype | None:
+    """Mixed precision for the forward pass. ``precision`` "auto" (train.precision): bf16 where the device computes it
+    natively, a CUDA GPU that has it (else fp16) or a CPU with AVX512-BF16 / AMX; "fp32": none.
 
-    bf16 keeps fp32's range (no loss scaling); fp16 needs the grad scaler ``train`` adds.
+    bf16 keeps fp32's range (no loss scaling); fp16 needs the grad scaler ``train`` adds. A CPU without native bf16
+    would emulate it, slower than fp32, so it gets none. The weights and the optimiser stay fp32 either way.
     """
-    if device.type != "cuda":
+    if precision == "fp32" or device.type not in ("cuda", "cpu"):
         return None
-    supported = torch.cuda.is_bf16_supported() if bf16_supported is None else bf16_supported
-    return torch.bfloat16 if supported else torch.float16
+    if device.type == "cuda":
+        supported = torch.cuda.is_bf16_supported() if bf16_supported is None else bf16_supported
+        return torch.bfloat16 if supported else torch.float16
+    supported = cpu_has_native_bf16() if bf16_supported is None else bf16_supported
+    return torch.bfloat16 if supported else None
 
 
-def autocast(device: torch.device) -> contextlib.AbstractContextManager[None]:
-    dtype = autocast_dtype(device)
-    return contextlib.nullcontext() if dtype is None else torch.autocast("cuda", dtype=dtype)
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (the avx512_bf16 or amx_bf16 flag, Linux); False where unknown."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(errors="replace").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def autocast(device: torch.device, precision: str = "auto") -> contextlib.AbstractContextManager[None]:
+    dtype = autocast_dtype(device, precision)
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 @contextlib.contextmanager
@@ -118,7 +135,7 @@ def train(model: PeftModel, batches: Iterator[dict[str, torch.Tensor]], cfg: Tra
     total = 0.0
     for _ in range(cfg.local_steps):
         batch = {k: v.to(device) for k, v in next(batches).items()}
-        with out_of_memory_as_failure(device, cfg), autocast(device):
+        with out_of_memory_as_failure(device, cfg), autocast(device, cfg.precision):
             loss = model(**batch).loss
         if anchors:
             loss = loss + proximal_mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(params, anchors, strict=True))
@@ -137,14 +154,16 @@ def train(model: PeftModel, batches: Iterator[dict[str, torch.Tensor]], cfg: Tra
 
 
 @torch.no_grad()
-def evaluate(model: PeftModel, batches: Iterable[dict[str, torch.Tensor]], device: torch.device) -> EvalResult:
-    """Loss and accuracy summed exactly over the evaluation set (weighted means across nodes stay exact)."""
+def evaluate(model: PeftModel, batches: Iterable[dict[str, torch.Tensor]], device: torch.device,
+             precision: str = "fp32") -> EvalResult:
+    """Loss and accuracy summed exactly over the evaluation set (weighted means across nodes stay exact);
+    ``precision`` as ``autocast_dtype``'s (fp32 unless the caller passes the run's train.precision)."""
     model.to(device).eval()
     loss_sum, correct, count, examples = 0.0, 0, 0, 0
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
         labels = batch.pop("labels")
-        with autocast(device):
+        with autocast(device, precision):
             logits = model(**batch).logits.float()
         examples += labels.shape[0]
         if logits.dim() == 2:  # classification: one label per example

@@ -63,14 +63,15 @@ def measure(model: torch.nn.Module, examples: list[Example], tokenizer, cfg: Run
             device: torch.device) -> GlobalTestMetrics:
     """The adapter ``model`` holds, measured on ``examples``."""
     if cfg.model.task == "causal-lm":
-        result = evaluate(model, batches(examples, tokenizer, cfg.model, EVAL_BATCH, seed=None), device)
+        result = evaluate(model, batches(examples, tokenizer, cfg.model, EVAL_BATCH, seed=None), device,
+                          cfg.train.precision)
         return GlobalTestMetrics(loss=result.loss)
     model.to(device).eval()
     loss_sum, predicted, actual = 0.0, [], []
     for batch in batches(examples, tokenizer, cfg.model, EVAL_BATCH, seed=None):
         batch = {k: v.to(device) for k, v in batch.items()}
         labels = batch.pop("labels")
-        with torch.no_grad(), autocast(device):
+        with torch.no_grad(), autocast(device, cfg.train.precision):
             logits = model(**batch).logits.float()
         loss_sum += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
         predicted += logits.argmax(-1).tolist()

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
+
 import numpy as np
 import pytest
 import torch
 import yaml
 
 from pollinate.client.data import endless_batches
+from pollinate.client import train as train_module
 from pollinate.client.train import NodeOutOfMemory, autocast_dtype, out_of_memory_as_failure, resolve_device, train
 from pollinate.models import adapter_state, build_peft_model
 from pollinate.proto.run_config import ConfigError, RunConfig, TrainConfig
@@ -36,10 +40,42 @@ def test_a_malformed_device_is_refused_at_config_time() -> None:
         RunConfig().replace(**{"train.device": "cuda1"})
 
 
-def test_mixed_precision_is_bf16_where_the_gpu_has_it_fp16_otherwise_and_none_on_cpu() -> None:
-    assert autocast_dtype(torch.device("cpu")) is None
+def test_mixed_precision_is_bf16_where_the_device_has_it_natively_fp16_on_other_gpus_none_on_other_cpus() -> None:
+    assert autocast_dtype(torch.device("cpu"), bf16_supported=False) is None  # emulated bf16 is slower than fp32
+    assert autocast_dtype(torch.device("cpu"), bf16_supported=True) is torch.bfloat16
+    assert autocast_dtype(torch.device("cpu"), "fp32", bf16_supported=True) is None
+    assert autocast_dtype(torch.device("cuda:0"), "fp32", bf16_supported=True) is None
     assert autocast_dtype(torch.device("cuda:1"), bf16_supported=True) is torch.bfloat16
     assert autocast_dtype(torch.device("cuda:0"), bf16_supported=False) is torch.float16
+
+
+def test_training_under_cpu_bf16_keeps_fp32_weights_and_learns(monkeypatch, tiny_cfg) -> None:
+    monkeypatch.setattr(train_module, "cpu_has_native_bf16", lambda: True)  # as on a CPU with AVX512-BF16 / AMX
+    seen = []
+    monkeypatch.setattr(train_module, "autocast", lambda device, precision="auto": _recording(seen, device, precision))
+    model, base = build_peft_model(tiny_cfg)
+    before = adapter_state(model)
+    cfg = dataclasses.replace(tiny_cfg.train, local_steps=3)
+    loss = train(model, endless_batches(examples(0), base.tokenizer, tiny_cfg.model, 8, seed=0), cfg, torch.device("cpu"))
+    after = adapter_state(model)
+    assert seen == [torch.bfloat16] * 3 and math.isfinite(loss)
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+    assert any(not np.array_equal(before[k], after[k]) for k in before)
+    fp32 = dataclasses.replace(cfg, precision="fp32")
+    seen.clear()
+    train(model, endless_batches(examples(0), base.tokenizer, tiny_cfg.model, 8, seed=0), fp32, torch.device("cpu"))
+    assert seen == [None] * 3
+
+
+def _recording(seen: list, device: torch.device, precision: str):
+    dtype = train_module.autocast_dtype(device, precision)
+    seen.append(dtype)
+    return torch.autocast("cpu", dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def test_an_unknown_precision_is_refused_with_the_choices() -> None:
+    with pytest.raises(ConfigError, match="train.precision.*'auto'.*'fp32'"):
+        RunConfig().replace(**{"train.precision": "fp16"})
 
 
 def test_out_of_memory_becomes_a_node_failure_whose_reason_names_the_fixes() -> None:
