@@ -41,9 +41,12 @@ LOAD_LOG = DOCS / "simulation-speed-load.log"
 BEFORE = "73a9514"
 # The rows of one change measured against BEFORE share a series; rows written before series existed are the
 # resident node state's. The page's result is the latest series'; earlier ones keep a line each.
-SERIES = "length-grouping"
+SERIES = "bf16-autocast"
 EARLIER_SERIES = "resident-state"
-UNGROUPED = "current, group-by-length=false"  # this checkout with plain shuffled batches: bucketing's own effect
+EARLIER = ("length-grouping", EARLIER_SERIES)  # the earlier series, newest first: each keeps a line on the page
+ABLATION = "current, precision=fp32"  # this checkout without mixed precision: bf16 autocast's own effect
+ABLATION_FLAGS = ["--set", "train.precision=fp32"]
+UNGROUPED = "current, group-by-length=false"  # the length-grouping series' ablation
 ENV = {"FLWR_TELEMETRY_ENABLED": "0", "HF_HUB_OFFLINE": "1"}
 
 
@@ -101,13 +104,13 @@ def run_variant(variant: str, venv: Path, pair: int, rounds: int | None, extra: 
             "load_average_at_start": load, "cpus": os.cpu_count(), "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
-def measure(pairs: int, before_venv: Path | None, rounds: int | None, ungrouped: bool) -> None:
+def measure(pairs: int, before_venv: Path | None, rounds: int | None, ablation: bool) -> None:
     first = 1 + max((r["pair"] for r in read_rows()), default=-1)  # pair numbers stay unique across series
     with tempfile.TemporaryDirectory(prefix="speed-before-") as tmp:
         venv = before_venv or make_before_venv(BEFORE, Path(tmp))
         variants = [("before", venv, []), ("current", REPO / ".venv", [])]
-        if ungrouped:
-            variants.append((UNGROUPED, REPO / ".venv", ["--set", "train.group-by-length=false"]))
+        if ablation:
+            variants.append((ABLATION, REPO / ".venv", ABLATION_FLAGS))
         try:
             for pair in range(first, first + pairs):
                 for variant, v, extra in variants:
@@ -169,8 +172,8 @@ def compare(rows: list[dict[str, object]], base: str, variant: str) -> dict[str,
 
 
 def summary(rows: list[dict[str, object]]) -> dict[str, object]:
-    """The latest series: before vs current (the headline), before vs current without grouping, and grouping's own
-    effect (ungrouped vs current); the earlier series' before vs current beside it."""
+    """The latest series: before vs current (the headline), before vs current without bf16, and bf16's own effect
+    (fp32 vs current); the earlier series' before vs current beside it."""
     latest = [r for r in rows if r["series"] == SERIES]
     variants = sorted({r["variant"] for r in latest})
     out: dict[str, object] = {
@@ -178,10 +181,10 @@ def summary(rows: list[dict[str, object]]) -> dict[str, object]:
         "variants": {v: {k: statistics.fmean(r[k] for r in latest if r["variant"] == v)
                          for k in ("s_per_round", "total_s", "final_accuracy")} for v in variants},
         "before_vs_current": compare(latest, "before", "current"),
-        "before_vs_ungrouped": compare(latest, "before", UNGROUPED),
-        "grouping_alone": compare(latest, UNGROUPED, "current"),
-        "earlier_series": {EARLIER_SERIES: compare([r for r in rows if r["series"] == EARLIER_SERIES], "before",
-                                                   "current")},
+        "before_vs_fp32": compare(latest, "before", ABLATION),
+        "bf16_alone": compare(latest, ABLATION, "current"),
+        "earlier_series": {e: compare([r for r in rows if r["series"] == e], "before", "current") for e in EARLIER},
+        "grouping_alone": compare([r for r in rows if r["series"] == EARLIER[0]], UNGROUPED, "current"),
     }
     # `before` is one commit and one scenario in every series, but its accuracy moves run to run (fresh node ids):
     # the spread of all its runs is the yardstick an accuracy difference is read against.
@@ -225,8 +228,11 @@ def render(rows: list[dict[str, object]]) -> None:
                    f"{s['accuracy_difference']:+.4f}; the issue's target (>= 2x per round at ±0.01) is "
                    f"{'met' if s['target_met'] else 'NOT met'}.**\n\n")
     lines = [_line("this code", s["before_vs_current"]),
-             _line("this code without grouping", s["before_vs_ungrouped"]),
-             _line("grouping by length alone", s["grouping_alone"]),
+             _line("this code without bf16 (train.precision = fp32)", s["before_vs_fp32"]),
+             _line("bf16 autocast alone", s["bf16_alone"]),
+             _line("earlier series (length-grouping: resident state + grouping by length)",
+                   s["earlier_series"]["length-grouping"]),
+             _line("grouping by length alone (length-grouping series)", s["grouping_alone"]),
              _line(f"earlier series ({EARLIER_SERIES}, the resident node state alone)",
                    s["earlier_series"][EARLIER_SERIES])]
     spread = s.get("before_accuracy_all_runs")
@@ -244,12 +250,14 @@ def render(rows: list[dict[str, object]]) -> None:
         "73a9514 (each message rebuilt the base model and re-read the node's data). `current` is this checkout: "
         "the model, tokenizer, examples and their token lengths stay resident in each Ray actor "
         "(`client/resident.py`), training batches group examples of similar token length "
-        "(`train.group-by-length`, `client/data.py:batch_order`) and evaluation runs in length order; "
-        f"`{UNGROUPED}` is the same checkout with plain shuffled batches (`--set train.group-by-length=false`), "
-        "so grouping's own effect on time and accuracy shows. The commit column is the checkout's HEAD when the "
-        "row ran. A series is one change measured against `before`: `length-grouping` is this one, "
-        "`resident-state` the previous session's. Runs alternate within a pair so drift on the shared machine "
-        "falls on every variant.\n\n"
+        "(`train.group-by-length`, `client/data.py:batch_order`) and evaluation runs in length order, and "
+        "training and evaluation run under bf16 autocast on this CPU, which has AVX512-BF16 (`train.precision = "
+        f"auto`; weights and AdamW stay fp32). `{ABLATION}` is the same checkout without mixed precision "
+        "(`--set train.precision=fp32`), so bf16's own effect on time and accuracy shows; the length-grouping "
+        f"series' `{UNGROUPED}` did the same for grouping. The commit column is the checkout's HEAD when the "
+        "row ran. A series is one change measured against `before`: `bf16-autocast` is the latest, "
+        "`length-grouping` and `resident-state` the earlier ones. Runs alternate within a pair so drift on the "
+        "shared machine falls on every variant.\n\n"
         + verdict + "\n".join(lines) + "\n\n" + "\n".join(table) + "\n\n"
         "- **s per round** is the mean of the store's `duration_s` (the ServerApp's own timing of a round: "
         "train messages, aggregation, evaluate messages, the store write). **total s** is the wall time of the "
@@ -323,14 +331,14 @@ def main() -> None:
     parser.add_argument("--before-venv", type=Path, help="a venv whose pollinate is an editable install of "
                         f"commit {BEFORE} (default: make one in a temporary git worktree)")
     parser.add_argument("--rounds", type=int, help="federation.rounds (default: the scenario's 3)")
-    parser.add_argument("--no-ungrouped", action="store_true", help=f"skip the '{UNGROUPED}' variant")
+    parser.add_argument("--no-ablation", action="store_true", help=f"skip the '{ABLATION}' variant")
     parser.add_argument("--render", action="store_true", help="only re-render from docs/simulation-speed.jsonl")
     args = parser.parse_args()
     if not args.render:
         if args.before_venv and not (args.before_venv / "bin" / "pollinate").exists():
             raise SystemExit(f"--before-venv {args.before_venv}: no bin/pollinate there; give a venv with "
                              f"pollinate at commit {BEFORE} installed, or leave the flag out to build one")
-        measure(args.pairs, args.before_venv, args.rounds, not args.no_ungrouped)
+        measure(args.pairs, args.before_venv, args.rounds, not args.no_ablation)
     if not ROWS.exists():
         raise SystemExit(f"{ROWS} does not exist: run the bench without --render first")
     render(read_rows())
