@@ -35,7 +35,8 @@ SETTING = Setting.of(NODES, {"federation.rounds": ROUNDS, "train.local-steps": L
                              "train.eval-max-examples": 16, "federation.min-nodes": 2,
                              "federation.fraction-train": FRACTION, "data.partitioning": "dirichlet",
                              "data.dirichlet-alpha": ALPHA, "adapter.r": RANK, "adapter.alpha": 2 * RANK,
-                             "train.freeze-head": True}, corpus_size=CORPUS)
+                             "train.freeze-head": True, "train.precision": "fp32",  # as the first rows ran
+                             "train.group-by-length": False}, corpus_size=CORPUS)
 
 
 def one(phase: str, method: str, lr: float, seed: int) -> dict:

@@ -42,7 +42,9 @@ ABLATION = ("flexlora",)  # also run with the classifier head trained (train.fre
 CENTRAL = "centralised"
 BASE = {"federation.rounds": ROUNDS, "train.local-steps": LOCAL_STEPS, "train.batch-size": BATCH,
         "train.eval-max-examples": 16, "federation.min-nodes": 2, "data.partitioning": "dirichlet",
-        "train.freeze-head": True, "adapter.alpha": GLOBAL_RANK, "adapter.r": GLOBAL_RANK}
+        "train.freeze-head": True, "adapter.alpha": GLOBAL_RANK, "adapter.r": GLOBAL_RANK,
+        # as when the first rows ran (before bf16 autocast and length grouping became defaults): one setting throughout
+        "train.precision": "fp32", "train.group-by-length": False}
 
 
 def setting(method: str, alpha: float) -> Setting:
