@@ -161,7 +161,7 @@ def render(command: str, variant: str = "chosen") -> None:
          "rows": rows}, indent=1, default=str) + "\n")
     overrides, clip, adaptive = VARIANTS[variant]
     q, rounds = SETTING["federation.fraction-train"], SETTING["federation.rounds"]
-    lines = ["# Privacy bench: client-level central DP over 200 nodes, the epsilon curve\n",
+    lines = [f"# Privacy bench: client-level central DP over {NODES} nodes, the epsilon curve\n",
              f"`{command}` (raw rows: `{ROWS.relative_to(REPO)}`; `python bench/privacy_utility.py --render` "
              "re-renders from them; a rerun skips the rows it has).\n",
              "## Setting\n",
@@ -176,7 +176,7 @@ def render(command: str, variant: str = "chosen") -> None:
              "`privacy.mode = \"off\"` (the same q N nodes per round). Score: the last global adapter on the pooled "
              f"held-out splits of all {NODES} nodes (nodes report no metrics under DP); **majority class: "
              f"{majority:.3f}**. Cells: mean ± std over seeds.\n",
-             "| strategy | epsilon | accuracy | seeds | epsilon spent | z | noise std on the mean (z C / q N) | "
+             "| strategy | epsilon | accuracy | seeds | epsilon spent | z | noise std on the mean, last round (z_update C / q N) | "
              "nodes / round (mean) |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         spent = r["epsilon_spent"]
@@ -247,7 +247,8 @@ def main() -> None:
             row = run_one(variant, strategy, epsilon, seed)
             append_row(ROWS, row)
             print(json.dumps({k: v for k, v in row.items() if k != "curve"}, default=str), flush=True)
-    render("python bench/privacy_utility.py --seeds 0,1,2 --shard 0/2 (and 1/2)" if args.render else command)
+    render("nice -n 10 python bench/privacy_utility.py --seeds 0,1,2 (two processes share the plan)" if args.render
+           else command)
 
 
 if __name__ == "__main__":
