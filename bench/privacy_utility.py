@@ -126,9 +126,12 @@ def summarise(raw: list[dict], variant: str) -> list[dict]:
                     "crashed": any(r.get("crashed") for r in group), "variant": variant,
                     "setting": {"tag": TAG, "nodes": NODES, "examples_per_node": PER_NODE, "delta": DELTA,
                                 **SETTING, **overrides, **({} if eps == "inf" else {"privacy.clip-norm": clip, "privacy.adaptive-clipping": adaptive})}})
-    for r in out:  # the share of the same strategy's non-private accuracy
-        base = next((b["accuracy_mean"] for b in out if b["strategy"] == r["strategy"] and b["epsilon"] == "inf"), None)
-        r["share_of_non_private"] = r["accuracy_mean"] / base if base else None
+    for r in out:  # the share of the same strategy's non-private accuracy, on the same seeds
+        base = next((b for b in out if b["strategy"] == r["strategy"] and b["epsilon"] == "inf"), None)
+        paired = [a for seed, a in zip(base["seeds"], base["accuracies"]) if seed in r["seeds"]] if base else []
+        r["share_of_non_private"] = (statistics_mean([a for a, seed in zip(r["accuracies"], r["seeds"])
+                                                      if seed in base["seeds"]]) / statistics_mean(paired)
+                                     if paired else None)
     order = {e: i for i, e in enumerate(["inf", 8.0, 3.0, 1.0])}
     return sorted(out, key=lambda r: (r["strategy"], order.get(r["epsilon"], 9)))
 
@@ -162,7 +165,8 @@ def render(command: str, variant: str = "chosen") -> None:
     majority = majority_share(setting(), seeds or [0])
     (DOCS / "privacy-bench.json").write_text(json.dumps(
         {"majority_accuracy": majority, "target": {"epsilon": TARGET_EPSILON, "share_of_non_private": TARGET_SHARE},
-         "rows": rows}, indent=1, default=str) + "\n")
+         "rows": rows, "ablation_rows": {v: summarise(raw, v) for v in VARIANTS if v != variant}},
+        indent=1, default=str) + "\n")
     overrides, clip, adaptive = VARIANTS[variant]
     q, rounds = SETTING["federation.fraction-train"], SETTING["federation.rounds"]
     lines = [f"# Privacy bench: client-level central DP over {NODES} nodes, the epsilon curve\n",
@@ -180,7 +184,7 @@ def render(command: str, variant: str = "chosen") -> None:
              "`privacy.mode = \"off\"` (the same q N nodes per round). Score: the last global adapter on the pooled "
              f"held-out splits of all {NODES} nodes (nodes report no metrics under DP); **majority class: "
              f"{majority:.3f}**. Cells: mean ± std over seeds.\n",
-             "| strategy | epsilon | accuracy | of non-private | seeds | epsilon spent | z | final C (adaptive) | "
+             "| strategy | epsilon | accuracy | of non-private (same seeds) | seeds | epsilon spent | z | final C (adaptive) | "
              "noise std on the mean, last round (z_update C / q N) | nodes / round (mean) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -194,6 +198,16 @@ def render(command: str, variant: str = "chosen") -> None:
                      f"{r['noise_std'] or 0:.5f} | "
                      f"{'-' if r['clients_per_round'] is None else format(r['clients_per_round'], '.1f')} |")
     lines += [f"\n## Target: epsilon = 8 (delta {DELTA:g}) at >= 90% of non-private\n", *target_check(rows)]
+    for other in [v for v in VARIANTS if v != variant]:
+        ablation = summarise(raw, other)
+        if ablation:
+            lines += [f"\n## Variant `{other}`: overrides `{VARIANTS[other][0]}` instead of `{overrides}`\n",
+                      "| strategy | epsilon | accuracy | of non-private (same seeds) | seeds | final C (adaptive) |",
+                      "|---|---|---|---|---|---|"]
+            lines += [f"| {r['strategy']} | {fmt_eps(r['epsilon'])} | {r['accuracy_mean']:.3f} ± {r['accuracy_std']:.3f} | "
+                      f"{'-' if r['share_of_non_private'] is None else format(r['share_of_non_private'], '.1%')} | "
+                      f"{', '.join(map(str, r['seeds']))} | "
+                      f"{'-' if r['final_clip_norm'] is None else format(r['final_clip_norm'], '.2f')} |" for r in ablation]
     curves = [r for r in raw if r["seed"] == 0 and "accuracy" in r]
     if curves:
         lines += [f"\n## Learning curves and the ablation (seed 0; every {CURVE_EVERY} rounds, pooled held-out "

@@ -66,8 +66,7 @@ def test_simulate_and_server_set_the_same_keys_with_the_same_flags(tmp_path: Pat
                          "store.db": f"sqlite:///{tmp_path / 's.db'}", "store.output-dir": str(tmp_path / "out"),
                          "privacy.mode": "central", "privacy.target-epsilon": 2.0, "privacy.delta": 1e-6,
                          "privacy.noise-multiplier": 1.1, "privacy.clip-norm": 0.5,
-                         "privacy.adaptive-clipping": True, "secagg.enabled": True, "train.lr": "0.1",
-                         "train.freeze-head": True}  # --dp central's default: the head frozen (--strategy was given)
+                         "privacy.adaptive-clipping": True, "secagg.enabled": True, "train.lr": "0.1"}
     assert RunConfig.from_flat(simulated).train.lr == 0.1  # strings from --set are typed by the schema
 
 
