@@ -270,7 +270,8 @@ def main() -> None:
             row = run_one(variant, strategy, epsilon, seed)
             append_row(ROWS, row)
             print(json.dumps({k: v for k, v in row.items() if k != "curve"}, default=str), flush=True)
-    render("nice -n 10 python bench/privacy_utility.py --seeds 0,1,2 (two processes share the plan)" if args.render
+    render("nice -n 10 python bench/privacy_utility.py --seeds 0,1,2` (two processes share the plan), then "
+           "`--variant head-trained --strategies fedavg,ffa-lora --epsilons 8,inf` for the ablation" if args.render
            else command)
 
 
