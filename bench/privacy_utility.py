@@ -271,7 +271,7 @@ def main() -> None:
             append_row(ROWS, row)
             print(json.dumps({k: v for k, v in row.items() if k != "curve"}, default=str), flush=True)
     render("nice -n 10 python bench/privacy_utility.py --seeds 0,1,2` (two processes share the plan), then "
-           "`--variant head-trained --strategies fedavg,ffa-lora --epsilons 8,inf` for the ablation" if args.render
+           "for the ablation `python bench/privacy_utility.py --variant head-trained --epsilons 8,inf" if args.render
            else command)
 
 
