@@ -1,243 +1,278 @@
-"""Utility under differential privacy, fedavg vs ffa-lora, and the cost of DP-SGD against plain training.
+"""Utility under client-level central DP (DP-FedAvg) over 200 simulated nodes: the epsilon curve, fedavg vs ffa-lora.
 
-    python bench/privacy_utility.py [--batch-size B] [--local-steps N] [--rounds R] [--from-db runs/.../bench.db]
+    nice -n 10 python bench/privacy_utility.py [--seeds 0,1,2] [--epsilons 1,3,8,inf] [--strategies fedavg,ffa-lora]
+                                               [--variant chosen] [--shard 0/2]
+    python bench/privacy_utility.py --render     # re-render docs/ from the raw rows only
 
-Part 1 runs the default scenario (MiniLM-L6 + LoRA r=8, 4 nodes, IID) through the real
-``pollinate simulate`` path for each strategy in {fedavg, ffa-lora} and each per-node budget
-epsilon in {1, 3, 8, inf} (inf: no DP), with DP-SGD on the nodes (``--dp sample``, clip norm 1,
-delta 1e-5, the noise multiplier calibrated from epsilon for the whole run). Part 2 trains the
-same adapter for the same steps with plain AdamW and with DP-SGD, each in a fresh process, and
-reports the wall time and peak RSS side by side. Writes ``docs/privacy-bench.md``.
+Every run is pollinate's real ServerApp loop against its real ClientApp in this process (bench/federation_runs.py):
+tiny-bert on the synthetic corpus (bench/synthetic_corpus.py), NODES nodes of PER_NODE examples each, every node
+Poisson-sampled per round at rate q = federation.fraction-train, ``privacy.mode = "central"`` (the server clips each
+node's adapter delta to C, divides the sum by q N and adds N(0, (z C / q N)^2), server/privacy_rounds.py), z
+calibrated by the repo's accountant so that the planned rounds spend exactly epsilon at delta = 1e-5 (< 1/N).
+epsilon = inf is the same setting without DP: the same q (q N nodes sampled per round), rounds, steps and lr.
+Nodes report no metrics under DP, so every run is scored here: the last global adapter on the pooled held-out set.
 
-The defaults train on as many examples per round as the default scenario (16 x 40), as 10 steps of an
-expected batch of 64: at batch 16, DP-SGD's noise per coordinate (z C / batch) drowns the signal at every
-epsilon here and no DP run beats the majority class (docs/privacy-bench.md keeps that grid too).
+The previous study (DP-SGD on 4 MiniLM nodes, 3 rounds) ended at the majority class at every epsilon; it and its
+DP-SGD-vs-plain cost part are replaced (the cost part measured x1.06 time, x1.28 memory; see git history).
+
+One raw row per run is appended to docs/privacy-bench-rows.jsonl as it ends; a rerun skips rows it has, ``--shard
+i/n`` runs every n-th row of the plan. ``--variant`` picks one of VARIANTS (the tuning runs are rows too, rendered
+in their own table); ``--strategies`` takes any strategy central DP accepts (e.g. sketch, once it works under DP).
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import math
-import resource
-import subprocess
 import sys
-import time
+import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-SCENARIO = REPO / "simulations" / "scenarios" / "default.toml"
-DOCS = REPO / "docs"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from federation_runs import DOCS, REPO, Setting, append_row, majority_share, mean_std, read_rows, run, shard  # noqa: E402
+
+from flwr.app import Context, Error, Message  # noqa: E402
+
+from pollinate.client.app import app as pollinate_client  # noqa: E402
+from pollinate.server.store import RoundStore  # noqa: E402
+
+ROWS = DOCS / "privacy-bench-rows.jsonl"
+TAG = "central-500"  # in every row: rows of another setting are never averaged with these
+NODES = 500  # delta = 1e-5 < 1 / 500, as privacy_rounds requires (delta < 1/N)
+PER_NODE = 70  # examples per node: 56 to train on, 14 held out
+DELTA = 1e-5
+SETTING = {"model.name": "tiny-bert", "federation.rounds": 20, "federation.fraction-train": 0.04,
+           "train.local-steps": 10, "train.batch-size": 16, "train.lr": 1e-2, "train.eval-max-examples": 8,
+           "federation.min-nodes": 2}
+# A variant: run config overrides on SETTING for every run; the central DP clip norm C (privacy.clip-norm, the start
+# value under adaptive clipping) and whether C adapts to the median delta norm (Andrew et al. 2021) in the DP runs.
+VARIANTS: dict[str, tuple[dict[str, object], float, bool]] = {
+    "chosen": ({"train.freeze-head": True}, 1.0, True),
+    "head-trained": ({}, 1.0, True),  # the ablation: the nodes train (and the server noises) the classifier head
+}
 STRATEGIES = ("fedavg", "ffa-lora")
-EPSILONS = (1.0, 3.0, 8.0, math.inf)
-CLIP_NORM = 1.0
+EPSILONS = (8.0, math.inf, 3.0, 1.0)  # the target's pair first: a partial study holds the rows that decide it
+TARGET_EPSILON, TARGET_SHARE = 8.0, 0.90
+CURVE_EVERY = 5  # rounds between scored points of the learning curve
 
 
-def simulate(strategy: str, epsilon: float, workdir: Path, rounds: int, local_steps: int, eval_examples: int,
-             batch_size: int) -> None:
-    dp = [] if math.isinf(epsilon) else ["--dp", "sample", "--epsilon", str(epsilon), "--clip-norm", str(CLIP_NORM)]
-    cmd = [sys.executable, "-m", "pollinate.cli", "simulate", str(SCENARIO), "--strategy", strategy,
-           "--rounds", str(rounds), "--set", f"train.local-steps={local_steps}",
-           "--set", f"train.batch-size={batch_size}",
-           "--set", f"train.eval-max-examples={eval_examples}", *dp,
-           "--db", f"sqlite:///{workdir / 'bench.db'}", "--output", str(workdir / f"{strategy}-{epsilon}")]
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-    if done.returncode != 0:
-        raise RuntimeError(f"{strategy} at epsilon {epsilon} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+def scored_here(msg: Message, context: Context) -> Message:
+    """pollinate's ClientApp, except that it declines the per-round federated evaluation: this bench scores the
+    global adapter itself on the pooled held-out set, and 500 node evaluations a round would cost more than the
+    round's training. Under DP the nodes decline it anyway (they release no metrics), so both arms train alike."""
+    if msg.metadata.message_type.startswith("evaluate"):
+        return Message(Error(code=1, reason="bench: the global adapter is scored centrally"), reply_to=msg)
+    return pollinate_client(msg, context)
 
 
-def utility_rows(db: Path) -> list[dict[str, object]]:
-    """One row per completed run: strategy, epsilon (budget and spent), z, final eval loss and accuracy."""
-    from pollinate.server.report import privacy_json
-    from pollinate.server.store import RoundStore
+def setting() -> Setting:
+    return Setting.of(NODES, SETTING, corpus_size=NODES * PER_NODE)
 
-    store = RoundStore(f"sqlite:///{db.resolve()}")
-    rows = []
-    for run in store.runs():
-        if run.status != "completed":
+
+def privacy_overrides(epsilon: float, clip: float, adaptive: bool) -> dict[str, object]:
+    if math.isinf(epsilon):
+        return {"privacy.mode": "off"}
+    return {"privacy.mode": "central", "privacy.target-epsilon": epsilon, "privacy.delta": DELTA,
+            "privacy.clip-norm": clip, "privacy.adaptive-clipping": adaptive}
+
+
+def ledger_summary(store: RoundStore, run_id: int) -> dict[str, object]:
+    """What the run's privacy ledger says: epsilon spent, z, the clip norm, nodes and noise per round."""
+    own = [e for _, e in store.privacy_ledger(run_id) if e.node_id is None and e.status == "spent"]
+    if not own:
+        return {}
+    return {"epsilon_spent": own[-1].epsilon, "noise_multiplier": own[-1].noise_multiplier,
+            "clip_norm": own[-1].clip_norm, "sample_rate": own[-1].sample_rate,
+            "clients_mean": sum(e.metrics.get("clients", 0.0) for e in own) / len(own),
+            "expected_clients": own[-1].metrics.get("expected-clients"),
+            "noise_std": own[-1].metrics.get("noise-std")}
+
+
+def run_one(variant: str, strategy: str, epsilon: float, seed: int) -> dict[str, object]:
+    overrides, clip, adaptive = VARIANTS[variant]
+    more = {**overrides, "federation.strategy": strategy, **privacy_overrides(epsilon, clip, adaptive)}
+    row = run(setting(), seed, more, app=scored_here, inspect=ledger_summary, curve_every=CURVE_EVERY)
+    return {"setting": TAG, "variant": variant, "strategy": strategy, "epsilon": eps_key(epsilon), **row}
+
+
+def eps_key(epsilon: float) -> str | float:
+    return "inf" if math.isinf(epsilon) else epsilon
+
+
+def plan(variant: str, strategies: list[str], epsilons: list[float], seeds: list[int]) -> list[tuple]:
+    """Seeds outermost, the target's epsilons first: each pass over a seed completes the table once more."""
+    return [(variant, s, e, seed) for seed in seeds for e in epsilons for s in strategies]
+
+
+def summarise(raw: list[dict], variant: str) -> list[dict]:
+    """One row per (strategy, epsilon) of ``variant``: accuracy mean/std over seeds, the ledger's numbers."""
+    out = []
+    for strategy, eps in dict.fromkeys((r["strategy"], r["epsilon"]) for r in raw if r["variant"] == variant):
+        group = sorted((r for r in raw if (r["variant"], r["strategy"], r["epsilon"]) == (variant, strategy, eps)
+                        and "accuracy" in r), key=lambda r: r["seed"])
+        if not group:
             continue
-        rounds = [r for r in store.rounds(run.id) if r.eval_accuracy is not None]
-        final = (rounds[-1].eval_loss, rounds[-1].eval_accuracy) if rounds else None
-        if final is None:  # a DP run: nodes release no eval metrics (docs/privacy.md), so the bench evaluates
-            completed = [r for r in store.rounds(run.id) if r.adapter_sha256 is not None]
-            if not completed:
-                continue
-            rounds = completed
-            final = held_out_evaluation(run.config, store.adapter(run.id, completed[-1].number).tensors())
-        report = privacy_json(store, run.id)
-        dp = report["mode"] != "off"
-        z = [e["noise_multiplier"] for e in report["ledger"] if e["status"] == "spent"]
-        rows.append({"strategy": run.strategy, "budget": run.config["privacy.target-epsilon"] if dp else math.inf,
-                     "spent": report["epsilon"] if dp else math.inf, "z": z[0] if z else 0.0,
-                     "rounds": len(rounds), "steps": run.config["train.local-steps"],
-                     "batch": run.config["train.batch-size"],
-                     "eval_examples": run.config["train.eval-max-examples"],
-                     "loss": final[0], "accuracy": final[1],
-                     "initial": run.initial_metrics.get("eval-accuracy"),
-                     "seconds": sum(r.duration_s for r in store.rounds(run.id)) / max(1, len(rounds))})
-    return rows
+        mean, std = mean_std([r["accuracy"] for r in group])
+        overrides, clip, adaptive = VARIANTS.get(variant, ({}, math.nan, False))
+        out.append({"strategy": strategy, "epsilon": eps, "accuracy_mean": mean, "accuracy_std": std,
+                    "seeds": [r["seed"] for r in group], "accuracies": [r["accuracy"] for r in group],
+                    "epsilon_spent": group[0].get("epsilon_spent", "inf"),
+                    "noise_multiplier": group[0].get("noise_multiplier", 0.0),
+                    "noise_std": group[0].get("noise_std", 0.0),
+                    "clients_per_round": statistics_mean([r.get("clients_mean") for r in group]),
+                    "final_clip_norm": statistics_mean([r.get("clip_norm") for r in group]),
+                    "crashed": any(r.get("crashed") for r in group), "variant": variant,
+                    "setting": {"tag": TAG, "nodes": NODES, "examples_per_node": PER_NODE, "delta": DELTA,
+                                **SETTING, **overrides, **({} if eps == "inf" else {"privacy.clip-norm": clip, "privacy.adaptive-clipping": adaptive})}})
+    for r in out:  # the share of the same strategy's non-private accuracy, on the same seeds
+        base = next((b for b in out if b["strategy"] == r["strategy"] and b["epsilon"] == "inf"), None)
+        paired = [a for seed, a in zip(base["seeds"], base["accuracies"]) if seed in r["seeds"]] if base else []
+        r["share_of_non_private"] = (statistics_mean([a for a, seed in zip(r["accuracies"], r["seeds"])
+                                                      if seed in base["seeds"]]) / statistics_mean(paired)
+                                     if paired else None)
+    order = {e: i for i, e in enumerate(["inf", 8.0, 3.0, 1.0])}
+    return sorted(out, key=lambda r: (r["strategy"], order.get(r["epsilon"], 9)))
 
 
-def held_out_evaluation(config: dict, adapter: dict) -> tuple[float, float]:
-    """Eval loss and accuracy of ``adapter`` on every simulated node's eval split, example-weighted.
-
-    What the nodes' federated evaluation computed before DP runs stopped releasing it: the bench holds every
-    simulated node's data (a deployment's coordinator does not), so it evaluates the stored adapter itself.
-    """
-    import torch
-
-    from pollinate.client.data import batches, read_examples, split
-    from pollinate.client.train import evaluate
-    from pollinate.models import build_peft_model, load_adapter_state
-    from pollinate.proto.run_config import RunConfig
-
-    cfg = RunConfig.from_flat(config)
-    model, base = build_peft_model(cfg)
-    load_adapter_state(model, adapter)
-    loss = correct = count = 0.0
-    for path in sorted(Path(cfg.data.partition_dir).glob("partition-*.jsonl")):
-        _, eval_set = split(read_examples(path, cfg.data, cfg.model), cfg.data.eval_fraction, cfg.seed)
-        eval_set = eval_set[: cfg.train.eval_max_examples]
-        result = evaluate(model, batches(eval_set, base.tokenizer, cfg.model, 64, seed=None), torch.device("cpu"))
-        loss += result.loss * result.num_examples
-        correct += result.accuracy * result.num_examples
-        count += result.num_examples
-    return loss / max(count, 1), correct / max(count, 1)
+def statistics_mean(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
 
 
-def overhead_probe(mode: str, steps: int, batch_size: int) -> dict[str, float]:
-    """Train the default adapter for ``steps`` steps, plainly or with DP-SGD; time and peak RSS of this process."""
-    import torch
-
-    from pollinate.proto.node_config import partition_file
-    from pollinate.client.data import endless_batches, poisson_batches, read_examples, split
-    from pollinate.client.dp_sgd import train_dp
-    from pollinate.client.train import train
-    from pollinate.models import build_peft_model
-    from pollinate.simulations.cli import write_node_data
-    from pollinate.simulations.scenario import load_scenario
-
-    cfg, sim = load_scenario(SCENARIO, {"train.local-steps": steps, "train.batch-size": batch_size})
-    cfg, _ = write_node_data(cfg, sim, REPO / "runs" / "bench-privacy-probe")  # node 0's data, as simulated
-    train_set, _ = split(read_examples(partition_file(cfg.data.partition_dir, 0), cfg.data, cfg.model),
-                         cfg.data.eval_fraction, cfg.seed)
-    model, base = build_peft_model(cfg)
-    cpu = torch.device("cpu")
-    torch.set_num_threads(1)  # both probes on one core: the ratio, not the absolute time, is the result
-    started = time.perf_counter()
-    if mode == "plain":
-        train(model, endless_batches(train_set, base.tokenizer, cfg.model, cfg.train.batch_size, 0), cfg.train, cpu)
-    else:
-        rate = cfg.train.batch_size / len(train_set)
-        train_dp(model, poisson_batches(train_set, base.tokenizer, cfg.model, rate, seed=0), cfg.train, cpu,
-                 noise_multiplier=1.0, clip_norm=CLIP_NORM, expected_batch_size=cfg.train.batch_size)
-    seconds = time.perf_counter() - started
-    return {"seconds": seconds, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+def target_check(rows: list[dict]) -> list[str]:
+    lines = []
+    for strategy in dict.fromkeys(r["strategy"] for r in rows):
+        at = {r["epsilon"]: r for r in rows if r["strategy"] == strategy}
+        if TARGET_EPSILON in at and "inf" in at:
+            share = at[TARGET_EPSILON]["accuracy_mean"] / at["inf"]["accuracy_mean"]
+            met = share >= TARGET_SHARE
+            lines.append(f"- **{strategy}**: epsilon 8 {at[TARGET_EPSILON]['accuracy_mean']:.3f} / non-private "
+                         f"{at['inf']['accuracy_mean']:.3f} = **{share:.1%}** of non-private: "
+                         f"{'met' if met else 'NOT met'} (target >= {TARGET_SHARE:.0%}).")
+    return lines
 
 
-def overhead(steps: int, batch_size: int, repeats: int = 2) -> dict[str, list[dict[str, float]]]:
-    """Plain and DP-SGD probes alternated in fresh processes, so both see the same machine load."""
-    results: dict[str, list[dict[str, float]]] = {"plain": [], "dp-sgd": []}
-    for _ in range(repeats):
-        for mode in results:
-            done = subprocess.run([sys.executable, __file__, "--probe", mode, "--probe-steps", str(steps),
-                                   "--batch-size", str(batch_size)],
-                                  capture_output=True, text=True, cwd=REPO, check=True)
-            results[mode].append(json.loads(done.stdout.strip().splitlines()[-1]))
-    return results
+def fmt_eps(e: object) -> str:
+    return "inf (no DP)" if e == "inf" else f"{e:g}"
 
 
-def noised_parameters() -> dict[str, int]:
-    """How many adapter values DP-SGD clips and noises at each step, per strategy (the trained ones)."""
-    from pollinate.models import adapter_state, build_peft_model
-    from pollinate.proto.instructions import trained_names
-    from pollinate.simulations.scenario import load_scenario
+def render(command: str, variant: str = "chosen") -> None:
+    raw = [r for r in read_rows(ROWS, TAG)]
+    rows = summarise(raw, variant)
+    seeds = sorted({r["seed"] for r in raw})
+    majority = majority_share(setting(), seeds or [0])
+    (DOCS / "privacy-bench.json").write_text(json.dumps(
+        {"majority_accuracy": majority, "target": {"epsilon": TARGET_EPSILON, "share_of_non_private": TARGET_SHARE},
+         "rows": rows, "ablation_rows": {v: summarise(raw, v) for v in VARIANTS if v != variant}},
+        indent=1, default=str) + "\n")
+    overrides, clip, adaptive = VARIANTS[variant]
+    q, rounds = SETTING["federation.fraction-train"], SETTING["federation.rounds"]
+    lines = [f"# Privacy bench: client-level central DP over {NODES} nodes, the epsilon curve\n",
+             f"`{command}` (raw rows: `{ROWS.relative_to(REPO)}`; `python bench/privacy_utility.py --render` "
+             "re-renders from them; a rerun skips the rows it has).\n",
+             "## Setting\n",
+             f"{NODES} simulated nodes, each an IID share of {PER_NODE} examples of the synthetic corpus "
+             f"(`bench/synthetic_corpus.py`: balanced, 10% label noise, so ~0.9 is the ceiling); tiny-bert with LoRA "
+             f"r=4 on query/value; every round each node is Poisson-sampled at q = {q} (q N = {q * NODES:g} nodes "
+             f"expected), {rounds} rounds of {SETTING['train.local-steps']} local steps (batch "
+             f"{SETTING['train.batch-size']}, lr {SETTING['train.lr']}); overrides of this variant: "
+             f"`{overrides}`. DP: `privacy.mode = \"central\"` (DP-FedAvg, server/privacy_rounds.py), clip norm "
+             f"C = {clip} on each node's adapter delta, delta = {DELTA:g} (< 1/N = 1/{NODES}), z calibrated so the "
+             f"{rounds} planned rounds spend exactly epsilon. epsilon = inf: the same setting with "
+             "`privacy.mode = \"off\"` (the same q N nodes per round). Score: the last global adapter on the pooled "
+             f"held-out splits of all {NODES} nodes (nodes report no metrics under DP); **majority class: "
+             f"{majority:.3f}**. Cells: mean ± std over seeds.\n",
+             "| strategy | epsilon | accuracy | of non-private (same seeds) | seeds | epsilon spent | z | final C (adaptive) | "
+             "noise std on the mean, last round (z_update C / q N) | nodes / round (mean) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        spent = r["epsilon_spent"]
+        lines.append(f"| {r['strategy']} | {fmt_eps(r['epsilon'])} | {r['accuracy_mean']:.3f} ± "
+                     f"{r['accuracy_std']:.3f} | "
+                     f"{'-' if r['share_of_non_private'] is None else format(r['share_of_non_private'], '.1%')} | "
+                     f"{len(r['seeds'])} | "
+                     f"{spent if isinstance(spent, str) else f'{spent:.3f}'} | {r['noise_multiplier']:.3f} | "
+                     f"{'-' if r['final_clip_norm'] is None else format(r['final_clip_norm'], '.2f')} | "
+                     f"{r['noise_std'] or 0:.5f} | "
+                     f"{'-' if r['clients_per_round'] is None else format(r['clients_per_round'], '.1f')} |")
+    lines += [f"\n## Target: epsilon = 8 (delta {DELTA:g}) at >= 90% of non-private\n", *target_check(rows)]
+    for other in [v for v in VARIANTS if v != variant]:
+        ablation = summarise(raw, other)
+        if ablation:
+            lines += [f"\n## Variant `{other}`: overrides `{VARIANTS[other][0]}` instead of `{overrides}`\n",
+                      "| strategy | epsilon | accuracy | of non-private (same seeds) | seeds | final C (adaptive) |",
+                      "|---|---|---|---|---|---|"]
+            lines += [f"| {r['strategy']} | {fmt_eps(r['epsilon'])} | {r['accuracy_mean']:.3f} ± {r['accuracy_std']:.3f} | "
+                      f"{'-' if r['share_of_non_private'] is None else format(r['share_of_non_private'], '.1%')} | "
+                      f"{', '.join(map(str, r['seeds']))} | "
+                      f"{'-' if r['final_clip_norm'] is None else format(r['final_clip_norm'], '.2f')} |" for r in ablation]
+    curves = [r for r in raw if r["seed"] == 0 and "accuracy" in r]
+    if curves:
+        lines += [f"\n## Learning curves and the ablation (seed 0; every {CURVE_EVERY} rounds, pooled held-out "
+                  "accuracy)\n",
+                  "Variant `head-trained` is the ablation of `train.freeze-head`: the nodes train the classifier "
+                  "head too, and central DP noises it.\n",
+                  "| variant | overrides, C | strategy | epsilon | accuracy | curve (round: accuracy) |",
+                  "|---|---|---|---|---|---|"]
+        for r in sorted(curves, key=lambda r: (r["variant"], r["strategy"], str(r["epsilon"]))):
+            ov, c, _ = VARIANTS.get(r["variant"], ({}, math.nan, False))
+            curve = ", ".join(f"{k}: {v:.2f}" for k, v in r.get("curve", {}).items())
+            lines.append(f"| {r['variant']} | `{ov}`, C={c} | {r['strategy']} | {fmt_eps(r['epsilon'])} | "
+                         f"{r['accuracy']:.3f} | {curve} |")
+    reading = DOCS / "privacy-bench-reading.md"
+    if reading.exists():
+        lines += ["", reading.read_text()]
+    (DOCS / "privacy-bench.md").write_text("\n".join(lines) + "\n")
 
-    cfg, _ = load_scenario(SCENARIO)
-    state = adapter_state(build_peft_model(cfg)[0])
-    return {name: sum(state[k].size for k in trained_names(state, factors))
-            for name, factors in (("fedavg", "all"), ("ffa-lora", "B"))}
 
-
-def _eps(value: float) -> str:
-    return "inf (no DP)" if math.isinf(value) else f"{value:g}"
-
-
-def render(rows: list[dict[str, object]], cost: dict[str, list[dict[str, float]]] | None, command: str) -> None:
-    rows = sorted(rows, key=lambda r: (STRATEGIES.index(r["strategy"]) if r["strategy"] in STRATEGIES else 9,
-                                       -r["budget"]))
-    lines = ["| strategy | epsilon budget (per node) | epsilon spent | noise multiplier z | rounds | final eval loss | "
-             "final accuracy | s / round |", "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['strategy']} | {_eps(r['budget'])} | {_eps(r['spent'])} | {r['z']:.3f} | {r['rounds']} | "
-              f"{r['loss']:.4f} | {r['accuracy']:.4f} | {r['seconds']:.1f} |" for r in rows]
-    text = [f"# Privacy bench: utility under DP-SGD, and its cost\n\n`{command}`\n",
-            f"Default scenario (MiniLM-L6 + LoRA r=8 on query/value, 4 nodes, IID Rotten Tomatoes), "
-            f"{rows[0]['rounds'] if rows else '?'} rounds of {rows[0]['steps'] if rows else '?'} local steps "
-            f"(expected batch {rows[0]['batch'] if rows else '?'}), evaluation on up to {rows[0]['eval_examples'] if rows else '?'} held-out examples per node, "
-            f"`--dp sample` (DP-SGD on every node, Poisson sampling q = batch / n, per-example clip norm {CLIP_NORM}, "
-            f"delta 1e-5, z calibrated so the whole run spends the budget). Accuracy is the federated evaluation "
-            f"after the last round.\n", "\n".join(lines), "",
-            "Values DP-SGD clips and noises per step (LoRA factors + classifier head): " + ", ".join(
-                f"{name} {count:,}" for name, count in noised_parameters().items()) + ".\n"]
-    if cost:
-        # The least disturbed run of each (the minimum) estimates the cost best on a shared machine.
-        best = {m: {k: min(p[k] for p in ps) for k in ps[0]} for m, ps in cost.items()}
-        raw = "; ".join(f"{m}: " + ", ".join(f"{p['seconds']:.1f} s" for p in ps) for m, ps in cost.items())
-        text += ["## Cost of DP-SGD against plain training (same adapter, batch and steps, one thread, fresh process "
-                 "each)\n",
-                 "| training | s (fastest of runs) | peak RSS MiB (lowest) |", "|---|---|---|",
-                 *(f"| {m} | {v['seconds']:.2f} | {v['peak_rss_mib']:.0f} |" for m, v in best.items()),
-                 f"\nDP-SGD / plain: time x{best['dp-sgd']['seconds'] / best['plain']['seconds']:.2f}, "
-                 f"peak memory x{best['dp-sgd']['peak_rss_mib'] / best['plain']['peak_rss_mib']:.2f} "
-                 f"(alternated runs: {raw}).\n"]
-    DOCS.mkdir(exist_ok=True)
-    old = (DOCS / "privacy-bench.md").read_text() if (DOCS / "privacy-bench.md").exists() else ""
-    reading = old[old.index("## Reading"):] if "## Reading" in old else ""
-    (DOCS / "privacy-bench.md").write_text("\n".join(text) + ("\n" + reading if reading else ""))
-    print("\n".join(text))
+def claim(key: tuple) -> bool:
+    """Take one row of the plan for this process: several processes share one plan without --shard (the first to
+    claim a row runs it). Claims live beside the rows file's name in the temp dir, for the machine's lifetime."""
+    path = Path(tempfile.gettempdir()) / f"{ROWS.name}.{TAG}.claims"
+    line = json.dumps(list(key)) + "\n"
+    with path.open("a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0)
+        if line in f.readlines():
+            return False
+        f.write(line)
+        return True
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--local-steps", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=64, help="train.batch-size (DP-SGD's expected batch)")
-    parser.add_argument("--eval-examples", type=int, default=256, help="train.eval-max-examples")
-    parser.add_argument("--overhead-steps", type=int, default=20)
-    parser.add_argument("--from-db", help="re-render from an earlier run's bench.db instead of simulating")
-    parser.add_argument("--skip-overhead", action="store_true")
-    parser.add_argument("--overhead-only", action="store_true", help="measure the DP-SGD cost, run no simulation")
-    parser.add_argument("--epsilons", default="1,3,8,inf", help="per-node budgets to run (inf: no DP)")
-    parser.add_argument("--workdir", help="add runs to this earlier bench directory (its bench.db)")
-    parser.add_argument("--probe", choices=["plain", "dp-sgd"], help=argparse.SUPPRESS)
-    parser.add_argument("--probe-steps", type=int, default=20, help=argparse.SUPPRESS)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--epsilons", default=",".join(map(str, EPSILONS)), help="budgets (inf: no DP)")
+    parser.add_argument("--strategies", default=",".join(STRATEGIES),
+                        help="strategies central DP accepts (check_privacy_config), e.g. fedavg,ffa-lora,sketch")
+    parser.add_argument("--variant", default="chosen", choices=sorted(VARIANTS))
+    parser.add_argument("--shard", default="0/1", help="i/n: run every n-th row of the plan from the i-th")
+    parser.add_argument("--render", action="store_true", help="re-render docs/ from the raw rows, run nothing")
     args = parser.parse_args()
-    if args.probe:
-        print(json.dumps(overhead_probe(args.probe, args.probe_steps, args.batch_size)))
-        return
-    command = (f"python bench/privacy_utility.py --rounds {args.rounds} --local-steps {args.local_steps} "
-               f"--batch-size {args.batch_size} "
-               f"--eval-examples {args.eval_examples} --overhead-steps {args.overhead_steps}")
-    if args.from_db:
-        saved = Path(args.from_db).parent / "overhead.json"
-        render(utility_rows(Path(args.from_db)), json.loads(saved.read_text()) if saved.exists() else None, command)
-        return
-    workdir = Path(args.workdir) if args.workdir else REPO / "runs" / f"bench-privacy-{time.strftime('%Y%m%d-%H%M%S')}"
-    workdir.mkdir(parents=True, exist_ok=True)
-    saved = workdir / "overhead.json"
-    cost = json.loads(saved.read_text()) if saved.exists() else None
-    if cost is None and not args.skip_overhead:
-        cost = overhead(args.overhead_steps, args.batch_size)
-        saved.write_text(json.dumps(cost))
-    if args.overhead_only:
-        render(utility_rows(workdir / "bench.db"), cost, command)
-        return
-    for epsilon in (float(e) for e in args.epsilons.split(",")):  # in the order given: the most telling first
-        for strategy in STRATEGIES:
-            simulate(strategy, epsilon, workdir, args.rounds, args.local_steps, args.eval_examples, args.batch_size)
-            render(utility_rows(workdir / "bench.db"), cost, command)
-            print(f"done: {strategy} at epsilon {epsilon} ({workdir})", flush=True)
+    command = "python bench/privacy_utility.py " + " ".join(sys.argv[1:])
+    if not args.render:
+        try:
+            seeds = [int(s) for s in args.seeds.split(",")]
+            epsilons = [float(e) for e in args.epsilons.split(",")]
+        except ValueError:
+            parser.error(f"--seeds {args.seeds!r} / --epsilons {args.epsilons!r}: use comma-separated numbers, "
+                         "e.g. --seeds 0,1 --epsilons 8,inf")
+        if any(not (e > 0) for e in epsilons):
+            parser.error(f"--epsilons {args.epsilons!r}: every budget must be > 0 (inf: no DP)")
+        done = {(r["variant"], r["strategy"], r["epsilon"], r["seed"]) for r in read_rows(ROWS, TAG)}
+        todo = [p for p in plan(args.variant, args.strategies.split(","), epsilons, seeds)
+                if (p[0], p[1], eps_key(p[2]), p[3]) not in done]
+        for variant, strategy, epsilon, seed in shard(todo, args.shard):
+            if not claim((variant, strategy, eps_key(epsilon), seed)):
+                continue  # another process of this study took it
+            row = run_one(variant, strategy, epsilon, seed)
+            append_row(ROWS, row)
+            print(json.dumps({k: v for k, v in row.items() if k != "curve"}, default=str), flush=True)
+    render("nice -n 10 python bench/privacy_utility.py --seeds 0,1,2` (two processes share the plan), then "
+           "for the ablation `python bench/privacy_utility.py --variant head-trained --epsilons 8,inf" if args.render
+           else command)
 
 
 if __name__ == "__main__":
