@@ -24,7 +24,8 @@ from rich.markup import escape
 from pollinate import strategies
 from pollinate.models import adapter_state, build_peft_model, export_adapter
 from pollinate.proto.run_config import ConfigError, FederationConfig, RunConfig
-from pollinate.server.privacy_rounds import BudgetSpent, RunPrivacy, check_privacy_config, is_refusal, released
+from pollinate.server.privacy_rounds import (BudgetSpent, RunPrivacy, check_privacy_config, is_refusal,
+                                             private_federation, released)
 from pollinate.server.rounds import (Declaration, Evaluation, RoundExchange, RoundFailed, RoundLedger, evaluate_global,
                            mean_metric, query_capacities, sample_nodes, wait_for_nodes)
 from pollinate.server.crash_points import AFTER_AGGREGATION, AFTER_COMMIT, crash_point
@@ -78,6 +79,9 @@ def _run_rounds(grid: Grid, cfg: RunConfig, strategy: strategies.Strategy, store
     privacy = RunPrivacy.open(cfg.privacy, cfg.federation.rounds, store, run_id,  # rebuilt from the stored ledger
                               sample_rate=cfg.federation.fraction_train, freeze_head=cfg.train.freeze_head,
                               means_per_round=strategy.private_means)
+    if private_federation(cfg) is not cfg.federation:
+        say("central DP: federation.update-bound's median mode is off for this run (which nodes it rejects would "
+            "depend on the other nodes' data); the clip norm bounds every node's update")
     try:
         try:
             nodes = wait_for_nodes(grid, cfg.federation.min_nodes, cfg.federation.wait_for_nodes)
@@ -206,7 +210,7 @@ def _run_round(grid: Grid, cfg: RunConfig, strategy: strategies.Strategy, store:
         declared = {node: capacities[node].num_examples for node in ranks}
         secure = (SecureAggregation(grid, cfg.secagg, cfg.federation, number, ledger, seed=cfg.seed,
                                     declared=declared) if cfg.secagg.enabled else None)
-        exchange = RoundExchange(grid, cfg.federation, number, ledger, check_update=strategy.check_update,
+        exchange = RoundExchange(grid, private_federation(cfg), number, ledger, check_update=strategy.check_update,
                                  secure=secure, private=privacy.central, privacy_run_key=privacy.run_key,
                                  declared=declared, scaling=strategy.ctx.scaling)
         new_state = strategy.run_round(state, ranks, exchange, number)

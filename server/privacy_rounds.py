@@ -26,7 +26,7 @@ from pollinate.privacy.central import (Gaussian, add_gaussian_noise, default_cou
 from pollinate.privacy.csprng import SecureGaussian
 from pollinate.privacy.ledger import MECHANISMS, REFUSAL_CODE, REPORT_KEYS, PrivacyEntry, entry_from_report, releases
 from pollinate.proto.instructions import trained_names
-from pollinate.proto.run_config import ConfigError, PrivacyConfig, RunConfig
+from pollinate.proto.run_config import ConfigError, FederationConfig, PrivacyConfig, RunConfig
 from pollinate.server.store import ClientRecord, RoundStore, RunSummary
 from pollinate import strategies
 from pollinate.strategies import ClientUpdate, MeanUpdate, Request, Strategy
@@ -59,6 +59,19 @@ def check_privacy_config(cfg: RunConfig, strategy: Strategy) -> None:
         raise ConfigError(f"privacy.adaptive-clipping adapts one clip norm from one noisy count per round, but "
                           f"{strategy.name!r} releases {strategy.private_means} means per round; use fixed clipping "
                           f"(privacy.adaptive-clipping = false, privacy.clip-norm = C)")
+
+
+def private_federation(cfg: RunConfig) -> FederationConfig:
+    """The federation config a round runs under: under central DP without the median-relative update bound.
+
+    ``federation.update-bound`` in median mode rejects a node by comparing its norm with the others': whether one
+    node's update enters the mean then depends on the other nodes' data, a selection the accountant does not count
+    (removing one node can move the median and flip others in or out). Under central DP the clip already bounds
+    every node's influence to C, so the relative bound is dropped; an absolute bound depends on the node's own update
+    alone (its rejection equals its absence) and stays."""
+    if cfg.privacy.mode == "central" and cfg.federation.update_bound > 0 and cfg.federation.update_bound_mode != "absolute":
+        return replace(cfg.federation, update_bound=0.0)
+    return cfg.federation
 
 
 def takes_central_dp(strategy: type[Strategy]) -> bool:

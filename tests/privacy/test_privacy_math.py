@@ -15,7 +15,7 @@ from pollinate.privacy.budget import BudgetFile
 from pollinate.privacy.central import clip_delta, global_norm, next_clip_norm, private_mean, update_noise_multiplier
 from pollinate.proto.instructions import Instructions
 from pollinate.proto.run_config import ConfigError, RunConfig
-from pollinate.server.privacy_rounds import CentralPrivacy, check_privacy_config
+from pollinate.server.privacy_rounds import CentralPrivacy, check_privacy_config, private_federation
 from pollinate.strategies import ClientUpdate, Request, build
 
 B, A = "m.lora_B.weight", "m.lora_A.weight"
@@ -65,6 +65,16 @@ def test_central_dp_puts_no_noise_on_a_frozen_classifier_head(tiny_cfg) -> None:
         mean = central.mean({n: Request(sent, Instructions()) for n in (1, 2, 3, 4)}, updates)
         assert np.array_equal(mean.tensors[head], sent[head]) is not noised
         assert not np.array_equal(mean.tensors[B], sent[B])
+
+
+def test_central_dp_drops_the_median_relative_update_bound_and_keeps_an_absolute_one() -> None:
+    central = RunConfig().replace(**{"privacy.mode": "central", "privacy.clip-norm": 1.0})
+    assert central.federation.update_bound == 3.0 and central.federation.update_bound_mode == "median"
+    assert private_federation(central).update_bound == 0.0
+    absolute = central.replace(**{"federation.update-bound-mode": "absolute", "federation.update-bound": 2.0})
+    assert private_federation(absolute) is absolute.federation
+    plain = RunConfig()
+    assert private_federation(plain) is plain.federation  # no DP: the default bound stays
 
 
 def test_clipping_scales_a_delta_to_the_norm_and_leaves_a_small_one_alone() -> None:
