@@ -207,15 +207,18 @@ def shard(todo: list, spec: str) -> list:
 
 
 def run_plan(plan: Callable[[list[dict]], list[tuple]], one: Callable[..., dict], rows_path: Path, tag: str,
-             spec: str) -> None:
+             spec: str, from_end: bool = False) -> None:
     """Run this shard's items of ``plan(rows)`` one at a time, appending each row, re-planning after each: a plan
-    can grow as rows come in (a grid at the learning rate its sweep chose)."""
+    can grow as rows come in (a grid at the learning rate its sweep chose). ``from_end``: take the last item first,
+    so a second process on the same shard works from the other end (they meet at most once: ``grid_summary`` keeps
+    the first row of a seed)."""
     count = 0
     while todo := shard(plan(read_rows(rows_path, tag)), spec):
-        row = one(*todo[0])
+        item = todo[-1] if from_end else todo[0]
+        row = one(*item)
         append_row(rows_path, row)
         count += 1
-        print(f"[{count}, {len(todo) - 1} left] {todo[0]}: {row.get('accuracy', 'n/a')} ({row['status']}, "
+        print(f"[{count}, {len(todo) - 1} left] {item}: {row.get('accuracy', 'n/a')} ({row['status']}, "
               f"{row['seconds']} s)", flush=True)
 
 
@@ -231,7 +234,11 @@ def grid_summary(rows: Sequence[dict], group_by: Sequence[str]) -> list[dict]:
     out = []
     grid = [r for r in rows if r["phase"] == "grid"]
     for values in dict.fromkeys(tuple(r[k] for k in group_by) for r in grid):
-        group = sorted((r for r in grid if tuple(r[k] for k in group_by) == values), key=lambda r: r["seed"])
+        firsts: dict[int, dict] = {}
+        for r in grid:
+            if tuple(r[k] for k in group_by) == values:
+                firsts.setdefault(r["seed"], r)  # a row run twice (two processes met) counts once
+        group = sorted(firsts.values(), key=lambda r: r["seed"])
         accuracies = [r["accuracy"] for r in group if "accuracy" in r]
         mean, std = mean_std(accuracies)
         curves = [r["curve"] for r in group if r.get("curve")]

@@ -185,11 +185,12 @@ READING: list[str] = []  # written from the rows once the grid is in (see the pa
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--render", action="store_true", help="only re-render docs/ from the raw rows")
-    parser.add_argument("--shard", default="0/1", help="i/n: run every n-th row of the plan from the i-th")
+    parser.add_argument("--shard", default="0/1", help="i/n: this process' share of the plan (a stable hash)")
+    parser.add_argument("--from-end", action="store_true", help="take the shard's items from the end of the plan")
     args = parser.parse_args()
     command = "OMP_NUM_THREADS=1 nice -n 10 python bench/strategy_comparison.py"
     if not args.render:
-        run_plan(plan, one, ROWS, TAG, args.shard)
+        run_plan(plan, one, ROWS, TAG, args.shard, args.from_end)
     if args.shard == "0/1":
         render(command)
 
