@@ -146,20 +146,22 @@ def target_lines(summary: list[dict], majority: dict[float, float]) -> list[str]
 
 
 def plot(summary: list[dict]) -> None:
+    colour = {m: f"C{i}" for i, m in enumerate(METHODS)}  # one colour per method in both panels
     fig, axes = plt.subplots(1, len(ALPHAS), figsize=(11, 4), sharey=True)
     for ax, alpha in zip(axes, ALPHAS, strict=True):
         for r in summary:
             if r["alpha"] == alpha and r["curve"]:
                 rounds = sorted(r["curve"])
                 style = "--" if r["head"] == "trained" else "-"
-                ax.plot(rounds, [r["curve"][n] for n in rounds], style, marker="o",
+                ax.plot(rounds, [r["curve"][n] for n in rounds], style, marker="o", color=colour[r["strategy"]],
                         label=f"{r['strategy']}" + (" (head trained)" if r["head"] == "trained" else ""))
             if r["alpha"] == alpha and r["strategy"] == CENTRAL:
                 ax.axhline(r["accuracy_mean"], color="grey", linestyle=":", label="centralised LoRA")
         ax.set_title(f"Dirichlet alpha = {alpha:g}")
         ax.set_xlabel("round")
         ax.set_ylabel("pooled held-out accuracy")
-    axes[-1].legend(fontsize=7)
+    for ax in axes:
+        ax.legend(fontsize=7)
     fig.savefig(DOCS / "strategies-bench.png", dpi=110, bbox_inches="tight")
 
 
