@@ -86,8 +86,8 @@ def corpus(size: int) -> Path:
 def partitions(setting: Setting, seed: int) -> tuple[Path, RunConfig]:
     """The nodes' data and settings for ``seed``, written once per process by the code ``pollinate simulate`` uses;
     the directory, and the config whose labels and partition dir the corpus set."""
-    cfg, sim = load_scenario(setting.scenario, {**dict(setting.overrides), "data.dataset": str(corpus(setting.corpus_size)),
-                                                "seed": seed}, setting.nodes)
+    overrides = {**dict(setting.overrides), "data.dataset": str(corpus(setting.corpus_size)), "seed": seed}
+    cfg, sim = load_scenario(setting.scenario, overrides, setting.nodes)
     if setting.max_ranks:
         sim = dataclasses.replace(sim, max_ranks=setting.max_ranks)
     directory = Path(tempfile.mkdtemp(prefix=f"study-seed{seed}-"))

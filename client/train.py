@@ -54,7 +54,8 @@ def resolve_device(device: str, cuda_devices: int | None = None) -> torch.device
     return torch.device(device)
 
 
-def autocast_dtype(device: torch.device, precision: str = "auto", bf16_supported: bool | None = None) -> torch.dtype | None:
+def autocast_dtype(device: torch.device, precision: str = "auto",
+                   bf16_supported: bool | None = None) -> torch.dtype | None:
     """Mixed precision for the forward pass. ``precision`` "auto" (train.precision): bf16 where the device computes it
     natively, a CUDA GPU that has it (else fp16) or a CPU with AVX512-BF16 / AMX; "fp32": none.
 

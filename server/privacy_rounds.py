@@ -69,7 +69,8 @@ def private_federation(cfg: RunConfig) -> FederationConfig:
     (removing one node can move the median and flip others in or out). Under central DP the clip already bounds
     every node's influence to C, so the relative bound is dropped; an absolute bound depends on the node's own update
     alone (its rejection equals its absence) and stays."""
-    if cfg.privacy.mode == "central" and cfg.federation.update_bound > 0 and cfg.federation.update_bound_mode != "absolute":
+    federation = cfg.federation
+    if cfg.privacy.mode == "central" and federation.update_bound > 0 and federation.update_bound_mode != "absolute":
         return replace(cfg.federation, update_bound=0.0)
     return cfg.federation
 
