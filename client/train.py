@@ -135,7 +135,7 @@ def train(model: PeftModel, batches: Iterator[dict[str, torch.Tensor]], cfg: Tra
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
     total = 0.0
     for _ in range(cfg.local_steps):
-        batch = {k: v.to(device) for k, v in next(batches).items()}
+        batch = {k: v.to(device) for k, v in next_with_targets(batches).items()}
         with out_of_memory_as_failure(device, cfg), autocast(device, cfg.precision):
             loss = model(**batch).loss
         if anchors:
@@ -152,6 +152,22 @@ def train(model: PeftModel, batches: Iterator[dict[str, torch.Tensor]], cfg: Tra
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_disable()  # the cached model is also evaluated and generates
     return total / cfg.local_steps
+
+
+MAX_EMPTY_BATCHES = 10_000  # consecutive batches without a token to learn before the node gives up
+
+
+def next_with_targets(batches: Iterator[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The next batch that has a token to learn. A causal LM's labels are -100 on the prompt and on padding, so a
+    batch whose responses were all truncated away at model.max-length has none, and its mean loss is NaN; length
+    grouping puts the longest examples, the truncated ones, together. Such batches are passed over."""
+    for _ in range(MAX_EMPTY_BATCHES):
+        batch = next(batches)
+        labels = batch.get("labels")
+        if labels is None or labels.dim() < 2 or bool((labels != -100).any()):
+            return batch
+    raise ValueError(f"{MAX_EMPTY_BATCHES} training batches in a row had no response token to learn: the responses "
+                     f"are truncated away at model.max-length; raise model.max-length or shorten the prompts")
 
 
 @torch.no_grad()

@@ -90,3 +90,16 @@ def test_causal_lm_lengths_are_the_width_of_prompt_plus_response_as_collated() -
             for i, e in enumerate(examples(2, n=10))]
     for e, n in zip(chat, token_lengths(chat, tokenizer, cfg.model), strict=True):  # truncated at max-length too
         assert next(batches([e], tokenizer, cfg.model, 1, None))["input_ids"].shape[1] == n
+
+
+def test_training_passes_over_batches_whose_responses_were_all_truncated_away(monkeypatch) -> None:
+    from pollinate.client import train as train_module
+
+    empty = {"input_ids": torch.ones(2, 4, dtype=torch.long), "labels": torch.full((2, 4), -100)}
+    learnable = {"input_ids": torch.ones(2, 4, dtype=torch.long), "labels": torch.tensor([[-100, -100, 5, 6]] * 2)}
+    classes = {"input_ids": torch.ones(2, 4, dtype=torch.long), "labels": torch.tensor([0, 1])}
+    assert train_module.next_with_targets(iter([empty, empty, learnable])) is learnable
+    assert train_module.next_with_targets(iter([classes])) is classes  # a classifier's labels are per example
+    monkeypatch.setattr(train_module, "MAX_EMPTY_BATCHES", 3)
+    with pytest.raises(ValueError, match="raise model.max-length"):
+        train_module.next_with_targets(iter([empty] * 5))
