@@ -112,7 +112,7 @@ def test_over_tls_a_node_killed_mid_round_is_recorded_failed_and_the_run_complet
                              "--set", "federation.round-timeout=600", "--status-port", str(status_port),
                              # seconds of training, not the tiny scenario's milliseconds: the kill below must land
                              # inside node 1's round-2 training (seen when it starts), not after its reply left
-                             "--set", "train.local-steps=300", "--certs", str(certs.root))
+                             "--set", "train.local-steps=100", "--certs", str(certs.root))
     store = poll("the store to be created", lambda: _open(url), 300)
     run_id = poll("a run", lambda: store.runs()[0].id if store.runs() else None, 600)
     poll("round 1 in the store", lambda: 1 in _completed(store, run_id) or None, 900, every_s=0.2)
