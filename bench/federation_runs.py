@@ -14,6 +14,7 @@ without DP (under DP the nodes report no metrics). Raw rows are JSON lines; ``re
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
 import json
@@ -249,3 +250,18 @@ def grid_summary(rows: Sequence[dict], group_by: Sequence[str]) -> list[dict]:
                     "crashed": any(r.get("crashed") for r in group), "curve": curve,
                     "seconds_mean": mean_std([r["seconds"] for r in group])[0]})
     return out
+
+
+def study_cli(plan: Callable[[list[dict]], list[tuple]], one: Callable[..., dict], rows_path: Path, tag: str,
+              render: Callable[[str], None], command: str) -> None:
+    """A study's command line: run this process' share of the plan (``--shard i/n``, ``--from-end``), then render
+    docs/ from the rows when it is the only process (``--render``: render only)."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--render", action="store_true", help="only re-render docs/ from the raw rows")
+    parser.add_argument("--shard", default="0/1", help="i/n: this process' share of the plan (a stable hash)")
+    parser.add_argument("--from-end", action="store_true", help="take the shard's items from the end of the plan")
+    args = parser.parse_args()
+    if not args.render:
+        run_plan(plan, one, rows_path, tag, args.shard, args.from_end)
+    if args.shard == "0/1":
+        render(command)

@@ -14,14 +14,13 @@ and .json are rendered from them.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from federation_runs import (DOCS, Setting, best_rate, grid_summary, majority_share, read_rows,  # noqa: E402
-                             run, run_plan)
+                             run, study_cli)
 
 ROWS = DOCS / "many-clients-bench-rows.jsonl"
 TAG = "fifty-v1"
@@ -128,15 +127,7 @@ READING = [
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--render", action="store_true", help="only re-render docs/ from the raw rows")
-    parser.add_argument("--shard", default="0/1", help="i/n: run every n-th row of the plan from the i-th")
-    args = parser.parse_args()
-    command = "OMP_NUM_THREADS=1 nice -n 10 python bench/many_clients.py"
-    if not args.render:
-        run_plan(plan, one, ROWS, TAG, args.shard)
-    if args.shard == "0/1":
-        render(command)
+    study_cli(plan, one, ROWS, TAG, render, "OMP_NUM_THREADS=1 nice -n 10 python bench/many_clients.py")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ are rendered from them.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -28,7 +27,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from federation_runs import (DOCS, Setting, best_rate, centralised, grid_summary, majority_share,  # noqa: E402
-                             read_rows, run, run_plan)
+                             read_rows, run, study_cli)
 
 ROWS = DOCS / "strategies-bench-rows.jsonl"
 TAG = "hetero-v1"  # in every row: rows of another setting are never averaged with these
@@ -218,16 +217,7 @@ READING = [  # written by hand from the rows above; kept beside the code that re
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--render", action="store_true", help="only re-render docs/ from the raw rows")
-    parser.add_argument("--shard", default="0/1", help="i/n: this process' share of the plan (a stable hash)")
-    parser.add_argument("--from-end", action="store_true", help="take the shard's items from the end of the plan")
-    args = parser.parse_args()
-    command = "OMP_NUM_THREADS=1 nice -n 10 python bench/strategy_comparison.py"
-    if not args.render:
-        run_plan(plan, one, ROWS, TAG, args.shard, args.from_end)
-    if args.shard == "0/1":
-        render(command)
+    study_cli(plan, one, ROWS, TAG, render, "OMP_NUM_THREADS=1 nice -n 10 python bench/strategy_comparison.py")
 
 
 if __name__ == "__main__":
