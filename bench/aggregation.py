@@ -23,9 +23,10 @@ import numpy as np
 from pollinate.strategies.fedavg import weighted_mean
 from pollinate.strategies.flexlora_math import flexlora_redistribute
 from pollinate.strategies.hetlora_math import hetlora_aggregate
-from pollinate.strategies.lowrank import pad_rank
+from pollinate.strategies.lowrank import pad_rank, split_factors
 from pollinate.strategies.merged import add_to_deltas
-from pollinate.strategies.sketch_math import orthonormal_basis, project_upload, sketch_factors, sketch_matrix, sketch_upload
+from pollinate.strategies.sketch_math import (orthonormal_basis, project_upload, projected_svd, sketch_matrix,
+                                              sketch_upload)
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
@@ -63,7 +64,10 @@ def sketch_end_to_end(as_, bs, weights, scalings, rank: int) -> None:
     y = sum(sketch_upload(a, b, w * s, omega) for a, b, w, s in zip(as_, bs, weights, scalings))
     q = orthonormal_basis(y)
     z = sum(project_upload(q, a, b, w * s) for a, b, w, s in zip(as_, bs, weights, scalings))
-    sketch_factors(q, z, rank)
+    left, s, vt = projected_svd(q, z)  # the server's step, as strategies/sketch.py takes it: the first R
+    split_factors(left, s, vt, rank)  # directions are the adapter, the rest is merged into the base
+    root = np.sqrt(s[rank:])
+    add_to_deltas({}, "m", [root[:, None] * vt[rank:]], [left[:, rank:] * root])
 
 
 def run(ks: list[int], ds: list[int], reps: int) -> list[str]:

@@ -186,11 +186,13 @@ def append_row(path: Path, row: Mapping[str, object]) -> None:
         f.write(json.dumps(row, default=str) + "\n")
 
 
-def read_rows(path: Path, tag: str) -> list[dict[str, object]]:
-    """The raw rows of one setting (``tag``): rows of another setting are never averaged with these."""
+def read_rows(path: Path, tag: str | tuple[str, ...]) -> list[dict[str, object]]:
+    """The raw rows of one setting (``tag``, or of each of several): rows of another setting are never averaged with
+    these (a study of several settings keeps the tag in each row and groups by it)."""
     if not path.exists():
         return []
-    return [r for r in map(json.loads, path.read_text().splitlines()) if r.get("setting") == tag]
+    tags = (tag,) if isinstance(tag, str) else tag
+    return [r for r in map(json.loads, path.read_text().splitlines()) if r.get("setting") in tags]
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -207,8 +209,8 @@ def shard(todo: list, spec: str) -> list:
     return [k for k in todo if zlib.crc32(repr(k).encode()) % count == index]
 
 
-def run_plan(plan: Callable[[list[dict]], list[tuple]], one: Callable[..., dict], rows_path: Path, tag: str,
-             spec: str, from_end: bool = False) -> None:
+def run_plan(plan: Callable[[list[dict]], list[tuple]], one: Callable[..., dict], rows_path: Path,
+             tag: str | tuple[str, ...], spec: str, from_end: bool = False) -> None:
     """Run this shard's items of ``plan(rows)`` one at a time, appending each row, re-planning after each: a plan
     can grow as rows come in (a grid at the learning rate its sweep chose). ``from_end``: take the last item first,
     so a second process on the same shard works from the other end (they meet at most once: ``grid_summary`` keeps
@@ -252,8 +254,8 @@ def grid_summary(rows: Sequence[dict], group_by: Sequence[str]) -> list[dict]:
     return out
 
 
-def study_cli(plan: Callable[[list[dict]], list[tuple]], one: Callable[..., dict], rows_path: Path, tag: str,
-              render: Callable[[str], None], command: str) -> None:
+def study_cli(plan: Callable[[list[dict]], list[tuple]], one: Callable[..., dict], rows_path: Path,
+              tag: str | tuple[str, ...], render: Callable[[str], None], command: str) -> None:
     """A study's command line: run this process' share of the plan (``--shard i/n``, ``--from-end``), then render
     docs/ from the rows when it is the only process (``--render``: render only)."""
     parser = argparse.ArgumentParser()

@@ -106,8 +106,8 @@ def from_record(record: ArrayRecord, expected: Mapping[str, TensorSpec] | None =
         values = np.frombuffer(array.data, dtype=dtype).reshape(shape).astype(np.float32)
         if not np.isfinite(values).all():
             bad = int((~np.isfinite(values)).sum())
-            raise UpdateRejected(f"tensor {name!r} holds {bad} NaN/Inf value(s); the client's training diverged "
-                                 f"(lower train.lr or enable gradient clipping)")
+            raise UpdateRejected(f"tensor {name!r} holds {bad} NaN/Inf value(s), so the update cannot be averaged; "
+                                 f"a node whose own training diverged sends this: lower train.lr")
         out[name] = values
     return out
 

@@ -3,17 +3,21 @@
 Flower detaches some of its own children (the SuperExec and the ServerApp it spawns run in their
 own sessions), so stopping a process group is not enough: ``Daemon.stop`` signals the whole
 process tree (psutil), SIGTERM first, SIGKILL after a grace period. Every process is stopped by
-PID, never by name, so other Flower processes on the machine are never touched.
+PID, never by name, so other Flower processes on the machine are never touched. A process that
+cannot stop its daemons (SIGKILL, the OOM killer) still does not leave them running: on Linux each
+daemon is SIGTERMed by the kernel when the thread that started it dies (``PR_SET_PDEATHSIG``).
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -86,8 +90,35 @@ def process_tree(pid: int) -> list[psutil.Process]:
         return []
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def dies_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has the child SIGTERMed when this thread of this process dies, or None where that
+    cannot be asked (not Linux, or not the main thread: the kernel ties the signal to the forking thread).
+
+    The libc function is looked up here, in the parent, so the child only makes one system call between fork and
+    exec; a parent that died before the call is noticed (the child's parent is then another process) and the
+    child exits at once."""
+    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def arm() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return arm
+
+
 class Daemon:
-    """One started process (and, when stopped, every process it started)."""
+    """One started process (and, when stopped, every process it started). It does not outlive the thread that
+    started it (``dies_with_parent``)."""
 
     def __init__(self, name: str, args: Sequence[str], env: dict[str, str], log: IO[str] | int | None = None) -> None:
         """``log``: where its output goes (stdout and stderr): a file, ``subprocess.PIPE`` (read ``process.stdout``),
@@ -95,7 +126,8 @@ class Daemon:
         self.name = name
         # Its own session: a Ctrl-C in the terminal reaches us, and we stop it in order.
         self.process = subprocess.Popen(list(args), env=env, stdout=log,
-                                        stderr=subprocess.STDOUT if log is not None else None, start_new_session=True)
+                                        stderr=subprocess.STDOUT if log is not None else None, start_new_session=True,
+                                        preexec_fn=dies_with_parent())
 
     @property
     def pid(self) -> int:

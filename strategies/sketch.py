@@ -63,8 +63,8 @@ from pollinate.strategies.base import (AggregationError, ClientUpdate, Exchange,
 from pollinate.strategies.heterogeneous import HeterogeneousRanks, at_rank
 from pollinate.strategies.lowrank import factored_svd, split_factors
 from pollinate.strategies.merged import DELTA_A, DELTA_B, add_to_deltas, fold_into_lora, join_deltas, split_deltas
-from pollinate.strategies.sketch_math import (delta_sketch_matrix, orthonormal_basis, project_upload, sketch_matrix,
-                                              sketch_upload)
+from pollinate.strategies.sketch_math import (delta_sketch_matrix, orthonormal_basis, project_upload, projected_svd,
+                                              sketch_matrix, sketch_upload)
 
 SKETCH_Y, SKETCH_Q, SKETCH_Z = ".sketch_y", ".sketch_q", ".sketch_z"
 TRAINED = "sketch-trained-adapter"  # node state: this round's trained adapter, kept from exchange 1 for exchange 2
@@ -135,8 +135,7 @@ class Sketch(HeterogeneousRanks):
                 left, s, vt = factored_svd([np.float64(s_global) * adapter[b_key].astype(np.float64), bases[prefix]],
                                            [adapter[a_key].astype(np.float64), z], [1.0, 1.0])
             else:
-                u, s, vt = np.linalg.svd(z, full_matrices=False)
-                left = bases[prefix] @ u
+                left, s, vt = projected_svd(bases[prefix], z)
             a, b = split_factors(left, s, vt, rank)
             out[a_key], out[b_key] = a.astype(np.float32), (b / np.float32(s_global)).astype(np.float32)
             if s.shape[0] > rank and s[rank] > 1e-6 * s[0]:

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from pollinate.strategies.lowrank import split_factors
-
-
 def sketch_matrix(seed: int, d_in: int, size: int) -> np.ndarray:
     """The shared Gaussian Omega (d_in, size), float64, identical on every node for one seed."""
     return np.random.default_rng(seed).standard_normal((d_in, size))
@@ -41,7 +38,7 @@ def project_upload(q: np.ndarray, a: np.ndarray, b: np.ndarray, weight_times_sca
     return (np.float64(weight_times_scaling) * (q.T.astype(np.float64) @ b)) @ a.astype(np.float64)
 
 
-def sketch_factors(q: np.ndarray, z_sum: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
-    """(A, B) with B @ A the best rank-``rank`` approximation of Q Z: SVD of the small Z only."""
+def projected_svd(q: np.ndarray, z_sum: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The thin SVD (U, s, Vt) of Q Z from the SVD of the small Z alone: U = Q U_Z, since Q is orthonormal."""
     u, s, vt = np.linalg.svd(z_sum.astype(np.float64), full_matrices=False)
-    return split_factors(q.astype(np.float64) @ u, s, vt, rank)
+    return q.astype(np.float64) @ u, s, vt
