@@ -109,7 +109,7 @@ def plan(rows: list[dict]) -> list[tuple]:
     """Per study: the sweep; a method's grid (at its best rate) once its sweep's rows are in. What is not done yet."""
     done = {key(r) for r in rows}
     todo = []
-    for study in (MINILM, TINY):
+    for study in STUDIES.values():
         for m in (*METHODS, CENTRAL):
             sweep = [(study.tag, "sweep", m, 0.5, lr, "frozen", TUNING_SEED) for lr in study.lrs]
             if any(k not in done for k in sweep):
@@ -124,10 +124,10 @@ def plan(rows: list[dict]) -> list[tuple]:
 
 def render(command: str) -> None:
     rows = read_rows(ROWS, tuple(STUDIES))
-    sections, payload = [], {}
-    for study in (MINILM, TINY):
+    sections, payload, summaries = [], {}, {}
+    for study in STUDIES.values():
         mine = [r for r in rows if r["setting"] == study.tag]
-        summary = grid_summary(mine, ("strategy", "alpha", "head", "lr"))
+        summary = summaries[study.tag] = grid_summary(mine, ("strategy", "alpha", "head", "lr"))
         majority = {a: majority_share(setting(study, "flexlora", a), SEEDS) for a in ALPHAS}
         spread = input_dependence(study)
         payload[study.tag] = {
@@ -148,8 +148,7 @@ def render(command: str) -> None:
              "the plot from them).\n", *SETTING_TEXT, *sections, "![accuracy per round, mean over seeds: MiniLM above, "
              "tiny-bert below](strategies-bench.png)\n", *READING]
     (DOCS / "strategies-bench.md").write_text("\n".join(lines) + "\n")
-    plot({study.tag: grid_summary([r for r in rows if r["setting"] == study.tag], ("strategy", "alpha", "head", "lr"))
-          for study in (MINILM, TINY)})
+    plot(summaries)
     print("\n".join(lines))
 
 

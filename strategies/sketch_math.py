@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+
 def sketch_matrix(seed: int, d_in: int, size: int) -> np.ndarray:
     """The shared Gaussian Omega (d_in, size), float64, identical on every node for one seed."""
     return np.random.default_rng(seed).standard_normal((d_in, size))
